@@ -1,0 +1,47 @@
+"""Small boundary checks shared by the core modules, so every bad input fails early with one clear message."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+
+def check_num_classes(num_classes: Any) -> int:
+    """Return ``num_classes`` as int; a classifier needs at least two classes to forget one of them."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    return int(num_classes)
+
+
+def check_class_id(cls: Any, num_classes: int, what: str = "forget_class") -> int:
+    """Return ``cls`` as int if it is a valid class id in ``[0, num_classes)``."""
+    if isinstance(cls, bool) or not isinstance(cls, numbers.Integral):
+        raise ValueError(f"{what} must be an integer class id, got {cls!r}")
+    if not 0 <= int(cls) < num_classes:
+        raise ValueError(f"{what}={cls} is not a class id of this model: valid ids are 0..{num_classes - 1}")
+    return int(cls)
+
+
+def check_ratio(ratio: Any) -> float:
+    """Return ``ratio`` as float if it lies strictly inside (0, 1)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not np.isfinite(float(ratio)):
+        raise ValueError(f"ratio must be a number in (0, 1), got {ratio!r}")
+    if not 0.0 < float(ratio) < 1.0:
+        raise ValueError(f"ratio must be strictly between 0 and 1 (a fraction of all prunable channels), got {ratio}")
+    return float(ratio)
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def check_finite(arr: np.ndarray, what: str) -> None:
+    """Raise if ``arr`` holds NaN or infinity (a poisoned or broken statistic)."""
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        raise ValueError(f"{what} contains {bad} NaN or infinite value(s)")

@@ -1,0 +1,416 @@
+"""Unlearning methods compared in the benchmarks, each split into a PREPARE step and a common FedAvg fine-tune.
+
+- ``retrain``: train from scratch without the forget classes (the gold standard);
+- ``finetune``: fine-tune on retained data only, no pruning (the ablation that tells what pruning adds);
+- ``row_reset``: re-initialise the forget classes' classifier rows, then fine-tune (the output-level foil:
+  it hides the class at the output while leaving every feature intact);
+- ``fisher``: Fisher forgetting (Golatkar et al., CVPR 2020, Eq. 1 noise ``w + sqrt(alpha F^-1) N(0, 1)``) with
+  the diagonal Fisher of the participating sites' retained data summed across sites, then fine-tune;
+- ``prune``: the paper's method with FEDERATED statistics (per-site activation reports merged on the server,
+  TF-IDF, a pruning plan per forget class, physical removal), then fine-tune;
+- ``prune_reinit`` (an idea to make pruning earn its place): the same TF-IDF selection, but the chosen channels
+  are re-initialised (fresh filters, reset BatchNorm, silenced consumer inputs) instead of removed, so the
+  model keeps its capacity while the class-specific filters are destroyed;
+- ``prune_deep`` (another idea): pruning restricted to the deepest conv layers (the last stage), where
+  class-specific features live, instead of one global threshold that favours narrow early layers.
+
+Every method ends with the same ``fedsim.run_fedavg`` fine-tune on retained data (same cosine lr family), so
+the benchmark compares only what the prepare step does. Pure torch/numpy: nothing here imports nvflare.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fedsim import CostMeter, Federation, federated_activation_report
+from .plan import PruningPlan, build_pruning_plan
+from .prune import MASK_ATTR, apply_pruning_plan
+from .tfidf import tfidf_scores
+
+__all__ = [
+    "METHODS",
+    "PruneOptions",
+    "reset_classifier_rows",
+    "site_fisher_diagonal",
+    "federated_fisher",
+    "fisher_noise",
+    "federated_pruning_plan",
+    "reinitialise_channels",
+    "deep_layers",
+    "prepare_method",
+]
+
+METHODS = ("retrain", "finetune", "row_reset", "fisher", "prune", "prune_reinit", "prune_deep")
+
+
+def _forget_list(forget_classes: int | Iterable[int]) -> list[int]:
+    out = [int(forget_classes)] if isinstance(forget_classes, (int, np.integer)) else [int(c) for c in forget_classes]
+    if not out:
+        raise ValueError("forget_classes must name at least one class")
+    return out
+
+
+def _classifier(model: nn.Module) -> tuple[str, nn.Linear]:
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier")
+    return linears[-1]
+
+
+# ----------------------------------------------------------------------------------------------- row reset
+def reset_classifier_rows(model: nn.Module, forget_classes: int | Iterable[int], seed: int = 0) -> nn.Module:
+    """Re-draw the forget classes' output rows and biases from nn.Linear's default init (in place).
+
+    The output-level foil: the class's logit loses its trained weights, the features stay exactly as they were.
+    """
+    _, fc = _classifier(model)
+    forget = _forget_list(forget_classes)
+    if max(forget) >= fc.out_features:
+        raise ValueError(f"forget class {max(forget)} is not an output of a {fc.out_features}-class classifier")
+    gen = torch.Generator().manual_seed(seed)
+    bound = 1.0 / float(np.sqrt(fc.in_features))
+    with torch.no_grad():
+        for c in forget:
+            w = (torch.rand(fc.in_features, generator=gen) * 2 - 1) * bound
+            fc.weight[c].copy_(w.to(fc.weight))
+            if fc.bias is not None:
+                fc.bias[c] = float((torch.rand((), generator=gen) * 2 - 1) * bound)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- Fisher
+def site_fisher_diagonal(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, batch_size: int = 64, seed: int = 0
+) -> tuple[dict[str, torch.Tensor], int]:
+    """One site's SUM over its samples of squared per-example gradients of log p(y|x) (and the sample count).
+
+    Labels are drawn from the model's own predictive distribution (a one-sample Monte-Carlo estimate of the
+    true Fisher, as Golatkar et al. use the model's distribution); pass ``y`` to get the empirical Fisher.
+    Per-example gradients come from ``torch.func`` (vmap over grad), BatchNorm in eval mode.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    sums = {k: torch.zeros_like(v) for k, v in params.items()}
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    was_training = model.training
+    model.eval()
+
+    def nll(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor):
+        out = functional_call(model, (p, b), (xi.unsqueeze(0),))
+        return F.cross_entropy(out, yi.unsqueeze(0))
+
+    per_example = vmap(grad(nll), in_dims=(None, None, 0, 0))
+    try:
+        for s in range(0, x.shape[0], batch_size):
+            xb = x[s : s + batch_size]
+            if y is None:
+                with torch.no_grad():
+                    probs = F.softmax(model(xb).float(), 1).cpu()
+                yb = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(xb.device)
+            else:
+                yb = y[s : s + batch_size]
+            g = per_example(params, buffers, xb, yb)
+            for k in sums:
+                sums[k] += (g[k] ** 2).sum(0)
+    finally:
+        model.train(was_training)
+    return sums, int(x.shape[0])
+
+
+def federated_fisher(
+    model: nn.Module,
+    fed: Federation,
+    sites: Sequence[int],
+    forget_classes: Iterable[int],
+    images_per_site: int | None = None,
+    seed: int = 0,
+    meter: CostMeter | None = None,
+) -> dict[str, torch.Tensor]:
+    """Mean diagonal Fisher over the participating sites' RETAINED data: per-site sums added, divided by N.
+
+    Each site uploads a parameter-sized tensor of sums plus its count (charged to ``meter.bytes_up``).
+    """
+    t0 = time.perf_counter()
+    forget = _forget_list(forget_classes)
+    total: dict[str, torch.Tensor] | None = None
+    n = 0
+    for s in sites:
+        xs, _ = fed.site_tensors(s, forget, images_per_site, seed)
+        if xs.shape[0] == 0:
+            continue
+        sums, count = site_fisher_diagonal(model, xs, None, seed=seed * 7919 + s)
+        total = sums if total is None else {k: total[k] + sums[k] for k in total}
+        n += count
+        if meter is not None:
+            meter.bytes_up += int(sum(v.numel() * v.element_size() for v in sums.values())) + 8
+    if total is None or n == 0:
+        raise ValueError("no participating site holds retained data for the Fisher estimate")
+    if meter is not None:
+        meter.add_time("fisher", time.perf_counter() - t0)
+    return {k: v / n for k, v in total.items()}
+
+
+def fisher_noise(
+    model: nn.Module, fisher: dict[str, torch.Tensor], alpha: float = 1e-6, max_inv: float = 1e3, seed: int = 0
+) -> nn.Module:
+    """Golatkar et al. Eq. 1 (in place): ``w <- w + sqrt(alpha * min(F^-1, max_inv)) * N(0, 1)`` per weight.
+
+    Weights the retained data barely constrain (small Fisher) get the most noise, which destroys what only
+    the forgotten data needed; ``max_inv`` is the clamping of their released code (1/F capped at 1e3).
+    """
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in fisher:
+                raise ValueError(f"Fisher has no entry for parameter {name!r}")
+            var = alpha * torch.clamp(1.0 / (fisher[name].float() + 1e-8), max=max_inv)
+            noise = torch.randn(p.shape, generator=gen).to(p.device)
+            p.add_(var.sqrt() * noise)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ pruning
+@dataclass
+class PruneOptions:
+    """Every knob of the paper's method the benchmark sweeps."""
+
+    ratio: float = 0.05
+    scope: str = "global"
+    tf_norm: str = "share"
+    idf: str = "paper"
+    direction: str = "highest"
+    hook_point: str = "conv"
+    images_per_site: int | None = None  # number of images behind the statistics, per participating site
+    coe: float | None = None
+    mode: str = "remove"
+    deep_fraction: float | None = None  # restrict to the deepest fraction of conv layers (prune_deep)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def deep_layers(model: nn.Module, fraction: float) -> list[str]:
+    """The last ``fraction`` of Conv2d layers in module order (at least one): the "deep" part of the network."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"deep_fraction must be in (0, 1], got {fraction}")
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    k = max(1, int(round(fraction * len(convs))))
+    return convs[-k:]
+
+
+def _restrict_scores(scores: dict[str, np.ndarray], keep: set[str], direction: str) -> dict[str, np.ndarray]:
+    """Push the scores of layers outside ``keep`` to the far end so the selection never picks them."""
+    finite = np.concatenate([v for v in scores.values()])
+    far = (float(finite.min()) - 1e6) if direction == "highest" else (float(finite.max()) + 1e6)
+    return {n: (v if n in keep else np.full_like(v, far)) for n, v in scores.items()}
+
+
+def federated_pruning_plan(
+    model: nn.Module,
+    fed: Federation,
+    sites: Sequence[int],
+    forget_classes: int | Iterable[int],
+    opts: PruneOptions,
+    seed: int = 0,
+    meter: CostMeter | None = None,
+    apply: bool = True,
+) -> tuple[nn.Module, PruningPlan, list[dict[str, Any]]]:
+    """The paper's server procedure on federated statistics, one pass per forget class (plans composed).
+
+    For each class: the sites' activation reports on the CURRENT model are merged, scored with TF-IDF and
+    turned into one plan step; with ``apply`` the step is applied (remove mode) before the next class, as in
+    the paper. Returns (model, composed plan, per-step info). ``model`` is modified in place when applying.
+    """
+    forget = _forget_list(forget_classes)
+    if opts.scope == "per_layer" and opts.deep_fraction is not None:
+        raise ValueError("deep_fraction restricts a global ranking; use scope='global' with it")
+    if opts.mode == "mask" and len(forget) > 1:
+        raise ValueError("mask mode supports one forget class per plan here; use mode='remove' for several")
+    plan: PruningPlan | None = None
+    info: list[dict[str, Any]] = []
+    cur = model
+    for c in forget:
+        report = federated_activation_report(cur, fed, sites, opts.hook_point, opts.images_per_site, seed=seed,
+                                             meter=meter)
+        if report.counts[c] == 0:
+            raise ValueError(f"no participating site holds forget class {c}: its channels cannot be scored "
+                             f"(class counts: {report.counts.tolist()}); sample more sites")
+        t0 = time.perf_counter()
+        scores = tfidf_scores(report, c, idf=opts.idf, tf_norm=opts.tf_norm, coe=opts.coe)
+        if opts.deep_fraction is not None:
+            scores = _restrict_scores(scores, set(deep_layers(cur, opts.deep_fraction)), opts.direction)
+        plan = build_pruning_plan(cur, scores, opts.ratio, scope=opts.scope, direction=opts.direction,
+                                  forget_class=c, base_plan=plan)
+        plan.steps[-1]["scoring"] = {"idf": opts.idf, "tf_norm": opts.tf_norm, "coe": opts.coe,
+                                     "hook_point": opts.hook_point, "federated_sites": [int(s) for s in sites],
+                                     "class_counts": report.counts.astype(int).tolist()}
+        if apply and opts.mode == "remove":
+            cur = apply_pruning_plan(cur, plan, mode="remove")
+        if meter is not None:
+            meter.add_time("scoring", time.perf_counter() - t0)
+            meter.bytes_down += len(plan.to_json().encode()) * len(sites)
+        info.append({"forget_class": c, "report_bytes": report.nbytes, "images": int(report.counts.sum()),
+                     "units": plan.steps[-1]["options"]["units"]})
+    assert plan is not None
+    if apply and opts.mode == "mask":
+        cur = apply_pruning_plan(cur, plan, mode="mask")
+    return cur, plan, info
+
+
+def _bn_after_convs(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
+    """Conv name -> name of the BatchNorm2d that consumes its output directly (found by tensor identity)."""
+    outputs: dict[int, str] = {}
+    found: dict[str, str] = {}
+    handles = []
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(lambda _m, _i, o, n=n: outputs.__setitem__(id(o), n)))
+        elif isinstance(m, nn.BatchNorm2d):
+            handles.append(m.register_forward_pre_hook(
+                lambda _m, i, n=n: found.__setitem__(outputs[id(i[0])], n) if id(i[0]) in outputs else None))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return found
+
+
+def reinitialise_channels(model: nn.Module, plan: PruningPlan, seed: int = 0) -> nn.Module:
+    """Instead of removing the plan's channels (unpruned model), give them a fresh start (in place).
+
+    The chosen conv filters are re-drawn (Kaiming normal, fan-in), their BatchNorm affine and running statistics
+    reset, and every consumer's input slice for them zeroed (exactly the slices torch-pruning would remove, taken
+    from a mask-mode application of the plan). The model keeps its width, so fine-tuning can grow NEW features
+    there, while what the old filters encoded about the forget class is gone.
+    """
+    from .models import example_input
+
+    masked = apply_pruning_plan(copy.deepcopy(model), plan, mode="mask")
+    entries = getattr(masked, MASK_ATTR)["entries"]
+    pruned = plan.pruned_channels()
+    dev = next(model.parameters()).device
+    bn_of = _bn_after_convs(model, example_input(model, 2).to(dev))
+    modules = dict(model.named_modules())
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for mname, pname, dim, idx in entries:  # consumers' input slices (and everything else masked): silence
+            if dim == 1:
+                getattr(modules[mname], pname).index_fill_(1, torch.tensor(idx, device=dev), 0.0)
+        for conv_name, idx in pruned.items():
+            if not idx:
+                continue
+            conv = modules[conv_name]
+            fan_in = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+            std = float(np.sqrt(2.0 / fan_in))
+            t = torch.tensor(idx, device=dev)
+            fresh = torch.randn((len(idx), *conv.weight.shape[1:]), generator=gen) * std
+            conv.weight.index_copy_(0, t, fresh.to(conv.weight))
+            if conv.bias is not None:
+                conv.bias.index_fill_(0, t, 0.0)
+            bn = modules.get(bn_of.get(conv_name, ""), None)
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.weight.index_fill_(0, t, 1.0)
+                bn.bias.index_fill_(0, t, 0.0)
+                bn.running_mean.index_fill_(0, t, 0.0)
+                bn.running_var.index_fill_(0, t, 1.0)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- dispatcher
+@dataclass
+class PreparedModel:
+    """A method's model right before the common fine-tune, and what preparing it cost and did."""
+
+    model: nn.Module
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_method(
+    method: str,
+    original: nn.Module,
+    fed: Federation,
+    forget_classes: int | Iterable[int],
+    participants: Sequence[int],
+    meter: CostMeter,
+    seed: int = 0,
+    prune_opts: PruneOptions | None = None,
+    fisher_alpha: float = 1e-6,
+    fisher_images_per_site: int | None = None,
+    fresh_model: nn.Module | None = None,
+) -> PreparedModel:
+    """Return the model each method hands to the common FedAvg fine-tune (``original`` is never modified).
+
+    ``participants``: the sites that take part in the statistics phase (activation reports or Fisher).
+    ``retrain`` needs ``fresh_model`` (a newly initialised model of the same architecture).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    forget = _forget_list(forget_classes)
+    if method == "retrain":
+        if fresh_model is None:
+            raise ValueError("retrain needs fresh_model= (a newly initialised model)")
+        return PreparedModel(fresh_model, {})
+    model = copy.deepcopy(original)
+    if method == "finetune":
+        return PreparedModel(model, {})
+    if method == "row_reset":
+        t0 = time.perf_counter()
+        reset_classifier_rows(model, forget, seed)
+        meter.add_time("prepare", time.perf_counter() - t0)
+        return PreparedModel(model, {})
+    if method == "fisher":
+        fisher = federated_fisher(model, fed, participants, forget, fisher_images_per_site, seed, meter)
+        t0 = time.perf_counter()
+        fisher_noise(model, fisher, alpha=fisher_alpha, seed=seed)
+        meter.add_time("prepare", time.perf_counter() - t0)
+        return PreparedModel(model, {"alpha": fisher_alpha, "fisher_mean": float(
+            torch.cat([v.flatten() for v in fisher.values()]).mean())})
+    opts = copy.deepcopy(prune_opts) if prune_opts is not None else PruneOptions()
+    if method == "prune_deep" and opts.deep_fraction is None:
+        opts.deep_fraction = 1.0 / 3.0
+    if method == "prune_reinit":
+        if opts.mode != "remove":
+            raise ValueError("prune_reinit re-initialises instead of removing; leave mode='remove'")
+        # Score on the unpruned model; every class's step chosen before anything changes (no removal between).
+        plan = None
+        info: list[dict[str, Any]] = []
+        for c in forget:
+            _, step_plan, step_info = federated_pruning_plan(model, fed, participants, [c], opts, seed, meter,
+                                                             apply=False)
+            plan = step_plan if plan is None else _merge_unpruned(plan, step_plan)
+            info += step_info
+        t0 = time.perf_counter()
+        reinitialise_channels(model, plan, seed)
+        meter.add_time("prepare", time.perf_counter() - t0)
+        return PreparedModel(model, {"plan": json.loads(plan.to_json()), "steps": info, "options": opts.to_dict()})
+    model, plan, info = federated_pruning_plan(model, fed, participants, forget, opts, seed, meter, apply=True)
+    return PreparedModel(model, {"plan": json.loads(plan.to_json()), "steps": info, "options": opts.to_dict()})
+
+
+def _merge_unpruned(a: PruningPlan, b: PruningPlan) -> PruningPlan:
+    """Union of two single-pass plans scored on the same unpruned model (overlapping channels kept once)."""
+    taken = a.pruned_units()
+    extra = {k: [i for i in v if i not in set(taken.get(k, []))] for k, v in b.steps[-1]["pruned"].items()}
+    step = {**b.steps[-1], "pruned": {k: v for k, v in extra.items() if v}}
+    return PruningPlan(convs=dict(a.convs), groups=[list(g) for g in a.groups], steps=a.steps + [step],
+                       model_name=a.model_name, input_shape=a.input_shape, original_params=a.original_params,
+                       original_flops=a.original_flops)

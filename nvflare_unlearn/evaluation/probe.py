@@ -1,0 +1,109 @@
+"""Linear probe: is the forgotten class still linearly separable in the model's penultimate features?
+
+Output-level tricks (resetting the classifier row, suppressing a logit) reach 0 % forget-class accuracy while
+the features still encode the class; a probe on the features the classifier reads catches that. Compare the
+result with the retrained model's: retraining never saw the class, so its separability is the floor that
+genuinely "forgotten" features should reach (generic features still separate a class somewhat).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import as_tensors
+
+__all__ = ["penultimate_features", "linear_probe", "final_linear_name"]
+
+
+def final_linear_name(model: nn.Module) -> str:
+    """Name of the last `nn.Linear` in `named_modules()` order: the classifier whose input we probe."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer; pass feature_layer= explicitly")
+    return names[-1]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def penultimate_features(
+    model: nn.Module, data: Any, feature_layer: str | None = None, batch_size: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
+    """(features [N, D] float32, labels [N]) captured by a forward pre-hook on `feature_layer`'s input.
+
+    Default layer: the final Linear. The model runs in eval mode; its mode and hooks are restored.
+    """
+    name = feature_layer or final_linear_name(model)
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise ValueError(f"feature_layer {name!r} is not a module of the model")
+    dev = _device_of(model)
+    x, y = as_tensors(data)
+    chunks: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        chunks.append(torch.flatten(inputs[0], 1).detach().float().cpu())
+
+    handle = modules[name].register_forward_pre_hook(hook)
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, x.shape[0], batch_size):
+            model(x[s : s + batch_size].to(dev))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(chunks).numpy(), y.cpu().numpy()
+
+
+def linear_probe(
+    model: nn.Module,
+    train_ds: Any,
+    test_ds: Any,
+    forget_classes: int | Iterable[int],
+    feature_layer: str | None = None,
+    C: float = 1.0,
+    max_iter: int = 2000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Fit standardised logistic regression "forget class vs rest" on probe-train features; score probe-test.
+
+    Returns balanced accuracy (chance 0.5) and ROC AUC (chance 0.5) on probe-test, plus the sizes used.
+    Class weights are balanced so a probe cannot score well by always answering "rest".
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    forget = [int(forget_classes)] if isinstance(forget_classes, (int, np.integer)) else [int(c) for c in forget_classes]
+    if not forget:
+        raise ValueError("forget_classes must name at least one class")
+    f_tr, y_tr = penultimate_features(model, train_ds, feature_layer)
+    f_te, y_te = penultimate_features(model, test_ds, feature_layer)
+    b_tr, b_te = np.isin(y_tr, forget), np.isin(y_te, forget)
+    for what, b in (("probe-train", b_tr), ("probe-test", b_te)):
+        if b.all() or not b.any():
+            raise ValueError(f"{what} set must hold both forget-class and other samples")
+    clf = make_pipeline(
+        StandardScaler(),
+        LogisticRegression(C=C, max_iter=max_iter, class_weight="balanced", random_state=seed),
+    )
+    clf.fit(f_tr, b_tr.astype(int))
+    score = clf.decision_function(f_te)
+    pred = (score > 0).astype(int)
+    return {
+        "balanced_accuracy": float(balanced_accuracy_score(b_te.astype(int), pred)),
+        "auc": float(roc_auc_score(b_te.astype(int), score)),
+        "n_train": int(b_tr.size),
+        "n_test": int(b_te.size),
+        "feature_dim": int(f_tr.shape[1]),
+    }

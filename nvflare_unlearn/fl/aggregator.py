@@ -1,0 +1,103 @@
+"""Server side: aggregate the sites' class-activation reports into class means for TF-IDF scoring.
+
+A ``ModelAggregator`` in NVFlare's FLModel style (``accept_model`` / ``aggregate_model`` / ``reset_stats``). Each
+report is screened against the current model's conv layers and shapes before it counts; a bad report is rejected
+with its reason logged and recorded, and the rest go on. The math (validation, exact or robust means) lives in
+``nvflare_unlearn.activations`` / ``nvflare_unlearn.robust``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import numpy as np
+
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
+
+from ..activations import ClassActivationReport, merge_reports
+from ..robust import METHODS, aggregate_class_means, screen_report
+
+
+def _site(model: FLModel) -> str:
+    meta = model.meta or {}
+    return str(meta.get("client_name") or meta.get("site_name") or "unknown site")
+
+
+class ActivationAggregator(ModelAggregator):
+    def __init__(self, num_classes: int, method: str = "mean", trim: float = 0.1, clip_bound: Optional[float] = None):
+        """
+        Args:
+            num_classes: label space of the model (every report must have one row per class).
+            method: "mean" (exact count-weighted mean, the paper), or "median" / "trimmed_mean" (robust to a
+                minority of faulty sites, see ``nvflare_unlearn.robust`` for the bounds and their costs).
+            trim: fraction trimmed at each end for "trimmed_mean".
+            clip_bound: when sites clip each activation to [0, B], reject reports whose sums exceed B * count.
+        """
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+        self.num_classes = num_classes
+        self.method = method
+        self.trim = trim
+        self.clip_bound = clip_bound
+        self._expected: dict[str, int] = {}
+        self._reports: dict[str, ClassActivationReport] = {}
+        self.rejected: dict[str, str] = {}
+
+    def set_expected_layers(self, expected_channels: Mapping[str, int]) -> None:
+        """The conv layers (name -> channels) of the model the reports were computed on; resets the round."""
+        if not expected_channels:
+            raise ValueError("the model has no Conv2d layers: there is nothing to collect activations from")
+        self._expected = {str(k): int(v) for k, v in expected_channels.items()}
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self._reports = {}
+        self.rejected = {}
+
+    def accept_model(self, model: FLModel) -> bool:
+        """Screen one site's report; keep it if valid, else log and record why it was rejected."""
+        if not self._expected:
+            raise RuntimeError("call set_expected_layers(model's conv channels) before accepting reports")
+        site = _site(model)
+        reason = screen_report(model.params, self._expected, self.num_classes, clip_bound=self.clip_bound)
+        if reason is None and site in self._reports:
+            reason = "a second report from the same site in one round"
+        if reason is not None:
+            self.rejected[site] = reason
+            self._log("warning", f"rejected activation report from {site}: {reason}")
+            return False
+        report = ClassActivationReport.from_dict(model.params)
+        self._reports[site] = report
+        self._log("info", f"accepted activation report from {site}: {int(np.sum(report.counts))} samples")
+        return True
+
+    @property
+    def accepted_sites(self) -> list[str]:
+        return sorted(self._reports)
+
+    def aggregate_model(self) -> FLModel:
+        """Class means per layer (params), merged per-class counts and the contributing sites (meta)."""
+        if not self._reports:
+            raise RuntimeError(f"no valid activation report to aggregate (rejected: {self.rejected or 'none'})")
+        reports = [self._reports[s] for s in sorted(self._reports)]
+        means = aggregate_class_means(reports, method=self.method, trim=self.trim)
+        merged = merge_reports(reports)
+        return FLModel(
+            params_type=ParamsType.FULL,
+            params=means,
+            meta={
+                "counts": [int(c) for c in merged.counts],
+                "hook_point": merged.hook_point,
+                "sites": self.accepted_sites,
+                "rejected": dict(self.rejected),
+                "method": self.method,
+            },
+        )
+
+    def _log(self, level: str, msg: str) -> None:
+        if self.fl_ctx is not None:
+            getattr(self, level)(msg)
+        else:  # used outside a running job (tests, notebooks)
+            getattr(self.logger, level)(msg)

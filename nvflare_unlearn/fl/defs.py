@@ -1,0 +1,33 @@
+"""Names shared by the server and client halves of the NVFlare layer: task names, FLModel meta keys, output files.
+
+Both halves import these, so a renamed task or key cannot silently desynchronise a controller and its executors.
+"""
+
+from __future__ import annotations
+
+# Task names (the controller sends them; the executor and the Client API helpers branch on them).
+TASK_ACTIVATIONS = "class_activations"
+TASK_TRAIN = "train"
+TASK_VALIDATE = "validate"
+
+# FLModel.meta keys. The plan travels with the weights on EVERY task: NVFlare does not keep meta across rounds.
+META_PLAN = "pruning_plan"  # PruningPlan.to_json() text, or absent for an unpruned model
+META_PRUNE_MODE = "prune_mode"  # "remove" (physical) or "mask" (shapes kept, channels held at zero)
+META_FORGET = "forget_classes"  # list[int]: sites drop these classes from their local training data
+META_HOOK_POINT = "hook_point"  # where activations are read ("conv" = raw conv output, the paper's choice)
+META_MODEL_NAME = "model_name"
+META_NUM_CLASSES = "num_classes"
+
+# Keys of the per-class evaluation metrics a site returns for TASK_VALIDATE (counts only, never samples).
+METRIC_CORRECT = "correct"
+METRIC_TOTAL = "total"
+
+# Files the server writes into its run directory.
+METRICS_FILE = "unlearning_metrics.json"
+FINAL_MODEL_FILE = "unlearned_model.pt"
+PRUNED_MODEL_FILE = "pruned_model.pt"
+PLAN_FILE = "pruning_plan.json"
+GLOBAL_MODEL_FILE = "global_model.pt"  # pretraining / retraining output
+
+PRUNE_MODES = ("remove", "mask")
+PARTITIONS = ("iid", "dirichlet", "biased", "none")

@@ -1,0 +1,101 @@
+"""Moving a (possibly pruned) model across NVFlare: rebuild from name + plan, and weights <-> numpy dicts.
+
+Weights cross the wire as numpy arrays (NVFlare's NUMPY exchange), never as a pickled module: every site rebuilds
+the architecture itself from the registry name and the plan JSON in the task's meta, then loads the arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models import build_model
+from .defs import PRUNE_MODES
+
+
+def parse_plan(plan_json: Optional[str]):
+    """``PruningPlan`` from its JSON text (None stays None); a malformed plan is a ValueError, not a stack trace."""
+    if plan_json is None or plan_json == "":
+        return None
+    from ..plan import PruningPlan
+
+    if not isinstance(plan_json, str):
+        raise ValueError(f"pruning plan must be JSON text, got {type(plan_json).__name__}")
+    try:
+        return PruningPlan.from_json(plan_json)
+    except ValueError:
+        raise
+    except Exception as e:  # a JSON decode error or a missing field: say what it is, not where it failed
+        raise ValueError(f"invalid pruning plan JSON: {e}") from e
+
+
+def rebuild_model(
+    model_name: str,
+    num_classes: int,
+    plan_json: Optional[str] = None,
+    mode: str = "remove",
+    in_channels: Optional[int] = None,
+) -> nn.Module:
+    """A fresh model of the registry architecture with the plan replayed on it (weights to be loaded after)."""
+    if mode not in PRUNE_MODES:
+        raise ValueError(f"prune mode must be one of {list(PRUNE_MODES)}, got {mode!r}")
+    model = build_model(model_name, num_classes, in_channels=in_channels)
+    plan = parse_plan(plan_json)
+    if plan is not None:
+        from ..prune import apply_pruning_plan
+
+        model = apply_pruning_plan(model, plan, mode=mode)
+    return model
+
+
+def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
+    """The full state dict (parameters and BatchNorm buffers) as numpy arrays, ready for a DXO."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_numpy_state(model: nn.Module, params: Mapping[str, object]) -> nn.Module:
+    """Load a numpy/tensor state dict, naming the first key or shape that does not match the architecture.
+
+    FedAvg averages integer buffers (``num_batches_tracked``) into floats; values are cast back to each buffer's
+    own dtype, so the aggregated dict loads as is.
+    """
+    if not isinstance(params, Mapping) or not params:
+        raise ValueError("received model weights are empty or not a dict of arrays")
+    state = model.state_dict()
+    missing = sorted(set(state) - set(params))
+    unexpected = sorted(set(params) - set(state))
+    if missing or unexpected:
+        raise ValueError(
+            "received weights do not match the model rebuilt from its plan: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; "
+            "was the plan sent with the weights (meta 'pruning_plan')?"
+        )
+    new_state = {}
+    for key, target in state.items():
+        value = torch.as_tensor(np.asarray(params[key]))
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(
+                f"weight {key!r} has shape {tuple(value.shape)} but the model rebuilt from its plan expects "
+                f"{tuple(target.shape)}: the plan and the weights belong to different models"
+            )
+        if not target.dtype.is_floating_point:
+            value = torch.round(value.to(torch.float64))
+        new_state[key] = value.to(dtype=target.dtype)
+    model.load_state_dict(new_state, strict=True)
+    from ..prune import enforce_masks
+
+    return enforce_masks(model)  # mask mode: pruned channels read zero even if the sender's were not
+
+
+def conv_channels(model: nn.Module) -> dict[str, int]:
+    """Conv layer name -> output channels: the shape every activation report for this model must have."""
+    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable + frozen parameter count (what "smaller model" means in the job's metrics)."""
+    return int(sum(p.numel() for p in model.parameters()))

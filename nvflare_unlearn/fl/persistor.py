@@ -1,0 +1,119 @@
+"""Server side: a ``ModelPersistor`` for models whose architecture changes during the job.
+
+NVFlare's ``PTFileModelPersistor`` keeps the first model's shapes and rejects a pruned model ("Incoming model
+parameter shape mismatch"). This persistor never assumes a shape: the architecture is the registry name plus the
+pruning plan carried in the model's meta, and every save writes weights + plan together
+(``nvflare_unlearn.checkpoint``), so a checkpoint always rebuilds from the model factory alone.
+
+Loads (via ``load_checkpoint``): our checkpoint (weights + plan), a plain ``state_dict`` ``.pt``, or NVFlare's
+``FL_global_model.pt`` (``{"model": state_dict, ...}``) from an ordinary FedAvg job; without ``initial_ckpt`` a freshly initialised
+model (seeded) for training from scratch. Saves into the job's run directory under a new name; the original
+checkpoint is never written.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
+from nvflare.app_common.abstract.model_persistor import ModelPersistor
+
+from .defs import FINAL_MODEL_FILE, META_PLAN, META_PRUNE_MODE, PRUNE_MODES
+from .model_state import load_numpy_state, rebuild_model, state_to_numpy
+
+
+def load_initial_model(
+    path: str, model_name: str, num_classes: int, in_channels: Optional[int] = None, prune_mode: str = "remove"
+):
+    """(model, plan or None) from any supported checkpoint file; a clear ValueError for anything else."""
+    from ..checkpoint import load_checkpoint
+
+    if not os.path.isfile(path):
+        raise ValueError(f"initial checkpoint {path!r} does not exist (give the path as seen by the server)")
+    model, plan, meta = load_checkpoint(path, model_name=model_name, num_classes=num_classes, in_channels=in_channels)
+    stored_mode = meta.get("prune_mode", "none")
+    if plan is not None and plan.steps and stored_mode != prune_mode:
+        raise ValueError(
+            f"checkpoint {path!r} was pruned in {stored_mode!r} mode but the job uses prune_mode={prune_mode!r}: "
+            "keep the mode of the checkpoint"
+        )
+    return model, plan
+
+
+class UnlearnModelPersistor(ModelPersistor):
+    def __init__(
+        self,
+        model_name: str,
+        num_classes: int,
+        initial_ckpt: Optional[str] = None,
+        output_file: str = FINAL_MODEL_FILE,
+        prune_mode: str = "remove",
+        in_channels: Optional[int] = None,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            model_name / num_classes / in_channels: registry architecture (``nvflare_unlearn.build_model``).
+            initial_ckpt: checkpoint to start from (absolute path on the server); None = fresh model from ``seed``.
+            output_file: file name in the server's run directory that receives each saved global model.
+            prune_mode: how the plan in the meta is replayed when rebuilding ("remove" or "mask").
+        """
+        super().__init__()
+        if prune_mode not in PRUNE_MODES:
+            raise ValueError(f"prune_mode must be one of {list(PRUNE_MODES)}, got {prune_mode!r}")
+        if not output_file or os.path.basename(output_file) != output_file:
+            raise ValueError(f"output_file must be a plain file name inside the run directory, got {output_file!r}")
+        self.model_name = model_name
+        self.num_classes = num_classes
+        self.initial_ckpt = initial_ckpt
+        self.output_file = output_file
+        self.prune_mode = prune_mode
+        self.in_channels = in_channels
+        self.seed = seed
+        self.saved_path: Optional[str] = None
+
+    def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
+        plan = None
+        if self.initial_ckpt:
+            model, plan = load_initial_model(
+                self.initial_ckpt, self.model_name, self.num_classes, self.in_channels, self.prune_mode
+            )
+            self.log_info(fl_ctx, f"loaded initial model from {self.initial_ckpt} (plan: {'yes' if plan else 'no'})")
+        else:
+            torch.manual_seed(self.seed)
+            from ..models import build_model
+
+            model = build_model(self.model_name, self.num_classes, in_channels=self.in_channels)
+            self.log_info(fl_ctx, f"initialised a fresh {self.model_name} (seed {self.seed})")
+        meta = {META_PRUNE_MODE: self.prune_mode}
+        if plan is not None:
+            meta[META_PLAN] = plan.to_json()
+        return make_model_learnable(weights=state_to_numpy(model), meta_props=meta)
+
+    def save_model(self, model_learnable: ModelLearnable, fl_ctx: FLContext) -> None:
+        run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
+        self.saved_path = self.save_to(os.path.join(run_dir, self.output_file), model_learnable)
+        self.log_info(fl_ctx, f"saved global model (weights + plan) to {self.saved_path}")
+
+    def save_to(self, path: str, model_learnable: ModelLearnable) -> str:
+        """Write weights + plan to ``path`` atomically (replacing an earlier round's file, never the original)."""
+        from ..checkpoint import save_checkpoint
+        from .model_state import parse_plan
+
+        if self.initial_ckpt and os.path.abspath(path) == os.path.abspath(self.initial_ckpt):
+            raise ValueError(f"refusing to overwrite the original checkpoint {self.initial_ckpt!r}")
+        meta = model_learnable.get(ModelLearnableKey.META) or {}
+        plan_json = meta.get(META_PLAN)
+        mode = meta.get(META_PRUNE_MODE, self.prune_mode)
+        model = rebuild_model(self.model_name, self.num_classes, plan_json, mode, self.in_channels)
+        load_numpy_state(model, model_learnable[ModelLearnableKey.WEIGHTS])
+        tmp = f"{path}.tmp-{os.getpid()}"
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        save_checkpoint(tmp, model, parse_plan(plan_json), self.model_name, self.num_classes)
+        os.replace(tmp, path)
+        return path

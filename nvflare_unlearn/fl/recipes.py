@@ -1,0 +1,451 @@
+"""NVFlare 2.9 recipes: the surface users (and the ``nvflare-unlearn`` CLI) build jobs with.
+
+- ``PretrainRecipe``: FedAvg on all classes; produces the checkpoint to unlearn from.
+- ``UnlearningRecipe``: the federated unlearning job (activations -> TF-IDF -> pruning -> FedAvg fine-tune).
+- ``RetrainRecipe``: FedAvg from scratch without the forget classes (the gold standard to compare against).
+
+Each is a small ``Recipe`` around a ``FedJob``; run it with ``recipe.execute(SimEnv(...))`` / ``PocEnv`` /
+``ProdEnv``, or export it with ``recipe.export(job_dir)`` (``python job.py --export``). Components are referenced
+by import path (``nvflare_unlearn`` is pip-installed on every site), so sites must allow ``nvflare_unlearn.fl`` in
+their ``class_allow_list``: the recipes do that for ``SimEnv`` and ``PocEnv`` workspaces; production site admins
+add it themselves, or build the job with ``bundle_code=True`` (a BYOC job). Read a finished job's outputs with
+``read_job_result(run.get_result())``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Optional, Sequence, Union
+
+from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+from nvflare.app_common.widgets.component_path_authorizer import CLASS_ALLOW_LIST
+from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
+from nvflare.job_config.api import FedJob
+from nvflare.recipe.spec import ExecEnv, Recipe
+
+from .aggregator import ActivationAggregator
+from .controller import FedAvgEvalController, UnlearningController
+from .defs import GLOBAL_MODEL_FILE, FINAL_MODEL_FILE, PRUNE_MODES, TASK_ACTIVATIONS, TASK_TRAIN, TASK_VALIDATE
+from .executor import UnlearningExecutor
+from .persistor import UnlearnModelPersistor
+from .results import JobResult, read_job_result
+from .site_data import check_data_spec
+
+#: What a site's ``class_allow_list`` must contain to run these jobs without bundling code (non-BYOC).
+ALLOW_LIST_ENTRY = "nvflare_unlearn.fl"
+
+__all__ = [
+    "ALLOW_LIST_ENTRY",
+    "PretrainRecipe",
+    "RetrainRecipe",
+    "UnlearningRecipe",
+    "JobResult",
+    "read_job_result",
+    "authorize_site_config",
+    "resolve_model_name",
+]
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def resolve_model_name(model: Union[str, Any, Callable[[], Any]]) -> str:
+    """A registry name from a name, a model built by ``build_model``, or a zero-argument factory returning one.
+
+    Sites rebuild the architecture from this name (and the plan), so an arbitrary ``nn.Module`` is refused.
+    """
+    from torch import nn
+
+    from ..models import MODEL_NAMES, model_name_of
+
+    if isinstance(model, str):
+        if model not in MODEL_NAMES:
+            raise ValueError(f"unknown model {model!r}; known models: {', '.join(MODEL_NAMES)}")
+        return model
+    if not isinstance(model, nn.Module) and callable(model):
+        model = model()
+    if isinstance(model, nn.Module):
+        name = model_name_of(model)
+        if name is None:
+            raise ValueError(
+                f"{type(model).__name__} was not built by nvflare_unlearn.build_model: every site must rebuild the "
+                f"same architecture from a registry name; use one of {', '.join(MODEL_NAMES)}"
+            )
+        return name
+    raise ValueError(f"model must be a registry name, an nn.Module from build_model, or a factory; got {model!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_forget(forget_classes: Any, num_classes: int, required: bool) -> list[int]:
+    if forget_classes is None:
+        forget_classes = []
+    if isinstance(forget_classes, int) and not isinstance(forget_classes, bool):
+        forget_classes = [forget_classes]
+    out = []
+    for c in forget_classes:
+        if isinstance(c, bool) or not isinstance(c, int):
+            raise ValueError(f"forget class ids must be integers, got {c!r}")
+        if not 0 <= c < num_classes:
+            raise ValueError(f"forget class {c} is not a class of this model: valid ids are 0..{num_classes - 1}")
+        if c in out:
+            raise ValueError(f"forget class {c} is listed twice")
+        out.append(c)
+    if required and not out:
+        raise ValueError("forget_classes must name at least one class to forget")
+    if len(out) >= num_classes:
+        raise ValueError(f"cannot forget all {num_classes} classes: at least one class must be retained")
+    return out
+
+
+def _check_lr(lr: Any) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    return float(lr)
+
+
+# ---------------------------------------------------------------------------------------------- authorization
+def authorize_site_config(local_dir: str) -> str:
+    """Add ``nvflare_unlearn.fl`` to the ``class_allow_list`` of a site's ``local/`` folder; returns the file.
+
+    Without it a non-BYOC job using these components fails with ComponentNotAuthorized ("... is not in
+    allow_list"). Starts from NVFlare's default allow list when the site has none, so nothing else is loosened.
+    """
+    os.makedirs(local_dir, exist_ok=True)
+    target = os.path.join(local_dir, "resources.json")
+    if not os.path.exists(target):
+        target = os.path.join(local_dir, "resources.json.default")
+    resources: dict = {"format_version": 2}
+    if os.path.exists(target):
+        with open(target) as f:
+            resources = json.load(f)
+        if not isinstance(resources, dict):
+            raise ValueError(f"{target} must hold a JSON object")
+    allow = resources.get(CLASS_ALLOW_LIST)
+    if allow is None:
+        allow = list(DEFAULT_CLASS_ALLOW_LIST)
+    if "*" not in allow and ALLOW_LIST_ENTRY not in allow:
+        allow.append(ALLOW_LIST_ENTRY)
+    resources[CLASS_ALLOW_LIST] = allow
+    with open(target, "w") as f:
+        json.dump(resources, f, indent=4)
+    return target
+
+
+def _authorize_poc(poc_workspace: str) -> list[str]:
+    """Allow our components on every site of a prepared POC workspace (``<ws>/<project>/prod_NN/<site>/local``)."""
+    done = []
+    for project in sorted(os.listdir(poc_workspace)) if os.path.isdir(poc_workspace) else []:
+        pdir = os.path.join(poc_workspace, project)
+        for prod in sorted(os.listdir(pdir)) if os.path.isdir(pdir) else []:
+            if not prod.startswith("prod_"):
+                continue
+            for site in sorted(os.listdir(os.path.join(pdir, prod))):
+                sdir = os.path.join(pdir, prod, site)
+                if os.path.isdir(os.path.join(sdir, "local")) and os.path.isdir(os.path.join(sdir, "startup")):
+                    done.append(authorize_site_config(os.path.join(sdir, "local")))
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+class _UnlearnBaseRecipe(Recipe):
+    """Shared construction: one server workflow + persistor (+ TensorBoard receiver), one executor on all sites."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: Union[str, Any],
+        num_classes: int,
+        n_clients: int,
+        min_clients: Optional[int],
+        controller_factory: Callable[[str, int], Any],
+        persistor: UnlearnModelPersistor,
+        executor: UnlearningExecutor,
+        tensorboard: bool,
+        bundle_code: bool,
+    ):
+        job = FedJob(name=name, min_clients=min_clients)
+        if not bundle_code:
+            job.set_app_packages(["nvflare_unlearn"])  # installed on every site: reference by import path
+        persistor_id = job.to_server(persistor, id="persistor")
+        job.to_server(controller_factory(persistor_id), id="controller")
+        if tensorboard:
+            job.to_server(TBAnalyticsReceiver(), id="tb_receiver")
+        job.to_clients(executor, tasks=[TASK_ACTIVATIONS, TASK_TRAIN, TASK_VALIDATE])
+        self.model_name = resolve_model_name(model)
+        self.num_classes = num_classes
+        self.n_clients = n_clients
+        self.min_clients = min_clients
+        self.bundle_code = bundle_code
+        super().__init__(job)
+
+    def process_env(self, env: ExecEnv):
+        """Allow our components in simulator / POC workspaces (they are not in NVFlare's default allow list)."""
+        if self.bundle_code:
+            return
+        from nvflare.recipe.poc_env import PocEnv
+        from nvflare.recipe.sim_env import SimEnv
+
+        if isinstance(env, SimEnv):
+            authorize_site_config(os.path.join(env.workspace_root, self.name, "local"))
+        elif isinstance(env, PocEnv):
+            _authorize_poc(getattr(env, "poc_workspace", ""))
+
+
+def _common_checks(model, num_classes, n_clients, min_clients, num_rounds, local_epochs, lr, dataset, partition,
+                   alpha, q, batch_size) -> tuple[str, int]:  # fmt: skip
+    name = resolve_model_name(model)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    _check_int("n_clients", n_clients, 1)
+    min_clients = n_clients if min_clients is None else _check_int("min_clients", min_clients, 1)
+    if min_clients > n_clients:
+        raise ValueError(f"min_clients={min_clients} exceeds n_clients={n_clients}")
+    _check_int("num_rounds", num_rounds, 0)
+    _check_int("local_epochs", local_epochs, 0)
+    _check_int("batch_size", batch_size, 1)
+    _check_lr(lr)
+    check_data_spec(dataset, partition, n_clients, alpha, q)
+    return name, min_clients
+
+
+class PretrainRecipe(_UnlearnBaseRecipe):
+    """FedAvg on all classes with the plugin's executor; writes ``global_model.pt`` (weights + empty plan) and
+    ``unlearning_metrics.json`` (per-round accuracy) into the server's run directory. Pass the model file as
+    ``initial_ckpt`` of an ``UnlearningRecipe``."""
+
+    def __init__(
+        self,
+        *,
+        name: str = "pretrain",
+        model: Union[str, Any] = "small_cnn",
+        num_classes: int = 10,
+        n_clients: int = 2,
+        min_clients: Optional[int] = None,
+        num_rounds: int = 5,
+        local_epochs: int = 1,
+        lr: float = 0.05,
+        batch_size: int = 32,
+        dataset: str = "digits",
+        data_root: Optional[str] = None,
+        partition: str = "iid",
+        alpha: float = 0.5,
+        q: float = 0.5,
+        data_seed: int = 0,
+        train_subset: Optional[int] = None,
+        initial_ckpt: Optional[str] = None,
+        forget_classes: Optional[Sequence[int]] = None,
+        test_dataset: Optional[str] = None,
+        test_data_root: Optional[str] = None,
+        in_channels: Optional[int] = None,
+        seed: int = 0,
+        output_file: str = GLOBAL_MODEL_FILE,
+        tensorboard: bool = True,
+        bundle_code: bool = False,
+        _job_kind: str = "pretrain",
+    ):
+        model_name, min_clients = _common_checks(
+            model, num_classes, n_clients, min_clients, num_rounds, local_epochs, lr, dataset, partition, alpha, q,
+            batch_size,
+        )  # fmt: skip
+        forget = _check_forget(forget_classes, num_classes, required=False)
+        if initial_ckpt is not None and not os.path.isfile(initial_ckpt):
+            raise ValueError(f"initial_ckpt {initial_ckpt!r} does not exist")
+        initial_ckpt = os.path.abspath(initial_ckpt) if initial_ckpt else None
+        self.num_rounds = num_rounds
+        self.forget_classes = forget
+        self.initial_ckpt = initial_ckpt
+
+        def controller(persistor_id: str):
+            return FedAvgEvalController(
+                model_name=model_name, num_classes=num_classes, num_rounds=num_rounds, forget_classes=forget or None,
+                min_clients=min_clients, in_channels=in_channels, test_dataset=test_dataset,
+                test_data_root=test_data_root, persistor_id=persistor_id, job_kind=_job_kind,
+            )  # fmt: skip
+
+        super().__init__(
+            name=name,
+            model=model_name,
+            num_classes=num_classes,
+            n_clients=n_clients,
+            min_clients=min_clients,
+            controller_factory=controller,
+            persistor=UnlearnModelPersistor(
+                model_name, num_classes, initial_ckpt=initial_ckpt, output_file=output_file, in_channels=in_channels,
+                seed=seed,
+            ),  # fmt: skip
+            executor=UnlearningExecutor(
+                model_name, num_classes, dataset=dataset, data_root=data_root, partition=partition, n_sites=n_clients,
+                alpha=alpha, q=q, data_seed=data_seed, train_subset=train_subset, batch_size=batch_size,
+                local_epochs=local_epochs, lr=lr, forget_classes=forget or None, in_channels=in_channels, seed=seed,
+            ),  # fmt: skip
+            tensorboard=tensorboard,
+            bundle_code=bundle_code,
+        )
+
+
+class RetrainRecipe(PretrainRecipe):
+    """FedAvg from scratch on the retained classes only (sites drop ``forget_classes``): the gold standard an
+    unlearned model is compared with. Reports U/R accuracy per round like the unlearning job."""
+
+    def __init__(self, *, name: str = "retrain", forget_classes: Sequence[int], num_classes: int = 10, **kwargs):
+        _check_forget(forget_classes, num_classes, required=True)
+        if kwargs.get("initial_ckpt") is not None:
+            raise ValueError("retraining starts from scratch: do not pass initial_ckpt")
+        super().__init__(name=name, num_classes=num_classes, forget_classes=forget_classes, _job_kind="retrain",
+                         **kwargs)  # fmt: skip
+
+
+class UnlearningRecipe(_UnlearnBaseRecipe):
+    """Federated class unlearning of a trained model (Wang et al., WWW 2022), end to end in one job.
+
+    Outputs in the server's run directory: ``pruned_model.pt`` (after pruning), ``pruning_plan.json``,
+    ``unlearned_model.pt`` (after fine-tuning; weights + plan) and ``unlearning_metrics.json``.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "unlearn",
+        model: Union[str, Any] = "small_cnn",
+        num_classes: int = 10,
+        initial_ckpt: str,
+        forget_classes: Union[int, Sequence[int]],
+        prune_ratio: float = 0.1,
+        num_rounds: int = 3,
+        local_epochs: int = 1,
+        lr: float = 0.01,
+        batch_size: int = 32,
+        n_clients: int = 2,
+        min_clients: Optional[int] = None,
+        dataset: str = "digits",
+        data_root: Optional[str] = None,
+        partition: str = "iid",
+        alpha: float = 0.5,
+        q: float = 0.5,
+        data_seed: int = 0,
+        train_subset: Optional[int] = None,
+        scope: str = "global",
+        direction: str = "highest",
+        idf: str = "paper",
+        tf_norm: str = "share",
+        coe: Optional[float] = None,
+        min_channels: int = 1,
+        prune_mode: str = "remove",
+        hook_point: str = "conv",
+        max_activation_batches: Optional[int] = None,
+        target_r_acc: Optional[float] = None,
+        aggregation: str = "mean",
+        trim: float = 0.1,
+        clip_bound: Optional[float] = None,
+        test_dataset: Optional[str] = None,
+        test_data_root: Optional[str] = None,
+        task_timeout: int = 0,
+        in_channels: Optional[int] = None,
+        seed: int = 0,
+        tensorboard: bool = True,
+        bundle_code: bool = False,
+    ):
+        """
+        Args:
+            model / num_classes / in_channels: registry architecture of the trained model.
+            initial_ckpt: the trained model (our checkpoint, a state_dict .pt, or NVFlare's FL_global_model.pt);
+                an absolute path as seen by the server. Never modified.
+            forget_classes: class id(s) to forget; one statistics + pruning pass per class.
+            prune_ratio: fraction of all conv channels pruned per class, in (0, 1).
+            num_rounds: FedAvg fine-tuning rounds on the retained classes (0 = prune only).
+            local_epochs / lr / batch_size: local SGD per fine-tuning round.
+            n_clients / min_clients: federation size (data slices) and the fewest sites a task needs.
+            dataset / data_root / partition / alpha / q / data_seed / train_subset: how each site finds its data
+                (``data_root`` may contain ``{site_name}`` for per-site folders with ``partition="none"``).
+            scope / direction / idf / tf_norm / coe / min_channels: TF-IDF and plan options (paper defaults).
+            prune_mode: "remove" (physical removal, smaller model) or "mask" (shapes kept, channels held at zero).
+            hook_point: "conv" (raw conv output, the paper) or "bn" (after BatchNorm).
+            max_activation_batches: cap on each site's activation pass (None = all local training data).
+            target_r_acc: stop fine-tuning early once federated retained-class accuracy reaches it (0..1).
+            aggregation / trim / clip_bound: activation-report aggregation ("mean" exact, "median", "trimmed_mean").
+            test_dataset / test_data_root: optional server-side test set evaluated centrally at every stage.
+            task_timeout: seconds a site may take per task (0 = no limit).
+            tensorboard: add NVFlare's TensorBoard receiver (U/R accuracy by round under the run's tb_events/).
+            bundle_code: copy the plugin's code into the job (BYOC) instead of referencing the installed package.
+        """
+        model_name, min_clients = _common_checks(
+            model, num_classes, n_clients, min_clients, num_rounds, local_epochs, lr, dataset, partition, alpha, q,
+            batch_size,
+        )  # fmt: skip
+        forget = _check_forget(forget_classes, num_classes, required=True)
+        if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)) or not 0 < prune_ratio < 1:
+            raise ValueError(f"prune_ratio must be a fraction in (0, 1), got {prune_ratio!r}")
+        if prune_mode not in PRUNE_MODES:
+            raise ValueError(f"prune_mode must be one of {list(PRUNE_MODES)}, got {prune_mode!r}")
+        if target_r_acc is not None and not (isinstance(target_r_acc, (int, float)) and 0 < target_r_acc <= 1):
+            raise ValueError(f"target_r_acc is a fraction in (0, 1], got {target_r_acc!r}")
+        if not initial_ckpt or not os.path.isfile(initial_ckpt):
+            raise ValueError(
+                f"initial_ckpt {initial_ckpt!r} does not exist: give the trained model's checkpoint "
+                "(e.g. the global_model.pt a PretrainRecipe run wrote)"
+            )
+        _check_plan_options(scope, direction, idf, tf_norm, coe, hook_point, min_channels)
+        initial_ckpt = os.path.abspath(initial_ckpt)
+        self.initial_ckpt = initial_ckpt
+        self.forget_classes = forget
+        self.prune_ratio = float(prune_ratio)
+        self.num_rounds = num_rounds
+
+        aggregator = ActivationAggregator(num_classes, method=aggregation, trim=trim, clip_bound=clip_bound)
+
+        def controller(persistor_id: str):
+            return UnlearningController(
+                model_name=model_name, num_classes=num_classes, forget_classes=forget, prune_ratio=float(prune_ratio),
+                num_rounds=num_rounds, scope=scope, direction=direction, idf=idf, tf_norm=tf_norm, coe=coe,
+                min_channels=min_channels, prune_mode=prune_mode, hook_point=hook_point, min_clients=min_clients,
+                target_r_acc=target_r_acc, aggregator=aggregator, in_channels=in_channels, test_dataset=test_dataset,
+                test_data_root=test_data_root, task_timeout=task_timeout, persistor_id=persistor_id,
+            )  # fmt: skip
+
+        super().__init__(
+            name=name,
+            model=model_name,
+            num_classes=num_classes,
+            n_clients=n_clients,
+            min_clients=min_clients,
+            controller_factory=controller,
+            persistor=UnlearnModelPersistor(
+                model_name, num_classes, initial_ckpt=initial_ckpt, output_file=FINAL_MODEL_FILE,
+                prune_mode=prune_mode, in_channels=in_channels, seed=seed,
+            ),  # fmt: skip
+            executor=UnlearningExecutor(
+                model_name, num_classes, dataset=dataset, data_root=data_root, partition=partition, n_sites=n_clients,
+                alpha=alpha, q=q, data_seed=data_seed, train_subset=train_subset, batch_size=batch_size,
+                local_epochs=local_epochs, lr=lr, hook_point=hook_point, max_activation_batches=max_activation_batches,
+                in_channels=in_channels, seed=seed,
+            ),  # fmt: skip
+            tensorboard=tensorboard,
+            bundle_code=bundle_code,
+        )
+
+
+def _check_plan_options(scope, direction, idf, tf_norm, coe, hook_point, min_channels) -> None:
+    """The core's option names, checked here so a typo fails when the recipe is built, not mid-job on the server."""
+    from ..activations import HOOK_POINTS
+    from ..plan import DIRECTIONS, SCOPES
+    from ..tfidf import IDF_VARIANTS, TF_NORMS
+
+    for label, value, choices in (
+        ("scope", scope, SCOPES),
+        ("direction", direction, DIRECTIONS),
+        ("idf", idf, IDF_VARIANTS),
+        ("tf_norm", tf_norm, TF_NORMS),
+        ("hook_point", hook_point, HOOK_POINTS),
+    ):
+        if value not in choices:
+            raise ValueError(f"{label} must be one of {list(choices)}, got {value!r}")
+    if tf_norm == "balance" and (coe is None or not coe > 0):
+        raise ValueError("tf_norm='balance' needs a positive coe")
+    if tf_norm != "balance" and coe is not None:
+        raise ValueError("coe is only used with tf_norm='balance'")
+    _check_int("min_channels", min_channels, 1)

@@ -1,0 +1,101 @@
+"""Reading a finished job's outputs, wherever NVFlare put them.
+
+``run.get_result()`` returns a folder: for ``SimEnv`` the simulator workspace (``<root>/<job>/server/simulate_job``
+holds the server's run directory), for ``PocEnv`` / ``ProdEnv`` the downloaded job result. The server writes
+``unlearning_metrics.json`` and the model files into its run directory, so we look for the metrics file below the
+folder. NVFlare's simulator can exit 0 after a failed job, so a missing file or ``status != "completed"`` is an
+error here, with the reason from the record or the server log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .defs import FINAL_MODEL_FILE, GLOBAL_MODEL_FILE, METRICS_FILE, PLAN_FILE, PRUNED_MODEL_FILE
+
+_AUTH_PATTERN = re.compile(r"not in allow_list|ComponentNotAuthorized|UnsafeComponentError")
+
+
+@dataclass
+class JobResult:
+    """Paths of one finished job's outputs and its metrics record."""
+
+    result_dir: str
+    run_dir: str
+    metrics_path: str
+    metrics: dict
+    model_path: str  # unlearned_model.pt (unlearning) or global_model.pt (pretrain / retrain)
+    pruned_model_path: Optional[str] = None
+    plan_path: Optional[str] = None
+    tensorboard_dir: Optional[str] = None
+    files: dict = field(default_factory=dict)
+
+    @property
+    def rounds(self) -> int:
+        return int(self.metrics.get("rounds", 0))
+
+
+def _find(root: str, filename: str) -> list[str]:
+    hits = []
+    for dirpath, _dirs, files in os.walk(root):
+        if filename in files:
+            hits.append(os.path.join(dirpath, filename))
+    return sorted(hits, key=lambda p: (p.count(os.sep), p))
+
+
+def _log_hint(root: str) -> str:
+    """The most useful line of the server log when a job left no record (authorization errors first)."""
+    for log in _find(root, "log.txt"):
+        try:
+            with open(log, errors="replace") as f:
+                lines = f.readlines()
+        except OSError:
+            continue
+        for line in lines:
+            if _AUTH_PATTERN.search(line):
+                return (
+                    f"a site refused the plugin's components ({line.strip()[-300:]}); add 'nvflare_unlearn.fl' to "
+                    "class_allow_list in each site's local/resources.json, or build the recipe with bundle_code=True"
+                )
+        errors = [ln.strip() for ln in lines if " ERROR " in ln or "Traceback" in ln]
+        if errors:
+            return f"first error in {log}: {errors[0][-400:]}"
+    return "no error found in the logs"
+
+
+def read_job_result(result_dir: Optional[str]) -> JobResult:
+    """Locate and check a finished job's outputs; raises RuntimeError when the job did not complete."""
+    if not result_dir or not os.path.isdir(result_dir):
+        raise RuntimeError(f"job result folder {result_dir!r} does not exist: the job did not run or was not downloaded")
+    hits = _find(result_dir, METRICS_FILE)
+    if not hits:
+        raise RuntimeError(f"the job wrote no {METRICS_FILE} under {result_dir}: it did not finish; {_log_hint(result_dir)}")
+    metrics_path = hits[0]
+    run_dir = os.path.dirname(metrics_path)
+    with open(metrics_path) as f:
+        metrics = json.load(f)
+    if metrics.get("status") != "completed":
+        raise RuntimeError(f"the job failed: {metrics.get('error', 'no reason recorded')} (record: {metrics_path})")
+    model_file = FINAL_MODEL_FILE if metrics.get("job_kind") == "unlearn" else GLOBAL_MODEL_FILE
+    candidates = [os.path.join(run_dir, model_file)] + _find(result_dir, model_file)
+    model_path = next((p for p in candidates if os.path.isfile(p)), None)
+    if model_path is None:
+        raise RuntimeError(f"the job completed but its model file {model_file} is missing under {result_dir}")
+    pruned = os.path.join(run_dir, PRUNED_MODEL_FILE)
+    plan = os.path.join(run_dir, PLAN_FILE)
+    tb = os.path.join(run_dir, "tb_events")
+    return JobResult(
+        result_dir=result_dir,
+        run_dir=run_dir,
+        metrics_path=metrics_path,
+        metrics=metrics,
+        model_path=model_path,
+        pruned_model_path=pruned if os.path.isfile(pruned) else None,
+        plan_path=plan if os.path.isfile(plan) else None,
+        tensorboard_dir=tb if os.path.isdir(tb) else None,
+        files={name: os.path.join(run_dir, name) for name in sorted(os.listdir(run_dir))},
+    )

@@ -1,0 +1,246 @@
+"""Apply a PruningPlan: physical removal through torch-pruning groups, or masks that keep shapes.
+
+"remove" changes the given model IN PLACE (modules are edited; the same object is returned): rebuild any optimizer
+afterwards, its parameters are new tensors. Replaying the same plan on a fresh model from the same factory yields
+the same architecture, so pruned weights load into it and give identical outputs.
+
+"mask" keeps every shape and state_dict key (for pipelines such as FedAvg weight exchange that cannot change
+shapes): every parameter slice torch-pruning's group would cut (conv out weights/bias, BatchNorm weight/bias, the
+consumers' input slices) is zeroed, gradient hooks zero those gradient slices so optimizers (SGD with momentum and
+weight decay, Adam) leave them at zero, and a forward pre-hook re-zeroes them if anything wrote into them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .plan import PruningPlan, build_dependency_graph, conv_modules, group_members, resolve_example_inputs
+
+MODES = ("remove", "mask")
+MASK_ATTR = "_nvflare_unlearn_masks"
+
+
+def _as_plan(plan: PruningPlan | str) -> PruningPlan:
+    if isinstance(plan, PruningPlan):
+        return plan
+    if isinstance(plan, (str, bytes)):
+        return PruningPlan.from_json(plan)
+    raise ValueError(f"plan must be a PruningPlan or its JSON text, got {type(plan).__name__}")
+
+
+def _applied_steps(model: nn.Module, plan: PruningPlan) -> int:
+    """How many of the plan's steps the model already went through, judged by its conv widths."""
+    convs = conv_modules(model)
+    missing = [n for n in plan.convs if n not in convs]
+    if missing:
+        raise ValueError(f"the plan names layer(s) {missing} that are not Conv2d layers of this model")
+    actual = {n: convs[n].out_channels for n in plan.convs}
+    for s in range(len(plan.steps), -1, -1):
+        if plan.widths(s) == actual:
+            return s
+    diff = {n: (actual[n], plan.convs[n]) for n in plan.convs if actual[n] != plan.convs[n]}
+    raise ValueError(
+        "the model's conv widths match neither the plan's original architecture nor any of its steps "
+        f"(layer: (actual, original) for some layers: {dict(list(diff.items())[:5])}); was the plan made for "
+        f"{plan.model_name or 'another model'}?"
+    )
+
+
+def _groups_to_prune(model: nn.Module, plan: PruningPlan, done: int) -> dict[str, list[int]]:
+    """Group key -> CURRENT channel indices still to remove, given the model went through ``done`` steps."""
+    todo_total = plan.pruned_units()
+    done_units = plan.pruned_units(done)
+    out = {}
+    for key in plan.group_keys:
+        remaining = sorted(set(todo_total[key]) - set(done_units[key]))
+        if not remaining:
+            continue
+        kept = [c for c in range(plan.convs[key]) if c not in set(done_units[key])]
+        position = {orig: cur for cur, orig in enumerate(kept)}
+        out[key] = [position[c] for c in remaining]
+    return out
+
+
+def _checked_group(dg: Any, model: nn.Module, plan: PruningPlan, key: str, idxs: list[int]) -> Any:
+    convs = conv_modules(model)
+    group = dg.get_pruning_group(convs[key], _prune_out_fn(), idxs)
+    names = {m: n for n, m in model.named_modules()}
+    members, touches_classifier = group_members(dg, group, names)
+    expected = next(g for g in plan.groups if g[0] == key)
+    if sorted(set(members)) != sorted(expected) or touches_classifier:
+        raise ValueError(
+            f"the model couples layer {key!r} with {sorted(set(members))}, the plan expects {sorted(expected)}: "
+            "the plan was made for a different architecture"
+        )
+    if not dg.check_pruning_group(group):
+        raise ValueError(f"applying the plan would empty layer(s) {expected}")
+    return group
+
+
+def _prune_out_fn():
+    import torch_pruning as tp
+
+    return tp.prune_conv_out_channels
+
+
+def apply_pruning_plan(
+    model: nn.Module,
+    plan: PruningPlan | str,
+    mode: str = "remove",
+    *,
+    example_inputs: torch.Tensor | None = None,
+) -> nn.Module:
+    """Apply ``plan`` to ``model`` (in place) and return it.
+
+    The model may be unpruned or already pruned by a prefix of the plan's steps (detected from its widths); only
+    the missing steps are applied, so applying a composed multi-class plan after its first steps is safe.
+    ``mode="mask"`` needs an unpruned model. Raises ValueError for a plan naming a missing layer, widths that do
+    not match, a coupling that differs from the plan, or a plan that would empty a layer.
+    """
+    plan = _as_plan(plan)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    done = _applied_steps(model, plan)
+    if mode == "mask":
+        if done != 0:
+            raise ValueError("mask mode needs the unpruned model (this one already had channels removed)")
+        return _apply_masks(model, plan, example_inputs)
+    todo = _groups_to_prune(model, plan, done)
+    if not todo:
+        return model
+    x = resolve_example_inputs(model, example_inputs, plan)
+    dg = build_dependency_graph(model, x)
+    groups = [_checked_group(dg, model, plan, key, idxs) for key, idxs in todo.items()]
+    for group in groups:
+        group.prune()
+    return model
+
+
+# -------------------------------------------------------------------------------------------------------- masks
+def _slices_of(dg: Any, group: Any, names: dict[nn.Module, str]) -> list[tuple[str, str, int, list[int]]]:
+    """(module name, parameter name, dim, indices) for every parameter slice the group would remove."""
+    out = []
+    for dep, idxs in group:
+        module = dep.target.module
+        if not isinstance(module, nn.Module) or not any(True for _ in module.parameters(recurse=False)):
+            continue  # functional nodes (add, relu, flatten) hold no parameters
+        is_out = dg.is_out_channel_pruning_fn(dep.handler)
+        is_in = dg.is_in_channel_pruning_fn(dep.handler)
+        idx = sorted(int(i) for i in idxs)
+        name = names[module]
+        if isinstance(module, nn.BatchNorm2d):
+            out += [(name, p, 0, idx) for p in ("weight", "bias") if getattr(module, p, None) is not None]
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            if isinstance(module, nn.Conv2d) and module.groups != 1:
+                raise ValueError(f"mask mode does not support grouped conv {name!r}")
+            if is_out:
+                out.append((name, "weight", 0, idx))
+                if module.bias is not None:
+                    out.append((name, "bias", 0, idx))
+            elif is_in:
+                out.append((name, "weight", 1, idx))
+        else:
+            raise ValueError(f"mask mode cannot mask layer {name!r} of type {type(module).__name__}")
+    return out
+
+
+# Gradient hooks live on Parameter objects, which deepcopy does not carry over; the forward pre-hook (which deepcopy
+# does carry) therefore (re)registers them on whatever Parameter object the module holds, once per object.
+_GRAD_HOOKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _zero_grad_slice(dim: int, idx: torch.Tensor):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return grad.index_fill(dim, idx.to(grad.device), 0.0)
+    return hook
+
+
+def _ensure_grad_hook(param: torch.Tensor, dim: int, idx: torch.Tensor) -> None:
+    key = (dim, tuple(idx.tolist()))
+    done = _GRAD_HOOKED.get(param)
+    if done is None:
+        done = set()
+        _GRAD_HOOKED[param] = done
+    if key not in done and param.requires_grad:
+        param.register_hook(_zero_grad_slice(dim, idx))
+        done.add(key)
+
+
+def _mask_pre_hook(entries: list[tuple[str, int, torch.Tensor]]):
+    # Uses the module handed to the hook (not a closure over it) so deep copies mask themselves, not the original.
+    def hook(module: nn.Module, _args: Any) -> None:
+        with torch.no_grad():
+            for pname, dim, idx in entries:
+                p = getattr(module, pname)
+                i = idx.to(p.device)
+                _ensure_grad_hook(p, dim, i)
+                if p.index_select(dim, i).any():
+                    p.index_fill_(dim, i, 0.0)
+    return hook
+
+
+def _merge(entries: list[tuple[str, str, int, list[int]]]) -> dict[tuple[str, str, int], set[int]]:
+    merged: dict[tuple[str, str, int], set[int]] = {}
+    for mname, pname, dim, idx in entries:
+        merged.setdefault((mname, pname, dim), set()).update(int(i) for i in idx)
+    return merged
+
+
+def _apply_masks(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tensor | None) -> nn.Module:
+    previous = getattr(model, MASK_ATTR, None)
+    old = _merge(previous["entries"]) if previous else {}
+    if previous:
+        before = PruningPlan.from_json(previous["plan"]).pruned_channels()
+        now = plan.pruned_channels()
+        if any(not set(v).issubset(now.get(k, [])) for k, v in before.items()):
+            raise ValueError(
+                "the model is already masked with a plan that removes channels this plan keeps; "
+                "mask a fresh model instead (masks only ever grow, e.g. by composing plans)"
+            )
+    units = {k: v for k, v in plan.pruned_units().items() if v}
+    entries: list[tuple[str, str, int, list[int]]] = []
+    if units:
+        x = resolve_example_inputs(model, example_inputs, plan)
+        dg = build_dependency_graph(model, x)
+        names = {m: n for n, m in model.named_modules()}
+        for key, idxs in units.items():
+            entries += _slices_of(dg, _checked_group(dg, model, plan, key, idxs), names)
+    merged = _merge(entries)
+    setattr(model, MASK_ATTR, {"plan": plan.to_json(), "entries": [(m, p, d, sorted(i)) for (m, p, d), i in merged.items()]})
+    modules = dict(model.named_modules())
+    per_module: dict[str, list[tuple[str, int, torch.Tensor]]] = {}
+    for (mname, pname, dim), idx in merged.items():
+        new = sorted(idx - old.get((mname, pname, dim), set()))
+        if new:
+            t = torch.tensor(new, dtype=torch.long)
+            per_module.setdefault(mname, []).append((pname, dim, t))
+            _ensure_grad_hook(getattr(modules[mname], pname), dim, t)
+    for mname, ents in per_module.items():
+        modules[mname].register_forward_pre_hook(_mask_pre_hook(ents))
+    enforce_masks(model)
+    return model
+
+
+def enforce_masks(model: nn.Module) -> nn.Module:
+    """Re-zero every masked slice (call after ``load_state_dict``); a model without masks is returned unchanged."""
+    record = getattr(model, MASK_ATTR, None)
+    if not record:
+        return model
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for mname, pname, dim, idx in record["entries"]:
+            if mname not in modules:
+                raise ValueError(f"masked layer {mname!r} no longer exists in the model")
+            p = getattr(modules[mname], pname)
+            p.index_fill_(dim, torch.tensor(idx, dtype=torch.long, device=p.device), 0.0)
+    return model
+
+
+def masked_plan(model: nn.Module) -> PruningPlan | None:
+    """The plan a model was masked with (mask mode), or None."""
+    record = getattr(model, MASK_ATTR, None)
+    return PruningPlan.from_json(record["plan"]) if record else None

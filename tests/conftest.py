@@ -1,0 +1,35 @@
+"""Shared test setup: few CPU threads (2-core machines), and the real CIFAR data root (skip when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_ENV_VAR = "NVFLARE_UNLEARN_DATA"
+
+torch.set_num_threads(2)
+
+
+def real_data_root() -> Path:
+    """`$NVFLARE_UNLEARN_DATA`, default `../shared/data` relative to the repository."""
+    return Path(os.environ.get(DATA_ENV_VAR) or (REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def cifar_root() -> Path:
+    """Folder holding `cifar10/` and `cifar100/` (.npz archives); skips the test when it is missing."""
+    root = real_data_root()
+    if not (root / "cifar10").is_dir():
+        pytest.skip(f"real CIFAR data not found at {root}: set {DATA_ENV_VAR} to the folder holding cifar10/")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test starts from the same torch RNG state, so results do not depend on test order."""
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,255 @@
+"""The unlearning audit record: build, write, read back, verify, and detect tampering (nvflare_unlearn.audit)."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nvflare_unlearn.audit import (
+    SCHEMA,
+    build_record,
+    plan_sha256,
+    read_record,
+    record_digest,
+    sha256_file,
+    verify_record,
+    write_record,
+)
+from nvflare_unlearn.checkpoint import save_checkpoint
+from nvflare_unlearn.models import build_model
+from nvflare_unlearn.plan import build_pruning_plan
+from nvflare_unlearn.prune import apply_pruning_plan
+
+K = 10
+START = dt.datetime(2025, 1, 31, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def _plan(model, seed: int, ratio: float = 0.1):
+    rng = np.random.default_rng(seed)
+    scores = {n: rng.random(m.out_channels) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    return build_pruning_plan(model, scores, ratio, forget_class=3)
+
+
+@pytest.fixture
+def run(tmp_path):
+    """An original checkpoint, a pruned final checkpoint (weights + plan) and its plan, as a job would leave them."""
+    torch.manual_seed(0)
+    original = build_model("small_cnn", K)
+    orig_path = save_checkpoint(tmp_path / "original.pt", original, None, "small_cnn", K)
+    plan = _plan(original, seed=1)
+    pruned = apply_pruning_plan(copy.deepcopy(original), plan)
+    final_path = save_checkpoint(tmp_path / "final.pt", pruned, plan, "small_cnn", K)
+    return {"tmp": tmp_path, "original": orig_path, "final": final_path, "plan": plan, "model": original}
+
+
+def _record(run, **over):
+    kwargs = dict(
+        forget_classes=[3],
+        num_classes=K,
+        parameters={"prune_ratio": 0.1, "rounds": 2, "aggregation": "median", "min_count": 5, "epsilon": None},
+        original_model_path=run["original"],
+        final_model_path=run["final"],
+        plan=run["plan"],
+        site_counts={"site-1": [5] * K, "site-2": [0, 7, 7, 7, 7, 7, 7, 7, 7, 7]},
+        metrics_before={"u_acc": 0.97, "r_acc": 0.96},
+        metrics_after={"u_acc": 0.0, "r_acc": 0.95, "mia": 0.12},
+        started_at=START,
+        finished_at=START + dt.timedelta(minutes=3),
+        rejected_sites={"site-3": "layer 'features.0': sums contain NaN or infinite values"},
+    )
+    kwargs.update(over)
+    return build_record(**kwargs)
+
+
+def test_sha256_file_matches_hashlib_and_requires_a_file(tmp_path):
+    p = tmp_path / "x.bin"
+    p.write_bytes(b"abc" * 1000)
+    assert sha256_file(p) == hashlib.sha256(b"abc" * 1000).hexdigest()
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        sha256_file(tmp_path / "missing.bin")
+
+
+def test_plan_hash_ignores_formatting_but_not_content(run):
+    plan = run["plan"]
+    assert plan_sha256(plan) == plan_sha256(plan.to_json(indent=2)) == plan_sha256(json.loads(plan.to_json()))
+    other = _plan(run["model"], seed=2)
+    assert plan_sha256(other) != plan_sha256(plan)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        plan_sha256("{not json")
+    with pytest.raises(ValueError, match="PruningPlan"):
+        plan_sha256(42)
+
+
+def test_record_contents(run):
+    rec = _record(run)
+    assert rec["schema"] == SCHEMA
+    assert rec["request"] == {"forget_classes": [3], "num_classes": K, "parameters": rec["request"]["parameters"]}
+    assert rec["request"]["parameters"]["aggregation"] == "median"
+    assert rec["models"]["original"]["sha256"] == sha256_file(run["original"])
+    assert rec["models"]["final"]["sha256"] == sha256_file(run["final"])
+    assert rec["models"]["original"]["sha256"] != rec["models"]["final"]["sha256"]
+    assert rec["plan"]["sha256"] == plan_sha256(run["plan"])
+    assert rec["plan"]["pruned_channels"] == run["plan"].pruned_channels()
+    assert rec["plan"]["num_pruned"] == sum(len(v) for v in run["plan"].pruned_channels().values()) > 0
+    assert rec["sites"]["participating"]["site-2"][0] == 0
+    assert "NaN" in rec["sites"]["rejected"]["site-3"]
+    assert rec["metrics"]["after"] == {"u_acc": 0.0, "r_acc": 0.95, "mia": 0.12}
+    assert rec["timestamps"]["started_at"] == "2025-01-31T12:00:00+00:00"
+    assert rec["timestamps"]["finished_at"] == "2025-01-31T12:03:00+00:00"
+    for key in ("nvflare", "torch", "torch_pruning", "python", "nvflare_unlearn"):
+        assert key in rec["versions"]
+    assert rec["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert rec["content_sha256"] == record_digest(rec)
+
+
+def test_write_read_verify_round_trip(run):
+    rec = _record(run)
+    path = write_record(run["tmp"] / "unlearning_record.json", rec)
+    assert read_record(path) == json.loads(json.dumps(rec))
+    result = verify_record(path, run["final"], original_model_path=run["original"])
+    assert result.ok, str(result)
+    assert result.mismatches == []
+    assert set(result.checks) == {"record content digest", "final model SHA-256", "embedded plan SHA-256",
+                                  "pruned channels", "original model unchanged"}
+    assert str(result).startswith("OK")
+
+
+def test_write_refuses_to_overwrite_and_bad_targets(run):
+    rec = _record(run)
+    path = write_record(run["tmp"] / "r.json", rec)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        write_record(path, rec)
+    assert path.read_bytes() == before
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_record(run["tmp"] / "nowhere" / "r.json", rec)
+    with pytest.raises(ValueError, match="not an unlearning record"):
+        write_record(run["tmp"] / "s.json", {"schema": "other"})
+
+
+def _rewrite(path, mutate, fix_digest: bool):
+    rec = json.loads(path.read_text())
+    mutate(rec)
+    if fix_digest:  # a tamperer who also recomputes the digest: the model/plan checks must still catch it
+        rec["content_sha256"] = record_digest(rec)
+    path.write_text(json.dumps(rec))
+
+
+def test_tampered_model_file_is_detected(run):
+    path = write_record(run["tmp"] / "r.json", _record(run))
+    data = bytearray(run["final"].read_bytes())
+    data[-10] ^= 0xFF  # flip bits inside the file
+    tampered = run["tmp"] / "tampered.pt"
+    tampered.write_bytes(bytes(data))
+    result = verify_record(path, tampered)
+    assert not result.ok
+    assert any(m.startswith("final model SHA-256") for m in result.mismatches)
+
+
+def test_original_model_given_instead_of_final_is_named(run):
+    path = write_record(run["tmp"] / "r.json", _record(run))
+    result = verify_record(path, run["original"])
+    assert not result.ok
+    assert any("ORIGINAL model" in m for m in result.mismatches)
+    assert any("carries no pruning plan" in m for m in result.mismatches)
+
+
+def test_other_pruned_model_fails_hash_and_plan_checks(run):
+    path = write_record(run["tmp"] / "r.json", _record(run))
+    other_plan = _plan(run["model"], seed=5)
+    other = apply_pruning_plan(copy.deepcopy(run["model"]), other_plan)
+    other_path = save_checkpoint(run["tmp"] / "other.pt", other, other_plan, "small_cnn", K)
+    result = verify_record(path, other_path)
+    failed = {m.split(":")[0] for m in result.mismatches}
+    assert failed == {"final model SHA-256", "embedded plan SHA-256", "pruned channels"}
+
+
+@pytest.mark.parametrize(
+    "mutate, fix_digest, failing",
+    [
+        (lambda r: r["metrics"]["after"].update(u_acc=0.5), False, {"record content digest"}),
+        (lambda r: r["sites"]["participating"].pop("site-2"), False, {"record content digest"}),
+        (lambda r: r["plan"].update(sha256="0" * 64), True, {"embedded plan SHA-256"}),
+        (lambda r: r["plan"]["pruned_channels"].update({"features.0": []}), True, {"pruned channels"}),
+        (lambda r: r["models"]["final"].update(sha256="f" * 64), True, {"final model SHA-256"}),
+    ],
+)
+def test_tampered_record_is_detected(run, mutate, fix_digest, failing):
+    path = write_record(run["tmp"] / "r.json", _record(run))
+    _rewrite(path, mutate, fix_digest)
+    result = verify_record(path, run["final"])
+    assert not result.ok
+    assert {m.split(":")[0] for m in result.mismatches} == failing
+    assert "FAIL" in str(result)
+
+
+def test_modified_original_is_detected(run):
+    path = write_record(run["tmp"] / "r.json", _record(run))
+    with open(run["original"], "ab") as fh:
+        fh.write(b"\0")
+    result = verify_record(path, run["final"], original_model_path=run["original"])
+    assert [m.split(":")[0] for m in result.mismatches] == ["original model unchanged"]
+
+
+def test_unloadable_checkpoint_is_a_mismatch_not_a_crash(run):
+    path = write_record(run["tmp"] / "r.json", _record(run))
+    junk = run["tmp"] / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    result = verify_record(path, junk)
+    assert any(m.startswith("embedded plan: cannot load") for m in result.mismatches)
+
+
+def test_read_record_rejects_malformed_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_record(bad)
+    bad.write_text(json.dumps({"schema": "something else"}))
+    with pytest.raises(ValueError, match="not an unlearning record"):
+        read_record(bad)
+    bad.write_text(json.dumps({"schema": SCHEMA, "models": {}}))
+    with pytest.raises(ValueError, match="lacks a required field"):
+        read_record(bad)
+    with pytest.raises(FileNotFoundError):
+        read_record(tmp_path / "none.json")
+
+
+@pytest.mark.parametrize(
+    "over, msg",
+    [
+        ({"forget_classes": [10]}, "proper subset"),
+        ({"forget_classes": list(range(K))}, "proper subset"),
+        ({"forget_classes": []}, "proper subset"),
+        ({"forget_classes": None}, "list of class ids"),
+        ({"num_classes": 1}, "num_classes"),
+        ({"metrics_after": {"u_acc": 0.1}}, "r_acc"),
+        ({"metrics_after": {"u_acc": 1.5, "r_acc": 0.9}}, "fraction"),
+        ({"metrics_before": {"u_acc": float("nan"), "r_acc": 0.9}}, "finite"),
+        ({"metrics_before": None}, "metrics_before"),
+        ({"parameters": {"eps": float("nan")}}, "plain JSON"),
+        ({"parameters": {"model": object()}}, "plain JSON"),
+        ({"site_counts": {}}, "site_counts"),
+        ({"site_counts": {"a": [1, 2]}}, "2 counts for 10 classes"),
+        ({"site_counts": {"a": [-1] * K}}, "non-negative"),
+        ({"site_counts": {"a": [0.5] * K}}, "non-negative integers"),
+        ({"started_at": dt.datetime(2025, 1, 1)}, "timezone-aware"),
+        ({"started_at": "yesterday"}, "ISO 8601"),
+        ({"plan": "{broken"}, "not valid JSON"),
+    ],
+)
+def test_build_record_rejects_bad_inputs(run, over, msg):
+    with pytest.raises(ValueError, match=msg):
+        _record(run, **over)
+
+
+def test_build_record_refuses_same_file_and_missing_files(run):
+    with pytest.raises(ValueError, match="same file"):
+        _record(run, final_model_path=run["original"])
+    with pytest.raises(FileNotFoundError):
+        _record(run, final_model_path=run["tmp"] / "missing.pt")

@@ -1,0 +1,193 @@
+"""Forgetting tests (nvflare_unlearn.evaluation) on digits + the small CNN: seconds each."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from nvflare_unlearn.baselines import reset_classifier_rows
+from nvflare_unlearn.data import LabelledDataset, digits_dataset, split_forget_retain
+from nvflare_unlearn.data.transforms import CifarTransform
+from nvflare_unlearn.evaluation import (
+    TensorBatches,
+    accuracy_report,
+    as_tensors,
+    linear_probe,
+    membership_inference,
+    penultimate_features,
+    random_crop_flip,
+    relearn_steps,
+)
+from nvflare_unlearn.metrics import train_epochs
+from nvflare_unlearn.models import build_model
+
+FORGET = 9
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_dataset("train"), digits_dataset("test")
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """A small CNN trained centrally on digits (~97 % test accuracy)."""
+    torch.manual_seed(0)
+    train, _ = digits
+    x, y = as_tensors(train)
+    model = build_model("small_cnn", 10)
+    train_epochs(model, TensorBatches(x, y, 64, shuffle=True, seed=0), 10, 0.05)
+    return model
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_as_tensors_accepts_pairs_and_datasets(digits):
+    train, _ = digits
+    x, y = as_tensors(train)
+    assert x.shape == (len(train), 1, 8, 8) and y.dtype == torch.int64
+    x2, y2 = as_tensors((x[:5], y[:5]))
+    assert torch.equal(x2, x[:5]) and torch.equal(y2, y[:5])
+
+
+def test_as_tensors_refuses_random_augmentation():
+    ds = LabelledDataset(np.zeros((4, 3, 32, 32), np.uint8), np.arange(4) % 2, ["a", "b"],
+                         CifarTransform((0.5,) * 3, (0.25,) * 3, augment=True))
+    with pytest.raises(ValueError, match="augmentation"):
+        as_tensors(ds)
+
+
+def test_random_crop_flip_keeps_shape_and_content_scale():
+    x = torch.randn(6, 3, 32, 32)
+    out = random_crop_flip(x, 4, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    flipped_only = random_crop_flip(x, 0, torch.Generator().manual_seed(0))
+    for i in range(6):  # without padding every image is either itself or its mirror
+        assert torch.equal(flipped_only[i], x[i]) or torch.equal(flipped_only[i], x[i].flip(-1))
+
+
+def test_penultimate_features_are_the_classifier_input(trained, digits):
+    _, test = digits
+    feats, labels = penultimate_features(trained, test)
+    assert feats.shape == (len(test), trained.fc.in_features)
+    x, _ = as_tensors(test)
+    with torch.no_grad():
+        trained.eval()
+        logits = trained(x).numpy()
+    np.testing.assert_allclose(feats @ trained.fc.weight.detach().numpy().T + trained.fc.bias.detach().numpy(),
+                               logits, rtol=1e-4, atol=1e-4)
+
+
+def test_probe_separability_high_for_trained_model(trained, digits):
+    train, test = digits
+    res = linear_probe(trained, train, test, [FORGET])
+    assert res["auc"] > 0.95 and res["balanced_accuracy"] > 0.9
+    assert res["feature_dim"] == 64 and res["n_test"] == len(test)
+
+
+def test_probe_is_blind_to_output_level_hiding(trained, digits):
+    """Row reset hides the class at the output; the features (and so the probe) are unchanged."""
+    train, test = digits
+    hidden = reset_classifier_rows(copy.deepcopy(trained), [FORGET], seed=1)
+    assert accuracy_report(hidden, test, 10, [FORGET])["u_acc"] < 0.5
+    a = linear_probe(trained, train, test, [FORGET])
+    b = linear_probe(hidden, train, test, [FORGET])
+    assert a["auc"] == pytest.approx(b["auc"], abs=1e-9)
+
+
+def test_probe_needs_both_groups(trained, digits):
+    train, test = digits
+    u, _ = split_forget_retain(test, [FORGET])
+    with pytest.raises(ValueError, match="both"):
+        linear_probe(trained, train, u, [FORGET])
+
+
+def test_membership_inference_values_are_bounded(trained, digits):
+    train, test = digits
+    u_tr, r_tr = split_forget_retain(train, [FORGET])
+    u_te, r_te = split_forget_retain(test, [FORGET])
+    res = membership_inference(trained, r_tr, r_te, u_tr, u_te)
+    for attack in ("loss", "mlp"):
+        for key in ("power_accuracy", "power_auc", "forget_accuracy", "forget_auc",
+                    "forget_train_member_rate", "forget_test_member_rate"):
+            assert 0.0 <= res[attack][key] <= 1.0, (attack, key)
+    assert 0.0 <= res["loss"]["forget_selfcal_accuracy"] <= 1.0
+    assert res["n_power_eval"] > 0 and res["n_forget_eval"] > 0
+
+
+def test_membership_attack_has_power_on_a_memorising_model(digits):
+    """Random labels can only be fitted by memorising: the loss attack must then separate members clearly."""
+    torch.manual_seed(0)
+    x, _ = as_tensors(digits[0])
+    y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(1))
+    model = build_model("small_cnn", 10)
+    train_epochs(model, TensorBatches(x[:120], y[:120], 30, shuffle=True), 150, 0.05)
+    res = membership_inference(model, (x[:80], y[:80]), (x[200:280], y[200:280]),
+                               (x[80:120], y[80:120]), (x[280:320], y[280:320]), attacks=("loss",))
+    assert res["loss"]["power_accuracy"] >= 0.8
+    assert res["loss"]["forget_auc"] >= 0.8  # the "forget" members were trained on too: control detects them
+
+
+def test_membership_attack_is_at_chance_without_membership(digits):
+    torch.manual_seed(0)
+    _, test = digits
+    x, y = as_tensors(test)
+    untrained = build_model("small_cnn", 10)
+    res = membership_inference(untrained, (x[:200], y[:200]), (x[200:400], y[200:400]),
+                               (x[:100], y[:100]), (x[300:400], y[300:400]), attacks=("loss",))
+    assert abs(res["loss"]["power_accuracy"] - 0.5) < 0.15
+
+
+def test_relearn_zero_steps_when_class_is_known(trained, digits):
+    train, test = digits
+    u_tr, r_tr = split_forget_retain(train, [FORGET])
+    u_te, _ = split_forget_retain(test, [FORGET])
+    res = relearn_steps(trained, u_tr.subset(range(20)), r_tr.subset(range(100)), 0.5, eval_ds=u_te)
+    assert res["steps"] == 0 and res["reached"]
+
+
+def test_relearn_counts_steps_on_a_copy(trained, digits):
+    train, test = digits
+    u_tr, r_tr = split_forget_retain(train, [FORGET])
+    u_te, _ = split_forget_retain(test, [FORGET])
+    hidden = reset_classifier_rows(copy.deepcopy(trained), [FORGET], seed=1)
+    with torch.no_grad():
+        hidden.fc.bias[FORGET] = -20.0  # make sure the class starts far from predicted
+    before = _params(hidden)
+    res = relearn_steps(hidden, u_tr.subset(range(20)), r_tr.subset(range(200)), 0.5, lr=0.01, batch_size=32,
+                        max_steps=300, eval_ds=u_te, eval_every=2)
+    assert res["reached"] and 0 < res["steps"] <= 300 and res["steps"] % 2 == 0
+    assert res["curve"][-1][1] >= 0.5
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(hidden)))
+
+
+def test_relearn_reports_censored_count(trained, digits):
+    train, test = digits
+    u_tr, r_tr = split_forget_retain(train, [FORGET])
+    u_te, _ = split_forget_retain(test, [FORGET])
+    hidden = reset_classifier_rows(copy.deepcopy(trained), [FORGET], seed=1)
+    with torch.no_grad():
+        hidden.fc.bias[FORGET] = -50.0
+    res = relearn_steps(hidden, u_tr.subset(range(10)), r_tr.subset(range(50)), 0.9, lr=1e-6, max_steps=10,
+                        eval_ds=u_te)
+    assert not res["reached"] and res["steps"] == 10
+
+
+def test_relearn_rejects_bad_target(trained, digits):
+    train, _ = digits
+    with pytest.raises(ValueError, match="target_acc"):
+        relearn_steps(trained, train, train, 1.5)
+
+
+def test_accuracy_report_distance_to_itself_is_zero(trained, digits):
+    _, test = digits
+    rep = accuracy_report(trained, test, 10, [FORGET])
+    again = accuracy_report(trained, test, 10, [FORGET], reference_class_acc=rep["class_acc"])
+    assert again["kl_to_reference"] == pytest.approx(0.0, abs=1e-12)
+    assert again["max_class_acc_diff"] == 0.0
+    assert rep["u_acc"] == rep["class_acc"][FORGET]

@@ -1,0 +1,206 @@
+"""Min-count, clipping and the Gaussian mechanism on activation uploads (nvflare_unlearn.privacy)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from nvflare_unlearn.activations import ClassActivationReport, validate_report
+from nvflare_unlearn.privacy import (
+    analytic_gaussian_delta,
+    apply_min_count,
+    check_clip_bound,
+    clip_activations,
+    gaussian_noise,
+    gaussian_sigma,
+    sensitivity,
+    split_budget,
+    total_channels,
+)
+
+
+def _report(counts=(0, 2, 5, 40), channels=(3, 5), fill=0.5) -> ClassActivationReport:
+    counts = np.asarray(counts, dtype=np.int64)
+    sums = {f"conv{i}": np.full((len(counts), c), fill) * counts[:, None] for i, c in enumerate(channels)}
+    return ClassActivationReport(sums=sums, counts=counts, hook_point="conv")
+
+
+# ---------------------------------------------------------------- min count
+
+
+def test_min_count_zeroes_small_classes_and_keeps_the_rest():
+    rep = _report()
+    out = apply_min_count(rep, 5)
+    np.testing.assert_array_equal(out.counts, [0, 0, 5, 40])  # 2 < 5 dropped; 5 kept (>= min_count)
+    for name, s in out.sums.items():
+        np.testing.assert_array_equal(s[:2], 0.0)
+        np.testing.assert_array_equal(s[2:], rep.sums[name][2:])
+    assert out.hook_point == rep.hook_point and out.layer_order == rep.layer_order
+    # the input is untouched (the site may still need it)
+    np.testing.assert_array_equal(rep.counts, [0, 2, 5, 40])
+    assert rep.sums["conv0"][1, 0] == 1.0
+    validate_report(out, {"conv0": 3, "conv1": 5}, 4)
+
+
+def test_min_count_zero_and_one_keep_everything():
+    rep = _report()
+    for m in (0, 1):
+        out = apply_min_count(rep, m)
+        np.testing.assert_array_equal(out.counts, rep.counts)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "3", None])
+def test_min_count_rejects_non_integers(bad):
+    with pytest.raises(ValueError, match="min_count"):
+        apply_min_count(_report(), bad)
+
+
+def test_min_count_rejects_non_reports():
+    with pytest.raises(ValueError, match="ClassActivationReport"):
+        apply_min_count({"counts": [1, 2]}, 2)
+
+
+# ---------------------------------------------------------------- clipping
+
+
+def test_clip_activations_numpy_and_torch():
+    a = np.array([[-1.0, 0.5, 3.0]])
+    np.testing.assert_array_equal(clip_activations(a, 2.0), [[0.0, 0.5, 2.0]])
+    t = torch.tensor([[-1.0, 0.5, 3.0]])
+    assert torch.equal(clip_activations(t, 2.0), torch.tensor([[0.0, 0.5, 2.0]]))
+    for bad in (0, -1.0, math.inf, math.nan, "2", True):
+        with pytest.raises(ValueError, match="clip_bound"):
+            clip_activations(a, bad)
+
+
+def test_check_clip_bound():
+    rep = _report(fill=0.5)
+    check_clip_bound(rep, 0.5)  # mean exactly at the bound is allowed
+    with pytest.raises(ValueError, match="classes \\[1, 2, 3\\].*per-image clipping"):
+        check_clip_bound(rep, 0.4)
+    zero_count_nonzero_sum = ClassActivationReport({"c": np.array([[1.0], [0.0]])}, np.array([0, 3]), "conv")
+    with pytest.raises(ValueError, match="classes \\[0\\]"):
+        check_clip_bound(zero_count_nonzero_sum, 10.0)
+    neg = ClassActivationReport({"c": np.array([[-1.0], [0.0]])}, np.array([2, 3]), "conv")
+    with pytest.raises(ValueError, match="negative"):
+        check_clip_bound(neg, 10.0)
+
+
+# ---------------------------------------------------------------- sensitivity and sigma
+
+
+def test_sensitivity_formula():
+    assert sensitivity(48, 2.0) == pytest.approx(2.0 * math.sqrt(48))
+    assert sensitivity(48, 2.0, noise_counts=True) == pytest.approx(math.sqrt(4.0 * 48 + 1))
+    assert total_channels(_report(channels=(16, 32, 64))) == 112
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="num_channels"):
+            sensitivity(bad, 1.0)
+
+
+def test_classic_sigma_formula_and_its_validity_range():
+    s = gaussian_sigma(0.5, 1e-5, 3.0, method="classic")
+    assert s == pytest.approx(math.sqrt(2 * math.log(1.25 / 1e-5)) * 3.0 / 0.5)
+    with pytest.raises(ValueError, match="epsilon < 1"):
+        gaussian_sigma(1.0, 1e-5, 3.0, method="classic")
+    with pytest.raises(ValueError, match="unknown sigma method"):
+        gaussian_sigma(0.5, 1e-5, 3.0, method="laplace")
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.5, 1.0, 4.0, 20.0])
+@pytest.mark.parametrize("delta", [1e-3, 1e-6])
+def test_analytic_sigma_is_the_smallest_that_meets_delta(eps, delta):
+    sens = 7.0
+    sigma = gaussian_sigma(eps, delta, sens)
+    # Balle & Wang (2018) Thm 8, evaluated independently with scipy
+    def exact_delta(s):
+        return norm.cdf(sens / (2 * s) - eps * s / sens) - math.exp(eps) * norm.cdf(-sens / (2 * s) - eps * s / sens)
+    assert exact_delta(sigma) <= delta * (1 + 1e-6)
+    assert exact_delta(sigma * 0.99) > delta  # tight: 1 % less noise breaks the guarantee
+    assert analytic_gaussian_delta(sigma, eps, sens) == pytest.approx(exact_delta(sigma), rel=1e-6, abs=1e-15)
+    if eps < 1:
+        assert sigma < gaussian_sigma(eps, delta, sens, method="classic")
+
+
+def test_sigma_scales_linearly_with_sensitivity_and_inf_means_no_noise():
+    assert gaussian_sigma(1.0, 1e-5, 10.0) == pytest.approx(10 * gaussian_sigma(1.0, 1e-5, 1.0), rel=1e-9)
+    assert gaussian_sigma(math.inf, 1e-5, 10.0) == 0.0
+
+
+@pytest.mark.parametrize("eps, delta", [(0, 1e-5), (-1, 1e-5), (1, 0), (1, 1), (1, -0.1), ("1", 1e-5), (1, None)])
+def test_bad_epsilon_delta(eps, delta):
+    with pytest.raises(ValueError, match="epsilon|delta"):
+        gaussian_sigma(eps, delta, 1.0)
+
+
+def test_split_budget():
+    assert split_budget(2.0, 1e-5, 4) == (0.5, 2.5e-6)
+    assert split_budget(math.inf, 1e-5, 2) == (math.inf, 5e-6)
+    with pytest.raises(ValueError, match="releases"):
+        split_budget(1.0, 1e-5, 0)
+
+
+# ---------------------------------------------------------------- the mechanism
+
+
+def test_noise_has_the_calibrated_scale():
+    # large counts keep every noised sum far from the post-processing clip, so the raw noise is observable
+    counts = np.array([10**6, 10**6], dtype=np.int64)
+    sums = {"a": np.full((2, 1000), 0.5e6), "b": np.full((2, 1500), 0.5e6)}
+    rep = ClassActivationReport(sums=sums, counts=counts, hook_point="conv")
+    bound, eps, delta = 1.0, 1.0, 1e-5
+    out = gaussian_noise(rep, eps, delta, bound, np.random.default_rng(0))
+    noise = np.concatenate([(out.sums[n] - sums[n]).ravel() for n in sums])
+    sigma = gaussian_sigma(eps, delta, bound * math.sqrt(2500))
+    assert noise.size == 5000
+    assert abs(noise.mean()) < 4 * sigma / math.sqrt(noise.size)
+    assert noise.std() == pytest.approx(sigma, rel=0.05)  # sampling error of the std ~ 1 %
+    np.testing.assert_array_equal(out.counts, counts)  # counts public by default
+
+
+def test_noise_is_reproducible_and_keeps_the_report_valid():
+    rep = _report(counts=(3, 8, 20, 40), fill=0.9)
+    a = gaussian_noise(rep, 0.5, 1e-5, 1.0, np.random.default_rng(7))
+    b = gaussian_noise(rep, 0.5, 1e-5, 1.0, np.random.default_rng(7))
+    c = gaussian_noise(rep, 0.5, 1e-5, 1.0, np.random.default_rng(8))
+    for n in rep.sums:
+        np.testing.assert_array_equal(a.sums[n], b.sums[n])
+        assert not np.array_equal(a.sums[n], c.sums[n])
+        assert not np.array_equal(a.sums[n], rep.sums[n])
+        # post-processing: inside [0, B * count], so the server's screen with the same bound accepts it
+        assert np.all(a.sums[n] >= 0) and np.all(a.sums[n] <= 1.0 * a.counts[:, None])
+    validate_report(a, {"conv0": 3, "conv1": 5}, 4)
+    check_clip_bound(a, 1.0)
+    assert a.layer_order == rep.layer_order
+
+
+def test_noised_counts_are_non_negative_integers_and_change():
+    rep = _report(counts=(3, 8, 20, 40), fill=0.005)  # small bound: count noise dominates the sensitivity
+    out = gaussian_noise(rep, 1.0, 1e-5, 0.01, np.random.default_rng(1), noise_counts=True)
+    assert out.counts.dtype == np.int64 and np.all(out.counts >= 0)
+    assert not np.array_equal(out.counts, rep.counts)
+
+
+def test_epsilon_inf_returns_an_unchanged_copy():
+    rep = _report()
+    out = gaussian_noise(rep, math.inf, 1e-5, 1.0, np.random.default_rng(0))
+    assert out is not rep
+    for n in rep.sums:
+        np.testing.assert_array_equal(out.sums[n], rep.sums[n])
+        assert out.sums[n] is not rep.sums[n]
+
+
+def test_noise_refuses_unclipped_reports_and_bad_arguments():
+    rep = _report(fill=0.5)
+    with pytest.raises(ValueError, match="per-image clipping"):
+        gaussian_noise(rep, 1.0, 1e-5, 0.25, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="numpy.random.Generator"):
+        gaussian_noise(rep, 1.0, 1e-5, 1.0, 42)
+    with pytest.raises(ValueError, match="epsilon"):
+        gaussian_noise(rep, 0.0, 1e-5, 1.0, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="clip_bound"):
+        gaussian_noise(rep, 1.0, 1e-5, -1.0, np.random.default_rng(0))
