@@ -370,6 +370,8 @@ def run_markdown(run: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         acc = r["tests"]["accuracy"]
         cost = r.get("cost_to_quality") or {}
         rq = r.get("rounds_to_quality")
+        wall_q = f"{cost['wall_s_total']:.1f}" if cost else "n/a"
+        mb_q = f"{cost['bytes_total'] / 1e6:.2f}" if cost else "n/a"
         lines.append(
             f"| {name} | {_pct(orig['tests']['accuracy']['u_acc']) if orig else 'n/a'} "
             f"| {_pct(orig['tests']['accuracy']['r_acc']) if orig else 'n/a'} "
@@ -378,7 +380,7 @@ def run_markdown(run: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
             f"| {_pct(re_['tests']['accuracy']['u_acc']) if re_ else 'n/a'} "
             f"| {_pct(re_['tests']['accuracy']['r_acc']) if re_ else 'n/a'} "
             f"| {rq if rq is not None else 'not reached'} | {r.get('speedup') or 'n/a'} "
-            f"| {cost.get('wall_s_total', float('nan')):.1f} | {cost.get('bytes_total', 0) / 1e6:.2f} |"
+            f"| {wall_q} | {mb_q} |"
         )
     lines += [
         "",
@@ -398,8 +400,12 @@ def run_markdown(run: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         ml, mm = t["mia"].get("loss", {}), t["mia"].get("mlp", {})
         acc = t["accuracy"]
         q = r.get("quality")
-        met = "reference" if name == "retrain" else ("ceiling" if name == "original" else
-                                                     ", ".join(k for k, v in q.items() if v) or "none")
+        if name in ("retrain", "original"):
+            met = "reference" if name == "retrain" else "ceiling"
+        elif q is None:
+            met = "n/a (no retrain in this run)"
+        else:
+            met = ", ".join(k for k, v in q.items() if v) or "none"
         lines.append(
             f"| {name} | {t['probe']['auc']:.3f} | {t['probe']['balanced_accuracy']:.3f} "
             f"| {'' if rl['reached'] else '>'}{rl['steps']} "

@@ -9,7 +9,7 @@ from .models import MODEL_NAMES, build_model, example_input
 from .plan import PruningPlan, build_pruning_plan, coupled_groups
 from .prune import apply_pruning_plan, enforce_masks
 from .tfidf import tfidf_scores
-from .unlearn import unlearn_centralized
+from .unlearn import score_channels, unlearn_centralized
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "load_checkpoint",
     "merge_reports",
     "save_checkpoint",
+    "score_channels",
     "tfidf_scores",
     "unlearn_centralized",
     "validate_report",

@@ -12,7 +12,7 @@ import copy
 import json
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -30,13 +30,18 @@ _VERSION = 1
 
 # --------------------------------------------------------------------------------------------------- graph helpers
 def resolve_example_inputs(model: nn.Module, example_inputs: torch.Tensor | None, plan: "PruningPlan | None" = None):
-    """Example batch for tracing: explicit > the model's registry shape > the shape recorded in the plan."""
+    """Example batch for tracing, on the model's device: explicit > the model's registry shape > the plan's shape."""
     if example_inputs is not None:
-        return example_inputs
-    if getattr(model, INPUT_SHAPE_ATTR, None) is None and plan is not None and plan.input_shape:
+        if not isinstance(example_inputs, torch.Tensor):
+            raise ValueError(f"example_inputs must be a tensor batch, got {type(example_inputs).__name__}")
+        x = example_inputs
+    elif getattr(model, INPUT_SHAPE_ATTR, None) is None and plan is not None and plan.input_shape:
         gen = torch.Generator().manual_seed(0)
-        return torch.randn((1, *plan.input_shape), generator=gen)
-    return example_input(model)
+        x = torch.randn((1, *plan.input_shape), generator=gen)
+    else:
+        x = example_input(model)
+    first = next(model.parameters(), None)
+    return x.to(first.device) if first is not None else x
 
 
 def build_dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:

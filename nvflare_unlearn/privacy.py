@@ -80,11 +80,12 @@ def clip_activations(activations, clip_bound: float):
     This is the per-image step the collector must apply before summing for :func:`gaussian_noise`'s sensitivity to
     hold. Works on numpy arrays and torch tensors alike (anything with ``.clip``).
     """
-    _check_bound(clip_bound)
+    validate_clip_bound(clip_bound)
     return activations.clip(0.0, float(clip_bound))
 
 
-def _check_bound(clip_bound: float) -> float:
+def validate_clip_bound(clip_bound: float) -> float:
+    """``clip_bound`` as a float if it is a positive finite number (the bound B every sensitivity rests on)."""
     if isinstance(clip_bound, bool) or not isinstance(clip_bound, (int, float, np.floating, np.integer)):
         raise ValueError(f"clip_bound must be a positive number; got {clip_bound!r}")
     if not (math.isfinite(float(clip_bound)) and float(clip_bound) > 0):
@@ -100,7 +101,7 @@ def check_clip_bound(report: ClassActivationReport, clip_bound: float) -> None:
     can do that); it catches a collector run without the clip and inflated values.
     """
     _require_report(report)
-    bound = _check_bound(clip_bound)
+    bound = validate_clip_bound(clip_bound)
     counts = np.asarray(report.counts, dtype=np.float64)
     for name, s in report.sums.items():
         s = np.asarray(s, dtype=np.float64)
@@ -125,7 +126,7 @@ def sensitivity(num_channels: int, clip_bound: float, noise_counts: bool = False
     """L2 sensitivity of one upload to adding/removing one image: ``B*sqrt(C_total)``, ``+1`` inside if counts noised."""
     if isinstance(num_channels, bool) or not isinstance(num_channels, (int, np.integer)) or num_channels < 1:
         raise ValueError(f"num_channels must be a positive integer; got {num_channels!r}")
-    bound = _check_bound(clip_bound)
+    bound = validate_clip_bound(clip_bound)
     return math.sqrt(bound * bound * int(num_channels) + (1.0 if noise_counts else 0.0))
 
 
@@ -227,7 +228,7 @@ def gaussian_noise(
     _require_report(report)
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)); got {type(rng).__name__}")
-    bound = _check_bound(clip_bound)
+    bound = validate_clip_bound(clip_bound)
     check_clip_bound(report, bound)
     counts = np.asarray(report.counts, dtype=np.int64).copy()
     sums = {name: np.array(s, dtype=np.float64, copy=True) for name, s in report.sums.items()}

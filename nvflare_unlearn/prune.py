@@ -153,33 +153,45 @@ def _slices_of(dg: Any, group: Any, names: dict[nn.Module, str]) -> list[tuple[s
 _GRAD_HOOKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _zero_grad_slice(dim: int, idx: torch.Tensor):
+class _Slice:
+    """One masked slice: parameter name, dim, indices (cached per device so hooks do no host work per step)."""
+
+    def __init__(self, pname: str, dim: int, idx: list[int]) -> None:
+        self.pname, self.dim, self.key = pname, dim, (dim, tuple(idx))
+        self._idx = {torch.device("cpu"): torch.tensor(idx, dtype=torch.long)}
+
+    def idx(self, device: torch.device) -> torch.Tensor:
+        if device not in self._idx:
+            self._idx[device] = self._idx[torch.device("cpu")].to(device)
+        return self._idx[device]
+
+
+def _zero_grad_slice(sl: _Slice):
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        return grad.index_fill(dim, idx.to(grad.device), 0.0)
+        return grad.index_fill(sl.dim, sl.idx(grad.device), 0.0)
     return hook
 
 
-def _ensure_grad_hook(param: torch.Tensor, dim: int, idx: torch.Tensor) -> None:
-    key = (dim, tuple(idx.tolist()))
+def _ensure_grad_hook(param: torch.Tensor, sl: _Slice) -> None:
     done = _GRAD_HOOKED.get(param)
     if done is None:
         done = set()
         _GRAD_HOOKED[param] = done
-    if key not in done and param.requires_grad:
-        param.register_hook(_zero_grad_slice(dim, idx))
-        done.add(key)
+    if sl.key not in done and param.requires_grad:
+        param.register_hook(_zero_grad_slice(sl))
+        done.add(sl.key)
 
 
-def _mask_pre_hook(entries: list[tuple[str, int, torch.Tensor]]):
+def _mask_pre_hook(slices: list[_Slice]):
     # Uses the module handed to the hook (not a closure over it) so deep copies mask themselves, not the original.
     def hook(module: nn.Module, _args: Any) -> None:
         with torch.no_grad():
-            for pname, dim, idx in entries:
-                p = getattr(module, pname)
-                i = idx.to(p.device)
-                _ensure_grad_hook(p, dim, i)
-                if p.index_select(dim, i).any():
-                    p.index_fill_(dim, i, 0.0)
+            for sl in slices:
+                p = getattr(module, sl.pname)
+                i = sl.idx(p.device)
+                _ensure_grad_hook(p, sl)
+                if p.index_select(sl.dim, i).any():
+                    p.index_fill_(sl.dim, i, 0.0)
     return hook
 
 
@@ -212,13 +224,13 @@ def _apply_masks(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tens
     merged = _merge(entries)
     setattr(model, MASK_ATTR, {"plan": plan.to_json(), "entries": [(m, p, d, sorted(i)) for (m, p, d), i in merged.items()]})
     modules = dict(model.named_modules())
-    per_module: dict[str, list[tuple[str, int, torch.Tensor]]] = {}
+    per_module: dict[str, list[_Slice]] = {}
     for (mname, pname, dim), idx in merged.items():
         new = sorted(idx - old.get((mname, pname, dim), set()))
         if new:
-            t = torch.tensor(new, dtype=torch.long)
-            per_module.setdefault(mname, []).append((pname, dim, t))
-            _ensure_grad_hook(getattr(modules[mname], pname), dim, t)
+            sl = _Slice(pname, dim, new)
+            per_module.setdefault(mname, []).append(sl)
+            _ensure_grad_hook(getattr(modules[mname], pname), sl)
     for mname, ents in per_module.items():
         modules[mname].register_forward_pre_hook(_mask_pre_hook(ents))
     enforce_masks(model)

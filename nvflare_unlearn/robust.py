@@ -30,7 +30,7 @@ import numpy as np
 
 from nvflare_unlearn._validation import check_num_classes
 from nvflare_unlearn.activations import ClassActivationReport, merge_reports, validate_report
-from nvflare_unlearn.privacy import _check_bound, check_clip_bound
+from nvflare_unlearn.privacy import check_clip_bound, validate_clip_bound
 
 METHODS = ("mean", "median", "trimmed_mean")
 
@@ -76,7 +76,7 @@ def aggregate_class_means(
     """
     if method not in METHODS:
         raise ValueError(f"unknown aggregation method {method!r}; choose one of {METHODS}")
-    if not (isinstance(trim, (int, float)) and 0.0 <= float(trim) < 0.5):
+    if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0.0 <= float(trim) < 0.5:
         raise ValueError(f"trim must be a fraction in [0, 0.5) trimmed from each end; got {trim!r}")
     reports = list(reports)
     _check_finite_reports(reports)
@@ -120,7 +120,7 @@ def screen_report(
     """
     num_classes = check_num_classes(num_classes)  # server configuration errors raise; only the site's report is judged
     if clip_bound is not None:
-        _check_bound(clip_bound)  # a bad bound is the server's configuration error: raise, do not blame the site
+        validate_clip_bound(clip_bound)  # a bad bound is the server's configuration error: raise, do not blame the site
     if not isinstance(report, (ClassActivationReport, Mapping)):
         return f"report is a {type(report).__name__}, not a ClassActivationReport or its to_dict() form"
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,41 @@ def normalize_forget_classes(forget_classes: int | Sequence[int], num_classes: i
         raise ValueError(f"forget_classes has duplicates: {out}")
     if len(out) >= num_classes:
         raise ValueError(f"cannot forget all {num_classes} classes: at least one must be retained")
+    return out
+
+
+def score_channels(
+    class_means: Mapping[str, np.ndarray],
+    forget_class: int,
+    plan: PruningPlan | None = None,
+    mode: str = "remove",
+    *,
+    idf: str = "paper",
+    tf_norm: str = "share",
+    coe: float | None = None,
+) -> dict[str, np.ndarray]:
+    """TF-IDF scores of the model as it is now, comparable between "remove" and "mask" mode.
+
+    A model masked by ``plan`` still has its masked channels (always 0); left in, they would shift the IDF
+    thresholds (row means over channels) and the widths used by ``tf_norm``. So in mask mode the scores are
+    computed over the kept channels only and placed back at full width (masked entries 0, never selected:
+    ``build_pruning_plan`` skips them). This makes both modes choose the same channels.
+    """
+    if mode not in ("remove", "mask"):
+        raise ValueError(f"mode must be 'remove' or 'mask', got {mode!r}")
+    if plan is None or mode == "remove" or not plan.steps:
+        return tfidf_scores(class_means, forget_class, idf=idf, tf_norm=tf_norm, coe=coe)
+    kept = plan.kept_channels()
+    restricted = {n: (np.asarray(a)[:, kept[n]] if n in kept else np.asarray(a)) for n, a in class_means.items()}
+    scores = tfidf_scores(restricted, forget_class, idf=idf, tf_norm=tf_norm, coe=coe)
+    out = {}
+    for n, s in scores.items():
+        if n in kept:
+            full = np.zeros(plan.convs[n])
+            full[kept[n]] = s
+            out[n] = full
+        else:
+            out[n] = s
     return out
 
 
@@ -72,7 +107,7 @@ def unlearn_centralized(
                 f"the data holds no sample of forget class {cls}: its channels cannot be scored "
                 f"(class counts seen: {report.counts.tolist()})"
             )
-        scores = tfidf_scores(report.means(), cls, idf=idf, tf_norm=tf_norm, coe=coe)
+        scores = score_channels(report.means(), cls, plan, mode, idf=idf, tf_norm=tf_norm, coe=coe)
         plan = build_pruning_plan(model, scores, ratio, scope=scope, direction=direction, min_channels=min_channels,
                                   forget_class=cls, base_plan=plan, model_name=model_name,
                                   example_inputs=example_inputs)

@@ -12,6 +12,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from nvflare.apis.fl_component import FLComponent
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 
@@ -34,7 +35,8 @@ class ActivationAggregator(ModelAggregator):
             trim: fraction trimmed at each end for "trimmed_mean".
             clip_bound: when sites clip each activation to [0, B], reject reports whose sums exceed B * count.
         """
-        super().__init__()
+        FLComponent.__init__(self)  # ModelAggregator.__init__ skips it (no logger otherwise)
+        ModelAggregator.__init__(self)
         if method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
         self.num_classes = num_classes

@@ -167,6 +167,8 @@ class _UnlearnBaseRecipe(Recipe):
         executor: UnlearningExecutor,
         tensorboard: bool,
         bundle_code: bool,
+        train_script: Optional[str] = None,
+        train_args: str = "",
     ):
         job = FedJob(name=name, min_clients=min_clients)
         if not bundle_code:
@@ -175,7 +177,8 @@ class _UnlearnBaseRecipe(Recipe):
         job.to_server(controller_factory(persistor_id), id="controller")
         if tensorboard:
             job.to_server(TBAnalyticsReceiver(), id="tb_receiver")
-        job.to_clients(executor, tasks=[TASK_ACTIVATIONS, TASK_TRAIN, TASK_VALIDATE])
+        tasks = [TASK_ACTIVATIONS, TASK_TRAIN, TASK_VALIDATE]
+        job.to_clients(_client_component(executor, train_script, train_args), tasks=tasks)
         self.model_name = resolve_model_name(model)
         self.num_classes = num_classes
         self.n_clients = n_clients
@@ -194,6 +197,28 @@ class _UnlearnBaseRecipe(Recipe):
             authorize_site_config(os.path.join(env.workspace_root, self.name, "local"))
         elif isinstance(env, PocEnv):
             _authorize_poc(getattr(env, "poc_workspace", ""))
+
+
+def _client_component(executor: UnlearningExecutor, train_script: Optional[str], train_args: str):
+    """The plugin's executor, or the user's Client API script (see ``client_api``) run with NUMPY exchange.
+
+    NUMPY on both ends: the PyTorch exchange reshapes received weights to the previous round's shapes, which a
+    pruned model no longer has, and drops numpy arrays (the activation reports).
+    """
+    if train_script is None:
+        return executor
+    from nvflare.client.config import ExchangeFormat
+    from nvflare.fuel.utils.constants import FrameworkType
+    from nvflare.job_config.script_runner import ScriptRunner
+
+    if not os.path.isfile(train_script):
+        raise ValueError(f"train_script {train_script!r} does not exist")
+    return ScriptRunner(
+        script=train_script,
+        script_args=train_args,
+        framework=FrameworkType.NUMPY,
+        server_expected_format=ExchangeFormat.NUMPY,
+    )
 
 
 def _common_checks(model, num_classes, n_clients, min_clients, num_rounds, local_epochs, lr, dataset, partition,
@@ -246,6 +271,8 @@ class PretrainRecipe(_UnlearnBaseRecipe):
         output_file: str = GLOBAL_MODEL_FILE,
         tensorboard: bool = True,
         bundle_code: bool = False,
+        train_script: Optional[str] = None,
+        train_args: str = "",
         _job_kind: str = "pretrain",
     ):
         model_name, min_clients = _common_checks(
@@ -285,6 +312,8 @@ class PretrainRecipe(_UnlearnBaseRecipe):
             ),  # fmt: skip
             tensorboard=tensorboard,
             bundle_code=bundle_code,
+            train_script=train_script,
+            train_args=train_args,
         )
 
 
@@ -349,6 +378,8 @@ class UnlearningRecipe(_UnlearnBaseRecipe):
         seed: int = 0,
         tensorboard: bool = True,
         bundle_code: bool = False,
+        train_script: Optional[str] = None,
+        train_args: str = "",
     ):
         """
         Args:
@@ -372,6 +403,9 @@ class UnlearningRecipe(_UnlearnBaseRecipe):
             task_timeout: seconds a site may take per task (0 = no limit).
             tensorboard: add NVFlare's TensorBoard receiver (U/R accuracy by round under the run's tb_events/).
             bundle_code: copy the plugin's code into the job (BYOC) instead of referencing the installed package.
+            train_script / train_args: run your own Client API script on the sites instead of the plugin's executor
+                (it must answer the three tasks, see ``nvflare_unlearn.fl.client_api``); the data options are then
+                unused, the script loads its own data.
         """
         model_name, min_clients = _common_checks(
             model, num_classes, n_clients, min_clients, num_rounds, local_epochs, lr, dataset, partition, alpha, q,
@@ -426,6 +460,8 @@ class UnlearningRecipe(_UnlearnBaseRecipe):
             ),  # fmt: skip
             tensorboard=tensorboard,
             bundle_code=bundle_code,
+            train_script=train_script,
+            train_args=train_args,
         )
 
 

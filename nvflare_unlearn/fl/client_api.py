@@ -1,0 +1,130 @@
+"""Helpers for sites that run their OWN NVFlare Client API script (``flare.receive()`` / ``flare.send()``) instead of
+``UnlearningExecutor``. Pass ``train_script=`` to a recipe; the script then handles three tasks::
+
+    import nvflare.client as flare
+    from nvflare_unlearn.fl import client_api as ua
+
+    flare.init()
+    while flare.is_running():
+        received = flare.receive()
+        model = ua.model_from_flmodel(received, "small_cnn", num_classes=10)   # plan replayed, weights loaded
+        task = flare.get_task_name()
+        if task == ua.TASK_ACTIVATIONS:
+            flare.send(ua.activation_result(model, DataLoader(train_set, batch_size=64), 10))
+        elif task == ua.TASK_TRAIN:
+            data = ua.retained(train_set, received)          # forget classes dropped here, not by your code
+            n = my_train(model, data) if len(data) else 0     # your training loop (mask mode: see enforce_masks)
+            flare.send(ua.weights_result(model, n))           # n = 0 -> left out of the average
+        elif task == ua.TASK_VALIDATE:
+            flare.send(ua.validation_result(model, DataLoader(val_set, batch_size=256), 10))
+
+Everything crosses the wire as numpy (the recipe sets NVFlare's NUMPY exchange format): the PyTorch exchange would
+reshape received weights to the shapes of the previous round, which breaks after pruning.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from torch import nn
+
+from nvflare.apis.fl_constant import FLMetaKey
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+from .defs import (
+    META_FORGET,
+    META_HOOK_POINT,
+    META_PLAN,
+    META_PRUNE_MODE,
+    METRIC_CORRECT,
+    METRIC_TOTAL,
+    TASK_ACTIVATIONS,
+    TASK_TRAIN,
+    TASK_VALIDATE,
+)
+from .model_state import load_numpy_state, rebuild_model, state_to_numpy
+
+__all__ = [
+    "TASK_ACTIVATIONS",
+    "TASK_TRAIN",
+    "TASK_VALIDATE",
+    "model_from_flmodel",
+    "forget_classes_of",
+    "prune_mode_of",
+    "retained",
+    "activation_result",
+    "weights_result",
+    "validation_result",
+]
+
+
+def model_from_flmodel(
+    fl_model: FLModel, model_name: str, num_classes: int, in_channels: Optional[int] = None
+) -> nn.Module:
+    """The global model of this round: registry architecture + the plan from the meta, weights loaded."""
+    if not isinstance(fl_model, FLModel):
+        raise ValueError(f"expected the FLModel from flare.receive(), got {type(fl_model).__name__}")
+    meta = fl_model.meta or {}
+    model = rebuild_model(model_name, num_classes, meta.get(META_PLAN), prune_mode_of(fl_model), in_channels)
+    return load_numpy_state(model, fl_model.params or {})
+
+
+def forget_classes_of(fl_model: FLModel) -> list[int]:
+    """The classes the server asked the sites to forget (empty for pretraining)."""
+    return sorted(int(c) for c in ((fl_model.meta or {}).get(META_FORGET) or []))
+
+
+def prune_mode_of(fl_model: FLModel) -> str:
+    """"remove" or "mask"; in mask mode call ``nvflare_unlearn.enforce_masks(model)`` after optimizer steps."""
+    return str((fl_model.meta or {}).get(META_PRUNE_MODE, "remove"))
+
+
+def retained(dataset, fl_model: FLModel):
+    """``dataset`` (a ``LabelledDataset``) without the forget classes of this task."""
+    from ..data import filter_classes
+
+    forget = forget_classes_of(fl_model)
+    return filter_classes(dataset, drop=forget) if forget else dataset
+
+
+def activation_result(
+    model: nn.Module,
+    loader: Iterable,
+    num_classes: int,
+    fl_model: Optional[FLModel] = None,
+    hook_point: str = "conv",
+    max_batches: Optional[int] = None,
+) -> FLModel:
+    """Answer the activation task: per-class sums and counts on local training data (statistics only)."""
+    from ..activations import collect_class_activations
+
+    if fl_model is not None:
+        hook_point = (fl_model.meta or {}).get(META_HOOK_POINT, hook_point)
+    report = collect_class_activations(model, loader, num_classes, hook_point=hook_point, max_batches=max_batches)
+    return FLModel(
+        params_type=ParamsType.FULL,
+        params=report.to_dict(),
+        meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(report.counts.sum())},
+    )
+
+
+def weights_result(model: nn.Module, num_samples: int) -> FLModel:
+    """Answer the train task: the full state dict as numpy, weighted by the number of training samples."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+        raise ValueError(f"num_samples must be an integer >= 0 (0 = nothing trained), got {num_samples!r}")
+    return FLModel(
+        params_type=ParamsType.FULL,
+        params=state_to_numpy(model),
+        meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: num_samples},
+    )
+
+
+def validation_result(model: nn.Module, loader: Iterable, num_classes: int) -> FLModel:
+    """Answer the validate task: per-class correct/total counts on local validation data."""
+    from ..metrics import class_correct_total
+
+    correct, total = class_correct_total(model, loader, num_classes)
+    return FLModel(
+        metrics={METRIC_CORRECT: [int(c) for c in correct], METRIC_TOTAL: [int(t) for t in total]},
+        meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(total.sum())},
+    )
