@@ -248,6 +248,24 @@ def privacy(model, site_acts, site_labels, train, test, args) -> tuple[list[dict
         print(f"  privacy eps={eps:<6} sigma={sigma:9.3f} jaccard {np.mean(jac):.3f} "
               f"pruned U/R {np.mean(u0s):.3f}/{np.mean(r0s):.3f} fine-tuned U/R {np.mean(u1s):.3f}/{np.mean(r1s):.3f}",
               flush=True)
+    # reference point: the same number of channels chosen uniformly at random (what pure noise converges to)
+    jac, u0s, r0s, u1s, r1s = [], [], [], [], []
+    for f in range(K):
+        rng = np.random.default_rng([args.seed, f, 999])
+        scores = {n: rng.random(c) for n, c in conv_channels(model).items()}
+        plan = build_pruning_plan(model, scores, args.ratio, forget_class=f)
+        jac.append(jaccard(pruned_set(plan), pruned_set(ref[f])))
+        pruned = apply_pruning_plan(copy.deepcopy(model), plan)
+        u0, r0 = u_r(pruned, test, f)
+        u1, r1 = finetune_eval(pruned, train, test, f, args.ft_epochs, args.ft_lr, args.seed)
+        u0s.append(u0), r0s.append(r0), u1s.append(u1), r1s.append(r1)
+    rows.append({
+        "epsilon": "random channels", "sigma_per_site": None,
+        "jaccard_vs_noiseless": summarize(jac), "u_acc_pruned": summarize(u0s), "r_acc_pruned": summarize(r0s),
+        "u_acc_finetuned": summarize(u1s), "r_acc_finetuned": summarize(r1s),
+    })
+    print(f"  privacy random channels: jaccard {np.mean(jac):.3f} fine-tuned U/R {np.mean(u1s):.3f}/{np.mean(r1s):.3f}",
+          flush=True)
     return rows, info
 
 
@@ -302,8 +320,9 @@ def write_markdown(path: Path, result: dict) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["privacy"]:
+        sigma = "-" if r["sigma_per_site"] is None else f"{r['sigma_per_site']:.3f}"
         lines.append(
-            f"| {r['epsilon']} | {r['sigma_per_site']:.3f} | {fmt(r['jaccard_vs_noiseless'])} | "
+            f"| {r['epsilon']} | {sigma} | {fmt(r['jaccard_vs_noiseless'])} | "
             f"{r['u_acc_pruned']['mean']:.3f} | {r['r_acc_pruned']['mean']:.3f} | "
             f"{r['u_acc_finetuned']['mean']:.3f} | {r['r_acc_finetuned']['mean']:.3f} |"
         )
@@ -329,13 +348,15 @@ def write_plot(path: Path, result: dict) -> None:
     ax1.set_ylabel("Jaccard vs clean plan (mean over 10 classes)")
     ax1.set_title(f"1 of {result['config']['sites']} sites misbehaves (after screening)")
     ax1.legend()
-    pr = result["privacy"]
+    pr = [r for r in result["privacy"] if r["epsilon"] != "random channels"]
     finite = [float(r["epsilon"]) for r in pr if r["epsilon"] != "inf"]
     xs = [float(r["epsilon"]) if r["epsilon"] != "inf" else max(finite) * 4 for r in pr]
     ax2.plot(xs, [r["jaccard_vs_noiseless"]["mean"] for r in pr], "o-", label="plan Jaccard vs noiseless")
     ax2.plot(xs, [r["u_acc_finetuned"]["mean"] for r in pr], "s--", label="U acc (fine-tuned)")
     ax2.plot(xs, [r["r_acc_finetuned"]["mean"] for r in pr], "^--", label="R acc (fine-tuned)")
     ax2.plot(xs, [r["r_acc_pruned"]["mean"] for r in pr], "v:", label="R acc (pruned only)")
+    rnd = next(r for r in result["privacy"] if r["epsilon"] == "random channels")
+    ax2.axhline(rnd["jaccard_vs_noiseless"]["mean"], color="grey", lw=0.8, ls=":", label="Jaccard of random channels")
     ax2.set_xscale("log")
     ax2.set_xticks(xs, [str(r["epsilon"]) for r in pr])
     ax2.set_xlabel(f"epsilon per request (delta={result['privacy_setup']['delta']})")
@@ -427,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "robustness_privacy.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (out / "robustness_privacy.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     write_markdown(out / "robustness_privacy.md", result)
     write_plot(out / "robustness_privacy.png", result)
     print(f"wrote {out}/robustness_privacy.{{json,md,png}} in {result['seconds']:.0f} s", flush=True)

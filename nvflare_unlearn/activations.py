@@ -34,6 +34,7 @@ class ClassActivationReport:
 
     def __post_init__(self) -> None:
         self.counts = np.asarray(self.counts)
+        self.sums = {str(k): np.asarray(v, dtype=np.float64) for k, v in self.sums.items()}
         if not self.layer_order:
             self.layer_order = list(self.sums)
 
@@ -96,7 +97,8 @@ class ClassActivationReport:
                 raise ValueError("activation report counts must be non-negative integers")
         elif counts_raw.dtype.kind not in "iu":
             raise ValueError(f"activation report counts must be integers, got dtype {counts_raw.dtype}")
-        layers = data.get("layers") or list(sums)
+        layers = data.get("layers")
+        layers = list(sums) if layers is None or len(layers) == 0 else [str(n) for n in layers]
         if sorted(layers) != sorted(sums):
             raise ValueError("activation report 'layers' does not match the keys of 'sums'")
         report = cls(sums=sums, counts=counts_raw.astype(np.int64), hook_point=hook_point, layer_order=list(layers))
@@ -156,7 +158,8 @@ def validate_report(
         shape = np.shape(report.sums[name])
         if shape != (num_classes, int(c)):
             raise ValueError(f"layer {name!r}: expected sums of shape ({num_classes}, {c}), got {shape}")
-    report.counts = counts.astype(np.int64)
+    report = ClassActivationReport(sums=report.sums, counts=counts.astype(np.int64), hook_point=report.hook_point,
+                                   layer_order=list(report.layer_order))
     _check_internal_consistency(report, allow_negative)
     return report
 

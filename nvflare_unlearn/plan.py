@@ -277,6 +277,8 @@ class PruningPlan:
                 raise ValueError(f"pruning plan is missing {key!r}")
         if not isinstance(data["steps"], list):
             raise ValueError("pruning plan 'steps' must be a list")
+        if not isinstance(data["convs"], Mapping):
+            raise ValueError("pruning plan 'convs' must map conv names to widths")
         return cls(
             convs={str(k): v for k, v in dict(data["convs"]).items()},
             groups=[list(g) for g in data["groups"]] if isinstance(data["groups"], list) else data["groups"],

@@ -21,7 +21,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .plan import PruningPlan, build_dependency_graph, conv_modules, group_members, resolve_example_inputs
 
 MODES = ("remove", "mask")
-MASK_ATTR = "_nvflare_unlearn_masks"
+MASK_ATTR = "_nvflare_unlearn_masks"  # on the root model: the plan (JSON) and every masked slice
+SLICES_ATTR = "_nvflare_unlearn_mask_slices"  # on each masked module: what its forward pre-hook re-zeroes
 
 
 def _as_plan(plan: PruningPlan | str) -> PruningPlan:
@@ -109,6 +110,12 @@ def apply_pruning_plan(
         if done != 0:
             raise ValueError("mask mode needs the unpruned model (this one already had channels removed)")
         return _apply_masks(model, plan, example_inputs)
+    previous = masked_plan(model)
+    if previous is not None:  # masked -> removed: the masks must be part of what is removed
+        now = plan.pruned_channels()
+        if any(not set(v).issubset(now.get(k, [])) for k, v in previous.pruned_channels().items()):
+            raise ValueError("the model is masked with channels this plan keeps; remove with the masking plan")
+        _clear_masks(model)
     todo = _groups_to_prune(model, plan, done)
     if not todo:
         return model
@@ -158,6 +165,7 @@ class _Slice:
 
     def __init__(self, pname: str, dim: int, idx: list[int]) -> None:
         self.pname, self.dim, self.key = pname, dim, (dim, tuple(idx))
+        self.active = True  # cleared by _clear_masks: hooks that cannot be removed turn into no-ops
         self._idx = {torch.device("cpu"): torch.tensor(idx, dtype=torch.long)}
 
     def idx(self, device: torch.device) -> torch.Tensor:
@@ -167,8 +175,8 @@ class _Slice:
 
 
 def _zero_grad_slice(sl: _Slice):
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        return grad.index_fill(sl.dim, sl.idx(grad.device), 0.0)
+    def hook(grad: torch.Tensor) -> torch.Tensor | None:
+        return grad.index_fill(sl.dim, sl.idx(grad.device), 0.0) if sl.active else None
     return hook
 
 
@@ -182,17 +190,30 @@ def _ensure_grad_hook(param: torch.Tensor, sl: _Slice) -> None:
         done.add(sl.key)
 
 
-def _mask_pre_hook(slices: list[_Slice]):
-    # Uses the module handed to the hook (not a closure over it) so deep copies mask themselves, not the original.
-    def hook(module: nn.Module, _args: Any) -> None:
-        with torch.no_grad():
-            for sl in slices:
-                p = getattr(module, sl.pname)
-                i = sl.idx(p.device)
-                _ensure_grad_hook(p, sl)
-                if p.index_select(sl.dim, i).any():
-                    p.index_fill_(sl.dim, i, 0.0)
-    return hook
+def _mask_pre_hook(module: nn.Module, _args: Any) -> None:
+    """Registered once per masked module. Reads the slices from the module itself (not a closure) so a deep copy
+    masks its own parameters, and clearing the attribute disables it."""
+    slices = getattr(module, SLICES_ATTR, None)
+    if not slices:
+        return
+    with torch.no_grad():
+        for sl in slices:
+            p = getattr(module, sl.pname)
+            i = sl.idx(p.device)
+            _ensure_grad_hook(p, sl)
+            if p.index_select(sl.dim, i).any():
+                p.index_fill_(sl.dim, i, 0.0)
+
+
+def _clear_masks(model: nn.Module) -> None:
+    """Turn mask mode off (before physical removal): hooks stay registered but do nothing."""
+    for m in model.modules():
+        for sl in getattr(m, SLICES_ATTR, None) or []:
+            sl.active = False
+        if hasattr(m, SLICES_ATTR):
+            setattr(m, SLICES_ATTR, [])
+    if hasattr(model, MASK_ATTR):
+        delattr(model, MASK_ATTR)
 
 
 def _merge(entries: list[tuple[str, str, int, list[int]]]) -> dict[tuple[str, str, int], set[int]]:
@@ -231,8 +252,12 @@ def _apply_masks(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tens
             sl = _Slice(pname, dim, new)
             per_module.setdefault(mname, []).append(sl)
             _ensure_grad_hook(getattr(modules[mname], pname), sl)
-    for mname, ents in per_module.items():
-        modules[mname].register_forward_pre_hook(_mask_pre_hook(ents))
+    for mname, slices in per_module.items():
+        module = modules[mname]
+        if not hasattr(module, SLICES_ATTR):
+            setattr(module, SLICES_ATTR, [])
+            module.register_forward_pre_hook(_mask_pre_hook)
+        getattr(module, SLICES_ATTR).extend(slices)
     enforce_masks(model)
     return model
 

@@ -6,6 +6,7 @@ is how often word ``j`` appears in document ``k``. docs/method.md writes out eve
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Mapping
 
 import numpy as np
@@ -97,7 +98,7 @@ def tfidf_scores(
     num_classes = next(iter(means.values())).shape[0]
     forget_class = check_class_id(forget_class, num_classes)
     if tf_norm == "balance":
-        if coe is None or isinstance(coe, bool) or not np.isfinite(float(coe)) or float(coe) <= 0:
+        if not isinstance(coe, numbers.Real) or isinstance(coe, bool) or not np.isfinite(float(coe)) or coe <= 0:
             raise ValueError(f"tf_norm='balance' needs a positive coe (the released code's balance constant), got {coe!r}")
     elif coe is not None:
         raise ValueError(f"coe is only used with tf_norm='balance' (got tf_norm={tf_norm!r}); drop coe or change tf_norm")

@@ -17,15 +17,36 @@ PY="$VENV/bin/python"
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' \
     || { echo "[setup] Python >= 3.10 is required, $VENV has $("$PY" --version 2>&1)" >&2; exit 1; }
 
-if "$PY" -c 'import torch, torchvision' >/dev/null 2>&1; then
-    echo "[setup] torch $("$PY" -c 'import torch; print(torch.__version__)') already installed"
+# Cheap checks through package metadata (importing torch and nvflare takes many seconds on a small machine).
+has() { "$PY" - "$@" <<'PYEOF'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+try:
+    [version(name) for name in sys.argv[1:]]
+except PackageNotFoundError:
+    sys.exit(1)
+PYEOF
+}
+
+if has torch torchvision; then
+    echo "[setup] torch $("$PY" -c 'from importlib.metadata import version; print(version("torch"))') already installed"
 else
     echo "[setup] installing $TORCH_PIN $TORCHVISION_PIN (first, so nothing else picks another torch)"
     "$PY" -m pip install --quiet "$TORCH_PIN" "$TORCHVISION_PIN"
 fi
 
-if "$PY" -c 'import nvflare_unlearn, nvflare, torch_pruning, pytest, pytest_timeout' >/dev/null 2>&1 \
-    && "$PY" -m pip show nvflare-unlearn >/dev/null 2>&1; then
+# The editable install must point at THIS checkout, not at another copy of the repository.
+# (checked from / so that the current directory cannot shadow the installed package)
+REPO="$(pwd -P)"
+here_installed() { (cd / && "$REPO/$PY" - "$REPO" <<'PYEOF'
+import importlib.util, pathlib, sys
+spec = importlib.util.find_spec("nvflare_unlearn")
+origin = spec.origin if spec is not None else None
+sys.exit(0 if origin and pathlib.Path(origin).resolve().parents[1] == pathlib.Path(sys.argv[1]) else 1)
+PYEOF
+) }
+
+if has nvflare-unlearn nvflare torch-pruning scikit-learn matplotlib tensorboard pytest pytest-timeout && here_installed; then
     echo "[setup] nvflare-unlearn already installed"
 else
     echo "[setup] installing nvflare-unlearn (editable) with the dev extra"

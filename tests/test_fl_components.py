@@ -128,6 +128,22 @@ def test_executor_serves_activation_train_and_validate_tasks(model, plan):
     assert 0 <= sum(dxo.data["correct"]) <= sum(dxo.data["total"])
 
 
+def test_mask_mode_training_keeps_pruned_channels_at_zero(model, plan):
+    from nvflare_unlearn import apply_pruning_plan
+    import copy
+
+    masked = apply_pruning_plan(copy.deepcopy(model), plan, mode="mask")
+    meta = {META_PLAN: plan.to_json(), "prune_mode": "mask", META_FORGET: [3]}
+    ex = UnlearningExecutor("small_cnn", K, n_sites=2, local_epochs=1, lr=0.05)
+    dxo = from_shareable(ex.execute("train", _task(masked, meta), _ctx("site-1"), Signal()))
+    assert {k: v.shape for k, v in dxo.data.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, idxs in plan.pruned_channels().items():
+        w = dxo.data[f"{name}.weight"]
+        assert np.all(w[idxs] == 0), f"masked channels of {name} grew back during local training"
+        kept = [c for c in range(w.shape[0]) if c not in set(idxs)]
+        assert np.any(w[kept] != 0)
+
+
 def test_site_with_only_forget_class_data_returns_zero_weight(model):
     ex = UnlearningExecutor("small_cnn", K, n_sites=1)
     reply = ex.execute("train", _task(model, {META_FORGET: list(range(K))}), _ctx(), Signal())

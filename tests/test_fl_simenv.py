@@ -20,7 +20,7 @@ from nvflare.recipe.sim_env import SimEnv
 
 from nvflare_unlearn import load_checkpoint
 from nvflare_unlearn.data import digits_dataset
-from nvflare_unlearn.fl import PretrainRecipe, UnlearningRecipe, read_job_result
+from nvflare_unlearn.fl import PretrainRecipe, UnlearningRecipe, quiet_log_config, read_job_result
 from nvflare_unlearn.metrics import class_correct_total, u_r_accuracy
 
 N_SITES = 2
@@ -33,7 +33,9 @@ RATIO_TWO = 0.15
 
 
 def _env(root) -> SimEnv:
-    return SimEnv(num_clients=N_SITES, num_threads=N_SITES, workspace_root=str(root), log_config="concise")
+    return SimEnv(
+        num_clients=N_SITES, num_threads=N_SITES, workspace_root=str(root), log_config=quiet_log_config(str(root))
+    )
 
 
 def _sha256(path: str) -> str:
@@ -125,3 +127,48 @@ def test_unlearn_two_classes_in_one_request(sim_root, pretrained):
     _check_unlearned(result, [3, 8], FINETUNE_ROUNDS + 1)
     steps = result.metrics["activation_rounds"]
     assert steps[0]["params"] > steps[1]["params"], "the second class's pass must prune the already-pruned model"
+
+
+CLIENT_SCRIPT = """
+import nvflare.client as flare
+from torch.utils.data import DataLoader
+
+from nvflare_unlearn.fl import client_api as ua
+from nvflare_unlearn.fl.site_data import load_site_split
+from nvflare_unlearn.metrics import train_epochs
+
+flare.init()
+site = flare.get_site_name()
+train_set = load_site_split(site, "train", n_sites=2)
+val_set = load_site_split(site, "test", n_sites=2)
+while flare.is_running():
+    received = flare.receive()
+    if received is None:
+        break
+    model = ua.model_from_flmodel(received, "small_cnn", num_classes=10)
+    task = flare.get_task_name()
+    if task == ua.TASK_ACTIVATIONS:
+        flare.send(ua.activation_result(model, DataLoader(train_set, batch_size=64), 10, received))
+    elif task == ua.TASK_TRAIN:
+        data = ua.retained(train_set, received)
+        if len(data):
+            train_epochs(model, DataLoader(data, batch_size=32, shuffle=True), epochs=1, lr=0.01)
+        flare.send(ua.weights_result(model, len(data)))
+    elif task == ua.TASK_VALIDATE:
+        flare.send(ua.validation_result(model, DataLoader(val_set, batch_size=256), 10))
+"""
+
+
+@pytest.mark.slow
+def test_unlearn_with_a_users_client_api_script(sim_root, pretrained, tmp_path):
+    """train_script=: the sites run the user's own Client API loop (numpy exchange) instead of our executor."""
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT_SCRIPT)
+    recipe = UnlearningRecipe(
+        name="unlearn_script", initial_ckpt=pretrained.model_path, forget_classes=[3], prune_ratio=RATIO_ONE,
+        num_rounds=2, n_clients=N_SITES, train_script=str(script), test_dataset="digits",
+    )  # fmt: skip
+    m = read_job_result(recipe.execute(_env(sim_root)).get_result()).metrics
+    assert m["rounds"] == 2 and m["params_after"] < m["params_before"]
+    assert m["pruned"]["u_acc"] <= 0.05 and m["unlearned"]["u_acc"] <= 0.05
+    assert m["unlearned"]["r_acc"] > m["pruned"]["r_acc"] + 0.3, "fine-tuning through the user's script did not help"

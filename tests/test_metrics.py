@@ -177,3 +177,20 @@ def test_evaluate_accuracy_empty_is_none_and_pick_device():
     assert evaluate_accuracy(model, []) is None
     assert evaluate_accuracy(model, _loader([0, 1, 1], [0, 1, 0])) == pytest.approx(2 / 3)
     assert pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA is used when present)")
+def test_cuda_training_and_counts_match_cpu():
+    from nvflare_unlearn.data import digits_dataset
+
+    ds = digits_dataset("train")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)).to("cuda")
+    steps = train_epochs(model, DataLoader(ds, batch_size=64, shuffle=True), epochs=2, lr=0.05)
+    assert steps == 2 * math.ceil(len(ds) / 64) and next(model.parameters()).is_cuda
+    loader = DataLoader(ds, batch_size=256)
+    correct_gpu, total_gpu = class_correct_total(model, loader, 10)
+    assert next(model.parameters()).is_cuda  # evaluation does not move the model
+    correct_cpu, total_cpu = class_correct_total(model.cpu(), loader, 10)
+    assert np.array_equal(total_gpu, total_cpu) and np.abs(correct_gpu - correct_cpu).max() <= 1
+    assert correct_gpu.sum() / total_gpu.sum() > 0.8

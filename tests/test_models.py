@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,3 +85,19 @@ def test_example_input_errors():
         example_input("alexnet")
     with pytest.raises(ValueError, match="batch"):
         example_input("resnet20", 0)
+
+
+def test_package_exports_and_import_stays_light():
+    code = (
+        "import sys, nvflare_unlearn as nu;"
+        "names = ['collect_class_activations', 'ClassActivationReport', 'merge_reports', 'tfidf_scores',"
+        " 'build_pruning_plan', 'PruningPlan', 'apply_pruning_plan', 'save_checkpoint', 'load_checkpoint',"
+        " 'build_model', 'unlearn_centralized'];"
+        "missing = [n for n in names if not hasattr(nu, n)];"
+        "assert not missing, missing; assert nu.__version__ == '0.1.0';"
+        "assert 'nvflare' not in sys.modules, 'importing nvflare_unlearn pulled in nvflare'"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr

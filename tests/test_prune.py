@@ -244,3 +244,19 @@ def test_mask_only_grows():
     if other.pruned_units() != p1.pruned_units():
         with pytest.raises(ValueError, match="already masked"):
             apply_pruning_plan(model, other, mode="mask")
+
+
+def test_masked_model_can_be_summarised_and_converted_to_removal():
+    masked, removed, plan = _masked_setup(name="resnet20", ratio=0.1, seed=11)
+    summary = plan.summary(masked)  # works on a deep copy; the masked model is untouched
+    assert summary["params_after"] == sum(p.numel() for p in removed.parameters())
+    assert masked_plan(masked) == plan
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = masked.eval()(x)
+    apply_pruning_plan(masked, plan)  # mask -> physical removal, masks switched off
+    assert masked_plan(masked) is None and conv_channels(masked) == plan.widths()
+    with torch.no_grad():
+        torch.testing.assert_close(masked.eval()(x), expected, rtol=1e-4, atol=1e-5)
+    masked.train()
+    nn.functional.cross_entropy(masked(x), torch.tensor([1, 2])).backward()  # no stale hook touches new shapes

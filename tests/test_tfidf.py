@@ -120,6 +120,7 @@ def test_class_without_samples_via_report():
         ({"c": A}, {"forget_class": 0, "tf_norm": "l2"}, "tf_norm must be one of"),
         ({"c": A}, {"forget_class": 0, "tf_norm": "balance"}, "positive coe"),
         ({"c": A}, {"forget_class": 0, "tf_norm": "balance", "coe": 0}, "positive coe"),
+        ({"c": A}, {"forget_class": 0, "tf_norm": "balance", "coe": "2"}, "positive coe"),
         ({"c": A}, {"forget_class": 0, "coe": 2}, "only used with tf_norm='balance'"),
         ({"c": [["a", "b"], ["c", "d"]]}, {"forget_class": 0}, "not numeric"),
     ],

@@ -108,6 +108,15 @@ def test_cuda_end_to_end(tmp_path):
     from nvflare_unlearn.prune import enforce_masks
 
     dev = torch.device("cuda")
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # TF32 convs differ by ~1e-4 between differently shaped layers
+    try:
+        _cuda_end_to_end(tmp_path, dev, load_checkpoint, save_checkpoint, enforce_masks)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _cuda_end_to_end(tmp_path, dev, load_checkpoint, save_checkpoint, enforce_masks):
     g = torch.Generator().manual_seed(0)
     data = [(torch.rand(32, 3, 32, 32, generator=g), torch.arange(32) % 10) for _ in range(2)]
     base = build_model("resnet20", 10).to(dev)
@@ -118,7 +127,7 @@ def test_cuda_end_to_end(tmp_path):
     masked, mplan = unlearn_centralized(copy.deepcopy(base), "resnet20", data, 10, [1, 4], 0.05, mode="mask")
     assert mplan.pruned_units() == plan.pruned_units()
     with torch.no_grad():
-        torch.testing.assert_close(masked.eval()(x), pruned.eval()(x), rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(masked.eval()(x), pruned.eval()(x), rtol=1e-4, atol=1e-5)
     masked.train()
     opt = torch.optim.SGD(masked.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     for _ in range(3):

@@ -24,7 +24,9 @@ from .recipes import (
     PretrainRecipe,
     RetrainRecipe,
     UnlearningRecipe,
+    authorize_poc_workspace,
     authorize_site_config,
+    quiet_log_config,
     resolve_model_name,
 )
 from .results import JobResult, read_job_result
@@ -48,7 +50,9 @@ __all__ = [
     "UnlearningController",
     "UnlearningExecutor",
     "UnlearningRecipe",
+    "authorize_poc_workspace",
     "authorize_site_config",
+    "quiet_log_config",
     "read_job_result",
     "resolve_model_name",
 ]

@@ -29,6 +29,7 @@ from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
 from nvflare.security.logging import secure_format_exception
 
@@ -241,9 +242,9 @@ class FedAvgEvalController(BaseFedAvg):
             f"[{stage}] federated accuracy: U={_fmt(entry.get('u_acc'))} R={_fmt(entry.get('r_acc'))} "
             f"all={_fmt(entry['acc'])} ({int(total.sum())} samples, {len(sites)} site(s))"
         )
+        group = "original" if stage == "original" else "accuracy"  # step 0 of "accuracy" = the pruned model
         for key in ("u_acc", "r_acc", "acc"):
-            self._track(f"{stage.split(' ')[0]}/{key}", entry.get(key), step)
-            self._track(f"accuracy/{key}", entry.get(key), step)
+            self._track(f"{group}/{key}", entry.get(key), step)
         return _jsonable(entry)
 
     def _to_torch(self, model: FLModel):
@@ -269,7 +270,7 @@ class FedAvgEvalController(BaseFedAvg):
         """FedAvg rounds on the retained classes, evaluating and persisting after each; returns (model, history)."""
         plan_json = (model.meta or {}).get(META_PLAN)
         history: list[dict] = []
-        self.fl_ctx.set_prop("NUM_ROUNDS", self.num_rounds, private=True, sticky=False)
+        self.fl_ctx.set_prop(AppConstants.NUM_ROUNDS, self.num_rounds, private=True, sticky=False)
         for self.current_round in range(self.start_round, self.start_round + self.num_rounds):
             last_r = history[-1]["r_acc"] if history else self._record.get("_last_r_acc")
             if self.target_r_acc is not None and last_r is not None and last_r >= self.target_r_acc:
@@ -281,6 +282,11 @@ class FedAvgEvalController(BaseFedAvg):
             self.info(f"{stage} round {self.current_round + 1}/{self.num_rounds}")
             model = self._global_model(model.params, plan_json, self.current_round)
             results = self._send(TASK_TRAIN, model)
+            if not any(_weight(r) > 0 for r in results):
+                raise RuntimeError(
+                    f"round {self.current_round + 1}: no site had retained-class data to train on "
+                    f"(sites: {[_client(r) for r in results]})"
+                )
             aggr = self.aggregate(results, aggregate_fn=self._fedavg)
             model = self.update_model(model, aggr)
             model = self._global_model(model.params, plan_json, self.current_round)  # re-attach the plan

@@ -43,6 +43,7 @@ __all__ = [
     "JobResult",
     "read_job_result",
     "authorize_site_config",
+    "quiet_log_config",
     "resolve_model_name",
 ]
 
@@ -135,8 +136,11 @@ def authorize_site_config(local_dir: str) -> str:
     return target
 
 
-def _authorize_poc(poc_workspace: str) -> list[str]:
-    """Allow our components on every site of a prepared POC workspace (``<ws>/<project>/prod_NN/<site>/local``)."""
+def authorize_poc_workspace(poc_workspace: str) -> list[str]:
+    """Allow our components on every site of a prepared POC workspace (``<ws>/<project>/prod_NN/<site>/local``).
+
+    For scripts that run ``nvflare poc prepare`` themselves, between ``prepare`` and ``start``. Returns the files.
+    """
     done = []
     for project in sorted(os.listdir(poc_workspace)) if os.path.isdir(poc_workspace) else []:
         pdir = os.path.join(poc_workspace, project)
@@ -148,6 +152,27 @@ def _authorize_poc(poc_workspace: str) -> list[str]:
                 if os.path.isdir(os.path.join(sdir, "local")) and os.path.isdir(os.path.join(sdir, "startup")):
                     done.append(authorize_site_config(os.path.join(sdir, "local")))
     return done
+
+
+def quiet_log_config(directory: str, console_level: str = "WARNING") -> str:
+    """Write a simulator log config that prints only ``console_level`` and above to the console; returns its path.
+
+    Pass it as ``SimEnv(log_config=...)``. The sites' ``log.txt`` files keep full INFO logs (``read_job_result``
+    reads them to explain a failure); only NVFlare's console chatter goes.
+    """
+    import copy
+
+    from nvflare.fuel.utils.log_utils import concise_log_dict
+
+    config = copy.deepcopy(concise_log_dict)
+    config["handlers"]["consoleHandler"]["level"] = console_level
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(os.path.abspath(directory), "quiet_log_config.json")
+    if " " in path:
+        raise ValueError(f"the simulator passes the log config on a command line: use a path without spaces ({path!r})")
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- recipes
@@ -187,7 +212,13 @@ class _UnlearnBaseRecipe(Recipe):
         super().__init__(job)
 
     def process_env(self, env: ExecEnv):
-        """Allow our components in simulator / POC workspaces (they are not in NVFlare's default allow list)."""
+        """Make the components loadable where the recipe can arrange it.
+
+        SimEnv: allow ``nvflare_unlearn.fl`` in the simulator workspace. PocEnv provisions a fresh POC system inside
+        ``deploy`` (after this hook), so an allow list written now would be lost: the job bundles the plugin's code
+        instead (BYOC; the POC admin may submit it). ProdEnv: unchanged (site admins allow the package, or build
+        the recipe with ``bundle_code=True``).
+        """
         if self.bundle_code:
             return
         from nvflare.recipe.poc_env import PocEnv
@@ -196,7 +227,8 @@ class _UnlearnBaseRecipe(Recipe):
         if isinstance(env, SimEnv):
             authorize_site_config(os.path.join(env.workspace_root, self.name, "local"))
         elif isinstance(env, PocEnv):
-            _authorize_poc(getattr(env, "poc_workspace", ""))
+            self._job.set_app_packages([])
+            self.bundle_code = True
 
 
 def _client_component(executor: UnlearningExecutor, train_script: Optional[str], train_args: str):
