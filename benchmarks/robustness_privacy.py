@@ -359,6 +359,7 @@ def write_plot(path: Path, result: dict) -> None:
     ax2.axhline(rnd["jaccard_vs_noiseless"]["mean"], color="grey", lw=0.8, ls=":", label="Jaccard of random channels")
     ax2.set_xscale("log")
     ax2.set_xticks(xs, [str(r["epsilon"]) for r in pr])
+    ax2.minorticks_off()
     ax2.set_xlabel(f"epsilon per request (delta={result['privacy_setup']['delta']})")
     ax2.set_ylim(0, 1.05)
     ax2.set_title("Gaussian noise on site uploads")

@@ -253,7 +253,8 @@ def curve_eval(data: Data, forget: list[int]):
     xe, ye = data.xt[idx], data.yt[idx]
 
     def fn(model: torch.nn.Module, _round: int) -> dict[str, Any]:
-        c, t = class_correct_total(model, TensorBatches(xe, ye, 1024), data.num_classes)
+        c, t = class_correct_total(model, ((xb, yb.cpu()) for xb, yb in TensorBatches(xe, ye, 1024)),
+                                   data.num_classes)
         acc = u_r_accuracy(c, t, forget)
         return {"u_acc": acc["u_acc"], "r_acc": acc["r_acc"]}
 

@@ -16,7 +16,7 @@ from nvflare.apis.fl_constant import FLMetaKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
-from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
+from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from nvflare_unlearn import (
@@ -152,6 +152,20 @@ def test_site_with_only_forget_class_data_returns_zero_weight(model):
     assert dxo.get_meta_prop(FLMetaKey.NUM_STEPS_CURRENT_ROUND) == 0
     for k, v in model.state_dict().items():
         np.testing.assert_array_equal(dxo.data[k], v.numpy())
+
+
+def test_min_count_keeps_small_classes_out_of_the_report(model):
+    site = load_site_split("site-1", "train", n_sites=2)
+    counts = site.class_counts()
+    threshold = int(np.sort(counts)[2])  # the two smallest classes fall below it
+    ex = UnlearningExecutor("small_cnn", K, n_sites=2, min_count=threshold)
+    dxo = from_shareable(ex.execute("class_activations", _task(model), _ctx("site-1"), Signal()))
+    expected = np.where(counts < threshold, 0, counts)
+    assert dxo.data["counts"].tolist() == expected.tolist() and (expected == 0).any()
+    for arr in dxo.data["sums"].values():
+        assert np.all(arr[counts < threshold] == 0)
+    with pytest.raises(ValueError, match="min_count"):
+        UnlearningExecutor("small_cnn", K, min_count=-1)
 
 
 def test_executor_rejects_bad_task_data_and_unknown_tasks(model, plan):
@@ -398,7 +412,8 @@ def test_unlearning_recipe_exports_a_job_referencing_the_installed_package(tmp_p
     ex = client["executors"][0]
     assert ex["executor"]["path"] == "nvflare_unlearn.fl.executor.UnlearningExecutor"
     assert sorted(ex["tasks"]) == ["class_activations", "train", "validate"]
-    assert not any(os.path.isdir(os.path.join(tmp_path, "forget3", a, "custom")) for a in os.listdir(tmp_path / "forget3"))
+    apps = os.listdir(tmp_path / "forget3")
+    assert not any(os.path.isdir(os.path.join(tmp_path, "forget3", a, "custom")) for a in apps), "must not be BYOC"
 
 
 def test_bundle_code_makes_a_byoc_job(tmp_path):
@@ -422,7 +437,7 @@ def test_read_job_result_refuses_failed_or_missing_jobs(tmp_path):
         read_job_result(str(tmp_path / "none"))
     log_dir = tmp_path / "job" / "server" / "simulate_job"
     log_dir.mkdir(parents=True)
-    (log_dir / "log.txt").write_text("2026 - ERROR - Component 'nvflare_unlearn.fl.x.Y' at config path '' is not in allow_list\n")
+    (log_dir / "log.txt").write_text("ERROR - Component 'nvflare_unlearn.fl.x.Y' at config path '' is not in allow_list\n")
     with pytest.raises(RuntimeError, match="class_allow_list"):
         read_job_result(str(tmp_path / "job"))
     (log_dir / METRICS_FILE).write_text(json.dumps({"status": "failed", "error": "boom"}))

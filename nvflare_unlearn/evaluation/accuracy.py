@@ -40,7 +40,9 @@ def accuracy_report(
     """{u_acc, r_acc, class_acc[, max_class_acc_diff, kl_to_reference]} on `test_data` (fractions in [0, 1])."""
     dev = next(model.parameters()).device
     x, y = as_tensors(test_data, dev)
-    correct, total = class_correct_total(model, TensorBatches(x, y, batch_size), num_classes, device=dev)
+    # metrics counts on the CPU; labels stay there, images go to the model's device
+    batches = ((xb, yb.cpu()) for xb, yb in TensorBatches(x, y, batch_size))
+    correct, total = class_correct_total(model, batches, num_classes, device=dev)
     out: dict[str, Any] = u_r_accuracy(correct, total, forget_classes)
     if reference_class_acc is not None:
         out.update(compare_class_accuracy(out["class_acc"], reference_class_acc))

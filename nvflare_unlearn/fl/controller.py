@@ -22,7 +22,6 @@ import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import torch
 
 from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.apis.fl_constant import FLMetaKey

@@ -65,6 +65,7 @@ class UnlearningExecutor(Executor):
         forget_classes: Optional[Sequence[int]] = None,
         hook_point: str = "conv",
         max_activation_batches: Optional[int] = None,
+        min_count: int = 0,
         in_channels: Optional[int] = None,
         seed: int = 0,
         torch_threads: int = 1,
@@ -83,6 +84,8 @@ class UnlearningExecutor(Executor):
                 the union is dropped). Used alone by retraining from scratch.
             hook_point: default activation hook when the task does not say ("conv" = raw conv output).
             max_activation_batches: cap on the activation pass (None = all local training data).
+            min_count: a class with fewer local images is not reported (sums and count zeroed), in the spirit of
+                NVFlare's MinCountCleanser (``nvflare_unlearn.privacy.apply_min_count``).
             seed: base seed for shuffling; the round number and site name vary it.
             torch_threads: torch intra-op threads in this client process (1 keeps simulated sites from fighting).
         """
@@ -112,6 +115,9 @@ class UnlearningExecutor(Executor):
         self.forget_classes = [int(c) for c in forget_classes] if forget_classes else None
         self.hook_point = hook_point
         self.max_activation_batches = max_activation_batches
+        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
+            raise ValueError(f"min_count must be an integer >= 0, got {min_count!r}")
+        self.min_count = min_count
         self.in_channels = in_channels
         self.seed = seed
         self.torch_threads = torch_threads
@@ -209,6 +215,10 @@ class UnlearningExecutor(Executor):
             device=self._device,
             max_batches=self.max_activation_batches,
         )
+        if self.min_count > 1:
+            from ..privacy import apply_min_count
+
+            report = apply_min_count(report, self.min_count)
         counts = [int(c) for c in report.counts]
         self.log_info(fl_ctx, f"activation report: {sum(counts)} samples, per class {counts}, {report.nbytes} bytes")
         return DXO(
@@ -233,7 +243,7 @@ class UnlearningExecutor(Executor):
         n = len(data)
         if n == 0 or self.local_epochs == 0:
             # Nothing to learn from: hand the global weights back with zero weight so aggregation skips this site.
-            self.log_info(fl_ctx, f"no retained training data (forget classes {forget}): returning a zero-weight result")
+            self.log_info(fl_ctx, f"no retained training data (forget classes {forget}): zero-weight result")
             return DXO(
                 data_kind=DataKind.WEIGHTS,
                 data=state_to_numpy(model),

@@ -6,9 +6,9 @@ pruning plan carried in the model's meta, and every save writes weights + plan t
 (``nvflare_unlearn.checkpoint``), so a checkpoint always rebuilds from the model factory alone.
 
 Loads (via ``load_checkpoint``): our checkpoint (weights + plan), a plain ``state_dict`` ``.pt``, or NVFlare's
-``FL_global_model.pt`` (``{"model": state_dict, ...}``) from an ordinary FedAvg job; without ``initial_ckpt`` a freshly initialised
-model (seeded) for training from scratch. Saves into the job's run directory under a new name; the original
-checkpoint is never written.
+``FL_global_model.pt`` (``{"model": state_dict, ...}``) from an ordinary FedAvg job; without ``initial_ckpt``
+a freshly initialised model (seeded) for training from scratch. Saves into the job's run directory under a new
+name; the original checkpoint is never written.
 """
 
 from __future__ import annotations

@@ -399,6 +399,7 @@ class UnlearningRecipe(_UnlearnBaseRecipe):
         prune_mode: str = "remove",
         hook_point: str = "conv",
         max_activation_batches: Optional[int] = None,
+        min_count: int = 0,
         target_r_acc: Optional[float] = None,
         aggregation: str = "mean",
         trim: float = 0.1,
@@ -429,6 +430,7 @@ class UnlearningRecipe(_UnlearnBaseRecipe):
             prune_mode: "remove" (physical removal, smaller model) or "mask" (shapes kept, channels held at zero).
             hook_point: "conv" (raw conv output, the paper) or "bn" (after BatchNorm).
             max_activation_batches: cap on each site's activation pass (None = all local training data).
+            min_count: sites do not report a class they hold fewer images of (privacy; see ``privacy.py``).
             target_r_acc: stop fine-tuning early once federated retained-class accuracy reaches it (0..1).
             aggregation / trim / clip_bound: activation-report aggregation ("mean" exact, "median", "trimmed_mean").
             test_dataset / test_data_root: optional server-side test set evaluated centrally at every stage.
@@ -488,7 +490,7 @@ class UnlearningRecipe(_UnlearnBaseRecipe):
                 model_name, num_classes, dataset=dataset, data_root=data_root, partition=partition, n_sites=n_clients,
                 alpha=alpha, q=q, data_seed=data_seed, train_subset=train_subset, batch_size=batch_size,
                 local_epochs=local_epochs, lr=lr, hook_point=hook_point, max_activation_batches=max_activation_batches,
-                in_channels=in_channels, seed=seed,
+                min_count=min_count, in_channels=in_channels, seed=seed,
             ),  # fmt: skip
             tensorboard=tensorboard,
             bundle_code=bundle_code,

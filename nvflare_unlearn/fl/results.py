@@ -70,10 +70,11 @@ def _log_hint(root: str) -> str:
 def read_job_result(result_dir: Optional[str]) -> JobResult:
     """Locate and check a finished job's outputs; raises RuntimeError when the job did not complete."""
     if not result_dir or not os.path.isdir(result_dir):
-        raise RuntimeError(f"job result folder {result_dir!r} does not exist: the job did not run or was not downloaded")
+        raise RuntimeError(f"job result folder {result_dir!r} does not exist: the job did not run or was not fetched")
     hits = _find(result_dir, METRICS_FILE)
     if not hits:
-        raise RuntimeError(f"the job wrote no {METRICS_FILE} under {result_dir}: it did not finish; {_log_hint(result_dir)}")
+        hint = _log_hint(result_dir)
+        raise RuntimeError(f"the job wrote no {METRICS_FILE} under {result_dir}: it did not finish; {hint}")
     metrics_path = hits[0]
     run_dir = os.path.dirname(metrics_path)
     with open(metrics_path) as f:
