@@ -153,6 +153,12 @@ def finetune_eval(pruned, train, test, forget, epochs, lr, seed) -> tuple[float,
     return u_r(pruned, test, forget)
 
 
+def per_layer(plans: list[PruningPlan]) -> dict[str, float]:
+    """Mean number of channels each coupled group loses over ``plans`` (where a plan puts its cuts)."""
+    keys = plans[0].group_keys
+    return {k: float(np.mean([len(p.pruned_units()[k]) for p in plans])) for k in keys}
+
+
 def summarize(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=np.float64)
     return {"mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()), "std": float(a.std())}
@@ -227,12 +233,13 @@ def privacy(model, site_acts, site_labels, train, test, args) -> tuple[list[dict
     rows = []
     for eps in args.epsilons:
         sigma = gaussian_sigma(eps, args.delta, sens)
-        jac, u0s, r0s, u1s, r1s = [], [], [], [], []
+        jac, u0s, r0s, u1s, r1s, plans = [], [], [], [], [], []
         for seed in range(args.noise_seeds):
             for f in range(K):
                 noisy = [gaussian_noise(r, eps, args.delta, args.clip, np.random.default_rng([seed, f, s]))
                          for s, r in enumerate(clipped)]
                 plan = make_plan(model, aggregate_class_means(noisy, "mean"), f, args.ratio)
+                plans.append(plan)
                 jac.append(jaccard(pruned_set(plan), pruned_set(ref[f])))
                 pruned = apply_pruning_plan(copy.deepcopy(model), plan)
                 u0, r0 = u_r(pruned, test, f)
@@ -242,18 +249,20 @@ def privacy(model, site_acts, site_labels, train, test, args) -> tuple[list[dict
                     u1s.append(u1), r1s.append(r1)
         rows.append({
             "epsilon": "inf" if math.isinf(eps) else eps, "sigma_per_site": sigma,
-            "jaccard_vs_noiseless": summarize(jac), "u_acc_pruned": summarize(u0s), "r_acc_pruned": summarize(r0s),
+            "pruned_per_layer": per_layer(plans), "jaccard_vs_noiseless": summarize(jac),
+            "u_acc_pruned": summarize(u0s), "r_acc_pruned": summarize(r0s),
             "u_acc_finetuned": summarize(u1s), "r_acc_finetuned": summarize(r1s),
         })
         print(f"  privacy eps={eps:<6} sigma={sigma:9.3f} jaccard {np.mean(jac):.3f} "
               f"pruned U/R {np.mean(u0s):.3f}/{np.mean(r0s):.3f} fine-tuned U/R {np.mean(u1s):.3f}/{np.mean(r1s):.3f}",
               flush=True)
     # reference point: the same number of channels chosen uniformly at random (what pure noise converges to)
-    jac, u0s, r0s, u1s, r1s = [], [], [], [], []
+    jac, u0s, r0s, u1s, r1s, plans = [], [], [], [], [], []
     for f in range(K):
         rng = np.random.default_rng([args.seed, f, 999])
         scores = {n: rng.random(c) for n, c in conv_channels(model).items()}
         plan = build_pruning_plan(model, scores, args.ratio, forget_class=f)
+        plans.append(plan)
         jac.append(jaccard(pruned_set(plan), pruned_set(ref[f])))
         pruned = apply_pruning_plan(copy.deepcopy(model), plan)
         u0, r0 = u_r(pruned, test, f)
@@ -261,7 +270,8 @@ def privacy(model, site_acts, site_labels, train, test, args) -> tuple[list[dict
         u0s.append(u0), r0s.append(r0), u1s.append(u1), r1s.append(r1)
     rows.append({
         "epsilon": "random channels", "sigma_per_site": None,
-        "jaccard_vs_noiseless": summarize(jac), "u_acc_pruned": summarize(u0s), "r_acc_pruned": summarize(r0s),
+        "pruned_per_layer": per_layer(plans), "jaccard_vs_noiseless": summarize(jac),
+        "u_acc_pruned": summarize(u0s), "r_acc_pruned": summarize(r0s),
         "u_acc_finetuned": summarize(u1s), "r_acc_finetuned": summarize(r1s),
     })
     print(f"  privacy random channels: jaccard {np.mean(jac):.3f} fine-tuned U/R {np.mean(u1s):.3f}/{np.mean(r1s):.3f}",
@@ -316,15 +326,16 @@ def write_markdown(path: Path, result: dict) -> None:
         f"Fine-tune: {cfg['ft_epochs']} epochs of SGD (lr {cfg['ft_lr']}) on the retained classes, centralized.",
         "",
         "| epsilon | sigma per site | Jaccard vs noiseless | U acc pruned | R acc pruned | U acc fine-tuned "
-        "| R acc fine-tuned |",
-        "|---|---|---|---|---|---|---|",
+        "| R acc fine-tuned | channels pruned per layer (mean) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["privacy"]:
         sigma = "-" if r["sigma_per_site"] is None else f"{r['sigma_per_site']:.3f}"
         lines.append(
             f"| {r['epsilon']} | {sigma} | {fmt(r['jaccard_vs_noiseless'])} | "
             f"{r['u_acc_pruned']['mean']:.3f} | {r['r_acc_pruned']['mean']:.3f} | "
-            f"{r['u_acc_finetuned']['mean']:.3f} | {r['r_acc_finetuned']['mean']:.3f} |"
+            f"{r['u_acc_finetuned']['mean']:.3f} | {r['r_acc_finetuned']['mean']:.3f} | "
+            + ", ".join(f"{k} {v:.1f}" for k, v in r["pruned_per_layer"].items()) + " |"
         )
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -44,6 +44,7 @@ from nvflare_unlearn.baselines import METHODS, PruneOptions, prepare_method  # n
 from nvflare_unlearn.data import load_dataset, partition_biased, stratified_subset_indices  # noqa: E402
 from nvflare_unlearn.evaluation import (  # noqa: E402
     accuracy_report,
+    compare_class_accuracy,
     as_tensors,
     linear_probe,
     membership_inference,
@@ -110,6 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--augment", choices=["none", "flip", "crop_flip"])
     p.add_argument("--eval-n", type=int, help="test images for per-round curves (final tests use the full test set)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--relearn-target", type=float, help="forget-class test accuracy that ends the relearn test")
+    p.add_argument("--relearn-max-steps", type=int)
+    p.add_argument("--relearn-eval-every", type=int, help="relearn resolution in optimizer steps")
+    p.add_argument("--relearn-lr", type=float)
+    p.add_argument("--mia-n", type=int, help="retained members / non-members per membership test")
+    p.add_argument("--probe-train-n", type=int, help="training images behind the linear probe")
     p.add_argument("--fisher-alpha", type=float)
     p.add_argument("--fisher-images", type=int, help="retained images per participating site for the Fisher")
     p.add_argument("--deep-fraction", type=float, default=1.0 / 3.0, help="prune_deep: last fraction of conv layers")
@@ -439,14 +446,14 @@ def aggregate_markdown(report: dict[str, Any]) -> list[str]:
     lines = ["## Mean ± sd over seeds", "", "| q | method | n | R acc | U acc | probe AUC | relearn steps | "
              "MIA control (loss) |", "|---|---|---|---|---|---|---|---|"]
 
-    def ms(v: list[float], pct: bool = False) -> str:
+    def ms(v: list[float], pct: bool = False, digits: int = 2) -> str:
         f = 100.0 if pct else 1.0
-        return f"{f * np.mean(v):.2f} ± {f * np.std(v):.2f}" if v else "n/a"
+        return f"{f * np.mean(v):.{digits}f} ± {f * np.std(v):.{digits}f}" if v else "n/a"
 
     for (q, name), d in by.items():
         lines.append(f"| {q} | {name} | {len(d.get('R', []))} | {ms(d.get('R', []), True)} | "
-                     f"{ms(d.get('U', []), True)} | {ms(d.get('probe', []))} | {ms(d.get('relearn', []))} | "
-                     f"{ms(d.get('mia_ctrl', []))} |")
+                     f"{ms(d.get('U', []), True)} | {ms(d.get('probe', []), digits=3)} | {ms(d.get('relearn', []), digits=1)} | "
+                     f"{ms(d.get('mia_ctrl', []), digits=3)} |")
     return lines + [""]
 
 
@@ -587,7 +594,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                        augment=args.augment, seed=seed)
                     model, hist, cost, cached = cached_train(cache_dir, {**key_fields, "forget": forget}, make_model,
                                                              fed, re_cfg, forget, curve, not args.no_cache, "retrain")
-                    res.update(history=hist, cost=cost, cached=cached)
+                    # the cached curve may come from another test set: the target for the others is re-measured
+                    res.update(history=hist, cost=cost, cached=cached, final_curve_now=curve(model, len(hist)))
                 else:
                     meter = CostMeter()
                     opts = None
@@ -625,10 +633,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 res["tests"] = forgetting_tests(model, data, forget, args, seed, ref_class_acc)
                 if method == "retrain":
                     ref_class_acc = res["tests"]["accuracy"]["class_acc"]
-                    o = run["results"]["original"]["tests"]["accuracy"]
-                    from nvflare_unlearn.evaluation import compare_class_accuracy
-
-                    o.update(compare_class_accuracy(o["class_acc"], ref_class_acc))
+                    for acc in (run["results"]["original"]["tests"]["accuracy"], res["tests"]["accuracy"]):
+                        acc.update(compare_class_accuracy(acc["class_acc"], ref_class_acc))
                 a, t = res["tests"]["accuracy"], res["tests"]
                 log(f"  {name}: U {a['u_acc']:.4f} R {a['r_acc']:.4f} probe AUC {t['probe']['auc']:.3f} "
                     f"relearn {t['relearn']['steps']} MIA power {t['mia']['loss']['power_accuracy']:.3f} "
@@ -646,9 +652,8 @@ def finish_costs(run: dict[str, Any], args: argparse.Namespace) -> None:
     re_ = run["results"].get("retrain")
     if re_ is None:
         return
-    r_final = re_["history"][-1]["r_acc"]
-    r_target = r_final - 0.01
-    re_rounds = rounds_to_reach(re_["history"], r_target, 0.01)
+    re_rounds = rounds_to_reach(re_["history"], re_["history"][-1]["r_acc"] - 0.01, 0.01)
+    r_target = re_.get("final_curve_now", re_["history"][-1])["r_acc"] - 0.01
     re_["rounds_to_quality"] = re_rounds
     re_["r_target_curve"] = r_target
     re_["cost_to_quality"] = re_["history"][re_rounds - 1] if re_rounds else None

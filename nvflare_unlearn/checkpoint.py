@@ -7,7 +7,6 @@ The file is a ``torch.save`` of a plain dict (tensors, strings, numbers; the pla
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ._validation import check_num_classes
-from .models.registry import INPUT_SHAPE_ATTR, MODEL_NAMES, build_model
+from .models.registry import INPUT_SHAPE_ATTR, MODEL_NAMES, build_model, check_model_name, is_import_path
 from .plan import PruningPlan, conv_modules
 from .prune import apply_pruning_plan, enforce_masks, masked_plan
 
@@ -63,8 +62,12 @@ def save_checkpoint(
     ``plan`` must be fully applied to ``model`` (removed, or masked with mask mode); ``None`` for an unpruned model.
     """
     path = Path(path)
-    if not isinstance(model_name, str) or model_name not in MODEL_NAMES:
-        raise ValueError(f"model_name must be one of {', '.join(MODEL_NAMES)} (load rebuilds from it), got {model_name!r}")
+    if not isinstance(model_name, str) or (model_name not in MODEL_NAMES and not is_import_path(model_name)):
+        raise ValueError(
+            f"model_name must be one of {', '.join(MODEL_NAMES)} or an import path 'package.module:factory' "
+            f"(load rebuilds from it), got {model_name!r}"
+        )
+    check_model_name(model_name)  # an import path must import: the checkpoint is useless otherwise
     num_classes = check_num_classes(num_classes)
     if plan is not None and not isinstance(plan, PruningPlan):
         raise ValueError(f"plan must be a PruningPlan or None, got {type(plan).__name__}")
@@ -116,8 +119,9 @@ def _read(path: Path) -> Any:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
-        raise ValueError(f"{path} is not a readable checkpoint (corrupt, truncated or not a torch file): {exc}") from None
+    except Exception as exc:  # torch.load raises many types (UnpicklingError, IndexError, ...) on garbage
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"{path} is not a readable checkpoint (corrupt, truncated or not a torch file): {reason}") from None
 
 
 def _state_dict_of(obj: Any) -> dict[str, torch.Tensor] | None:

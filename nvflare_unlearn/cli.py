@@ -157,9 +157,11 @@ def _run_recipe(recipe: Any, a: argparse.Namespace, workspace: str, label: str):
     else:
         from nvflare.recipe import SimEnv
 
+        from .fl.recipes import quiet_log_config
+
         env = SimEnv(
             num_clients=a.sites, num_threads=a.threads or a.sites, workspace_root=workspace,
-            log_config=None if a.verbose else "ERROR",
+            log_config=None if a.verbose else quiet_log_config(workspace, "ERROR"),
         )  # fmt: skip
     _say(f"{label}: running job '{recipe.name}' on {a.sites} {'POC' if a.env == 'poc' else 'simulated'} site(s)")
     started = time.time()
@@ -379,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="new folder for report.json, models, plan and plot")
     d.add_argument("--sites", type=int, default=2)
     d.add_argument("--forget", type=_class_list, default=[3])
-    d.add_argument("--ratio", type=_fraction, default=0.1)
+    d.add_argument("--ratio", type=_fraction, default=0.3,
+                   help="fraction of conv channels pruned (0.1 lets small_cnn relearn the digit during fine-tuning)")
     d.add_argument("--pretrain-rounds", type=int, default=5)
     d.add_argument("--rounds", type=int, default=3, help="fine-tuning rounds")
     d.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")

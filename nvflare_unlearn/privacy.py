@@ -219,8 +219,7 @@ def gaussian_noise(
 
     Requires the report's activations to have been clipped per image to ``[0, clip_bound]`` (checked as far as a
     report allows, see :func:`check_clip_bound`). Noise ``N(0, sigma^2)`` is added to every entry of every class row
-    of every layer (also rows of classes with count 0: which classes a site holds is itself private), with sigma
-    from :func:`gaussian_sigma` at sensitivity :func:`sensitivity`. Counts are public unless ``noise_counts``.
+    of every layer, with sigma from :func:`gaussian_sigma` at sensitivity :func:`sensitivity`. Counts are public unless ``noise_counts``.
     Post-processing, which keeps the guarantee: noised counts are rounded and clipped at 0, and noised sums are
     clipped to ``[0, clip_bound * count]`` so the result is still a valid report. Apply :func:`apply_min_count`
     before this call when counts are public, after it when counts are noised (so the policy sees only noised counts).

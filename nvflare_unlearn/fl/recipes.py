@@ -28,7 +28,7 @@ from .aggregator import ActivationAggregator
 from .controller import FedAvgEvalController, UnlearningController
 from .defs import GLOBAL_MODEL_FILE, FINAL_MODEL_FILE, PRUNE_MODES, TASK_ACTIVATIONS, TASK_TRAIN, TASK_VALIDATE
 from .executor import UnlearningExecutor
-from .persistor import UnlearnModelPersistor
+from .persistor import UnlearnModelPersistor, load_initial_model
 from .results import JobResult, read_job_result
 from .site_data import check_data_spec
 
@@ -49,30 +49,68 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def resolve_model_name(model: Union[str, Any, Callable[[], Any]]) -> str:
-    """A registry name from a name, a model built by ``build_model``, or a zero-argument factory returning one.
+def resolve_model_name(model: Union[str, Any, Callable[..., Any]], input_shape: Optional[Sequence[int]] = None) -> str:
+    """The string every machine rebuilds the model from: a registry name, or your own model's import path.
 
-    Sites rebuild the architecture from this name (and the plan), so an arbitrary ``nn.Module`` is refused.
+    ``model`` may be a registry name (``"small_cnn"``), an import path ``"package.module:factory"`` (a callable
+    ``factory(num_classes=K) -> nn.Module`` importable on the server and every site), the factory itself (a
+    module-level function or nn.Module class; lambdas and local functions are refused), or a module built by
+    ``build_model``. ``input_shape=(C, H, W)`` gives the input size of an import-path model whose factory does not
+    carry an ``input_shape`` attribute; it is written into the name (``"package.module:factory@CxHxW"``), so the
+    exported job holds strings only. An arbitrary ``nn.Module`` instance is refused: the sites could not rebuild it.
     """
     from torch import nn
 
-    from ..models import MODEL_NAMES, model_name_of
+    from ..models import MODEL_NAMES, model_name_of, model_spec
 
-    if isinstance(model, str):
-        if model not in MODEL_NAMES:
-            raise ValueError(f"unknown model {model!r}; known models: {', '.join(MODEL_NAMES)}")
-        return model
-    if not isinstance(model, nn.Module) and callable(model):
-        model = model()
     if isinstance(model, nn.Module):
         name = model_name_of(model)
         if name is None:
             raise ValueError(
                 f"{type(model).__name__} was not built by nvflare_unlearn.build_model: every site must rebuild the "
-                f"same architecture from a registry name; use one of {', '.join(MODEL_NAMES)}"
+                f"same architecture from a name; give a registry name ({', '.join(MODEL_NAMES)}) or your model's "
+                "factory as an import path 'package.module:factory'"
             )
-        return name
-    raise ValueError(f"model must be a registry name, an nn.Module from build_model, or a factory; got {model!r}")
+        return model_spec(name, input_shape)
+    return model_spec(model, input_shape)
+
+
+def _module_file_to_ship(model_name: str) -> Optional[list[str]]:
+    """Source files of an import-path model that the job must carry (None when the module is pip-installed).
+
+    The server (persistor, controller) and every site import the factory. A module installed in site-packages is
+    referenced by name; a module from the user's own folder is added to the job's ``custom`` code on both sides
+    (FedJob ``to_server`` / ``to_clients``), with the ``__init__.py`` of every package above it.
+    """
+    import sys
+    import sysconfig
+
+    from ..models import is_import_path
+
+    if not is_import_path(model_name):
+        return None
+    module_name = model_name.split(":", 1)[0]
+    top = module_name.split(".", 1)[0]
+    if top in ("nvflare", "nvflare_unlearn", "torch", "torchvision"):
+        return None
+    module = sys.modules.get(module_name)
+    source = getattr(module, "__file__", None)
+    if not source:
+        return None
+    source = os.path.realpath(source)
+    installed = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    if any(part in ("site-packages", "dist-packages") for part in source.split(os.sep)) or any(
+        source.startswith(os.path.realpath(p) + os.sep) for p in installed
+    ):
+        return None
+    files = [source]
+    parent = module_name.rsplit(".", 1)[0] if "." in module_name else None
+    while parent:
+        init = getattr(sys.modules.get(parent), "__file__", None)
+        if init:
+            files.append(os.path.realpath(init))
+        parent = parent.rsplit(".", 1)[0] if "." in parent else None
+    return files
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -205,6 +243,9 @@ class _UnlearnBaseRecipe(Recipe):
         tasks = [TASK_ACTIVATIONS, TASK_TRAIN, TASK_VALIDATE]
         job.to_clients(_client_component(executor, train_script, train_args), tasks=tasks)
         self.model_name = resolve_model_name(model)
+        for source in _module_file_to_ship(self.model_name) or []:  # the user's model module, when not installed
+            job.to_server(source)
+            job.to_clients(source)
         self.num_classes = num_classes
         self.n_clients = n_clients
         self.min_clients = min_clients
@@ -299,6 +340,7 @@ class PretrainRecipe(_UnlearnBaseRecipe):
         test_dataset: Optional[str] = None,
         test_data_root: Optional[str] = None,
         in_channels: Optional[int] = None,
+        input_shape: Optional[Sequence[int]] = None,
         seed: int = 0,
         output_file: str = GLOBAL_MODEL_FILE,
         tensorboard: bool = True,
@@ -307,6 +349,7 @@ class PretrainRecipe(_UnlearnBaseRecipe):
         train_args: str = "",
         _job_kind: str = "pretrain",
     ):
+        model = resolve_model_name(model, input_shape)
         model_name, min_clients = _common_checks(
             model, num_classes, n_clients, min_clients, num_rounds, local_epochs, lr, dataset, partition, alpha, q,
             batch_size,
@@ -408,15 +451,20 @@ class UnlearningRecipe(_UnlearnBaseRecipe):
         test_data_root: Optional[str] = None,
         task_timeout: int = 0,
         in_channels: Optional[int] = None,
+        input_shape: Optional[Sequence[int]] = None,
         seed: int = 0,
         tensorboard: bool = True,
         bundle_code: bool = False,
         train_script: Optional[str] = None,
+        check_ckpt: bool = True,
         train_args: str = "",
     ):
         """
         Args:
-            model / num_classes / in_channels: registry architecture of the trained model.
+            model / num_classes / in_channels: architecture of the trained model: a registry name, or your own model
+                as an import path ``"package.module:factory"`` (or the factory function itself), see
+                ``resolve_model_name`` and docs/integration.md.
+            input_shape: (C, H, W) of an import-path model whose factory has no ``input_shape`` attribute.
             initial_ckpt: the trained model (our checkpoint, a state_dict .pt, or NVFlare's FL_global_model.pt);
                 an absolute path as seen by the server. Never modified.
             forget_classes: class id(s) to forget; one statistics + pruning pass per class.
@@ -437,10 +485,13 @@ class UnlearningRecipe(_UnlearnBaseRecipe):
             task_timeout: seconds a site may take per task (0 = no limit).
             tensorboard: add NVFlare's TensorBoard receiver (U/R accuracy by round under the run's tb_events/).
             bundle_code: copy the plugin's code into the job (BYOC) instead of referencing the installed package.
+            check_ckpt: check here that ``initial_ckpt`` exists (default). Set False when exporting a job whose
+                checkpoint lives on the server machine (ProdEnv, job folders); the server's persistor checks then.
             train_script / train_args: run your own Client API script on the sites instead of the plugin's executor
                 (it must answer the three tasks, see ``nvflare_unlearn.fl.client_api``); the data options are then
                 unused, the script loads its own data.
         """
+        model = resolve_model_name(model, input_shape)
         model_name, min_clients = _common_checks(
             model, num_classes, n_clients, min_clients, num_rounds, local_epochs, lr, dataset, partition, alpha, q,
             batch_size,
@@ -452,13 +503,20 @@ class UnlearningRecipe(_UnlearnBaseRecipe):
             raise ValueError(f"prune_mode must be one of {list(PRUNE_MODES)}, got {prune_mode!r}")
         if target_r_acc is not None and not (isinstance(target_r_acc, (int, float)) and 0 < target_r_acc <= 1):
             raise ValueError(f"target_r_acc is a fraction in (0, 1], got {target_r_acc!r}")
-        if not initial_ckpt or not os.path.isfile(initial_ckpt):
+        if not initial_ckpt or not isinstance(initial_ckpt, str):
+            raise ValueError("initial_ckpt must name the trained model's checkpoint file")
+        if check_ckpt and not os.path.isfile(initial_ckpt):
             raise ValueError(
                 f"initial_ckpt {initial_ckpt!r} does not exist: give the trained model's checkpoint "
-                "(e.g. the global_model.pt a PretrainRecipe run wrote)"
+                "(e.g. the global_model.pt a PretrainRecipe run wrote); for a job exported to run on another "
+                "machine pass check_ckpt=False and an absolute path as seen by the server"
             )
+        if not check_ckpt and not os.path.isabs(initial_ckpt):
+            raise ValueError(f"initial_ckpt {initial_ckpt!r} must be an absolute path as seen by the server")
         _check_plan_options(scope, direction, idf, tf_norm, coe, hook_point, min_channels)
         initial_ckpt = os.path.abspath(initial_ckpt)
+        if check_ckpt:  # corrupt file or wrong architecture: say so now, not from inside the server's run
+            load_initial_model(initial_ckpt, model_name, num_classes, in_channels, prune_mode)
         self.initial_ckpt = initial_ckpt
         self.forget_classes = forget
         self.prune_ratio = float(prune_ratio)

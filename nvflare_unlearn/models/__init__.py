@@ -1,5 +1,24 @@
-"""Models the unlearning engine knows how to trace and prune (CIFAR ResNets with option-B shortcuts, VGG-BN, small CNN)."""
+"""Models the unlearning engine knows how to trace and prune (CIFAR ResNets with option-B shortcuts, VGG-BN, small CNN),
+plus any model of your own named by import path ``"package.module:factory"`` (see ``registry``)."""
 
-from .registry import MODEL_NAMES, build_model, example_input, input_shape, model_name_of
+from .registry import (
+    MODEL_NAMES,
+    build_model,
+    check_model_name,
+    example_input,
+    input_shape,
+    is_import_path,
+    model_name_of,
+    model_spec,
+)
 
-__all__ = ["MODEL_NAMES", "build_model", "example_input", "input_shape", "model_name_of"]
+__all__ = [
+    "MODEL_NAMES",
+    "build_model",
+    "check_model_name",
+    "example_input",
+    "input_shape",
+    "is_import_path",
+    "model_name_of",
+    "model_spec",
+]
