@@ -201,7 +201,7 @@ def robustness(model, site_reports, site_clipped, expected, test, args) -> list[
                 try:
                     aggregate_class_means(sent, method, args.trim)
                 except ValueError as exc:
-                    unscreened = f"ValueError: {str(exc)[:90]}"
+                    unscreened = f"ValueError: {str(exc).split(';')[0]}"
             rows.append({
                 "attack": attack, "screen": screen, "method": method,
                 "rejected_sites": sorted(rejected), "unscreened": unscreened,
@@ -223,6 +223,7 @@ def privacy(model, site_acts, site_labels, train, test, args) -> tuple[list[dict
     info = {
         "clip_bound": args.clip, "delta": args.delta, "min_count": args.min_count, "total_channels": n_channels,
         "l2_sensitivity": sens, "fraction_of_activations_clipped": float(np.mean(all_acts > args.clip)),
+        "images_per_class_per_site": summarize([float(c) for u in unclipped for c in u.counts]),
         "classes_dropped_by_min_count": int(sum(int(np.sum((u.counts > 0) & (c.counts == 0)))
                                                 for u, c in zip(unclipped, clipped))),
     }
@@ -317,7 +318,9 @@ def write_markdown(path: Path, result: dict) -> None:
         "## Privacy: Gaussian noise on each site's per-class sums",
         "",
         f"Per-image activations clipped to [0, {p['clip_bound']}] ({100 * p['fraction_of_activations_clipped']:.2f} % "
-        f"of values clipped), min count {p['min_count']} ({p['classes_dropped_by_min_count']} site-classes dropped), "
+        f"of values clipped), images per class per site {p['images_per_class_per_site']['min']:.0f} to "
+        f"{p['images_per_class_per_site']['max']:.0f} (mean {p['images_per_class_per_site']['mean']:.1f}), "
+        f"min count {p['min_count']} ({p['classes_dropped_by_min_count']} site-classes dropped), "
         f"{p['total_channels']} channels, L2 sensitivity {p['l2_sensitivity']:.3f} per added/removed image, "
         f"delta {p['delta']}, counts public, sigma from the analytic Gaussian mechanism, noise added by every site "
         f"to its own upload, exact mean aggregation, {cfg['noise_seeds']} noise seeds x 10 forget classes "
@@ -445,7 +448,8 @@ def main(argv: list[str] | None = None) -> dict:
     timings["privacy"] = time.perf_counter() - t0
 
     result = {
-        "command": "python benchmarks/robustness_privacy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join([".venv/bin/python benchmarks/robustness_privacy.py",
+                             *(argv if argv is not None else sys.argv[1:])]),
         "config": {k: (v if not isinstance(v, list) else [str(e) for e in v]) for k, v in vars(args).items()
                    if k != "out"},
         "environment": {"python": platform.python_version(), "torch": torch.__version__,

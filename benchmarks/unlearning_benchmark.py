@@ -19,16 +19,14 @@ forgetting tests, and PNG curves, under ``--out`` (default ``benchmarks/results/
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import itertools
 import json
-import math
 import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -176,7 +174,12 @@ class Data:
 
 def load_data(args: argparse.Namespace, dev: torch.device) -> Data:
     kw = {} if args.dataset == "digits" else {"root": args.data_root}
-    train = load_dataset(args.dataset, split="train", subset=args.train_images, seed=0, **kw)
+    train = load_dataset(args.dataset, split="train", **kw)
+    if args.train_images is not None and args.train_images < len(train):
+        # same images as load_dataset(..., subset=n, seed=0); a larger n (e.g. the CIFAR-100 subset) keeps all
+        train = train.subset(stratified_subset_indices(train.targets, args.train_images, seed=0))
+    elif args.train_images is not None:
+        log(f"--train-images {args.train_images} >= the {len(train)} training images available: using all")
     test = load_dataset(args.dataset, split="test", **kw)
     x, y = as_tensors(train, dev)
     xt, yt = as_tensors(test, dev)
@@ -493,7 +496,7 @@ def write_outputs(report: dict[str, Any], stem: Path, final: bool) -> None:
     report["complete"] = final
     tmp = stem.with_name(stem.name + ".json.tmp")
     tmp.write_text(json.dumps(report, indent=1, default=float))
-    os.replace(tmp, stem.with_suffix(".json"))
+    os.replace(tmp, stem.with_name(stem.name + ".json"))
     for run in report["runs"]:
         png = stem.with_name(f"{stem.name}_q{run['q']}_s{run['seed']}.png")
         try:
@@ -502,7 +505,7 @@ def write_outputs(report: dict[str, Any], stem: Path, final: bool) -> None:
             run["plots"] = png.name
         except Exception as exc:  # a plotting failure must not lose the numbers
             log(f"plot failed: {exc}")
-    stem.with_suffix(".md").write_text(markdown(report))
+    stem.with_name(stem.name + ".md").write_text(markdown(report))
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -643,7 +646,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 finish_costs(run, args)
                 write_outputs(report, stem, final=False)
     write_outputs(report, stem, final=True)
-    log(f"done: {stem.with_suffix('.json')} and .md")
+    log(f"done: {stem.with_name(stem.name + '.json')} and .md")
     return report
 
 

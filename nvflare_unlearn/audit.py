@@ -77,9 +77,14 @@ def _pruned_channels(plan: Any) -> dict[str, list[int]]:
     return {str(k): sorted(int(i) for i in v) for k, v in plan.pruned_channels().items()}
 
 
-def _timestamp(value: _dt.datetime | str | None) -> str:
+def _timestamp(value: _dt.datetime | str | float | None) -> str:
+    """ISO 8601 UTC text from a tz-aware datetime, an ISO string, or ``time.time()`` seconds (None = now)."""
     if value is None:
         return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"timestamp {value!r} is not a valid time.time() value")
+        return _dt.datetime.fromtimestamp(value, _dt.timezone.utc).isoformat(timespec="seconds")
     if isinstance(value, str):
         try:
             _dt.datetime.fromisoformat(value)
@@ -90,7 +95,9 @@ def _timestamp(value: _dt.datetime | str | None) -> str:
         if value.tzinfo is None:
             raise ValueError("timestamps must be timezone-aware (use datetime.now(timezone.utc))")
         return value.astimezone(_dt.timezone.utc).isoformat(timespec="seconds")
-    raise ValueError(f"timestamp must be a datetime or ISO 8601 string; got {type(value).__name__}")
+    raise ValueError(
+        f"timestamp must be a datetime, an ISO 8601 string or time.time() seconds; got {type(value).__name__}"
+    )
 
 
 def _metrics(m: Mapping[str, Any] | None, which: str) -> dict[str, float | None]:
@@ -159,8 +166,8 @@ def build_record(
     site_counts: Mapping[str, Sequence[int]],
     metrics_before: Mapping[str, Any],
     metrics_after: Mapping[str, Any],
-    started_at: _dt.datetime | str,
-    finished_at: _dt.datetime | str | None = None,
+    started_at: _dt.datetime | str | float,
+    finished_at: _dt.datetime | str | float | None = None,
     rejected_sites: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The ``unlearning_record.json`` content for one request, with digests of both model files and the plan.

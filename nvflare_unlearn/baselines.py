@@ -48,6 +48,7 @@ __all__ = [
     "reinitialise_channels",
     "deep_layers",
     "prepare_method",
+    "PreparedModel",
 ]
 
 METHODS = ("retrain", "finetune", "row_reset", "fisher", "prune", "prune_reinit", "prune_deep")

@@ -108,6 +108,12 @@ def test_record_contents(run):
     assert rec["content_sha256"] == record_digest(rec)
 
 
+def test_epoch_seconds_become_utc_iso(run):
+    rec = _record(run, started_at=START.timestamp(), finished_at=START.timestamp() + 180.0)
+    assert rec["timestamps"]["started_at"] == "2025-01-31T12:00:00+00:00"
+    assert rec["timestamps"]["finished_at"] == "2025-01-31T12:03:00+00:00"
+
+
 def test_write_read_verify_round_trip(run):
     rec = _record(run)
     path = write_record(run["tmp"] / "unlearning_record.json", rec)
@@ -240,6 +246,8 @@ def test_read_record_rejects_malformed_files(tmp_path):
         ({"site_counts": {"a": [0.5] * K}}, "non-negative integers"),
         ({"started_at": dt.datetime(2025, 1, 1)}, "timezone-aware"),
         ({"started_at": "yesterday"}, "ISO 8601"),
+        ({"started_at": float("nan")}, "time.time"),
+        ({"started_at": [2025]}, "time.time"),
         ({"plan": "{broken"}, "not valid JSON"),
     ],
 )

@@ -1,7 +1,8 @@
 """Moving a (possibly pruned) model across NVFlare: rebuild from name + plan, and weights <-> numpy dicts.
 
 Weights cross the wire as numpy arrays (NVFlare's NUMPY exchange), never as a pickled module: every site rebuilds
-the architecture itself from the registry name and the plan JSON in the task's meta, then loads the arrays.
+the architecture itself from the model name (a registry name or a "package.module:factory" import path) and the
+plan JSON in the task's meta, then loads the arrays.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def rebuild_model(
     mode: str = "remove",
     in_channels: Optional[int] = None,
 ) -> nn.Module:
-    """A fresh model of the registry architecture with the plan replayed on it (weights to be loaded after)."""
+    """A fresh model of the named architecture (registry name or import path) with the plan replayed on it
+    (weights to be loaded after)."""
     if mode not in PRUNE_MODES:
         raise ValueError(f"prune mode must be one of {list(PRUNE_MODES)}, got {mode!r}")
     model = build_model(model_name, num_classes, in_channels=in_channels)

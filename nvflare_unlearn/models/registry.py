@@ -265,8 +265,8 @@ def build_model(name: str | Callable[..., Any], num_classes: int, in_channels: i
     ``in_channels`` may only repeat it. The model carries its name and input shape as attributes so later steps
     (tracing, plans, checkpoints) need not be told again.
     """
-    if not isinstance(name, str):
-        name = model_spec(name)
+    if not isinstance(name, (str, nn.Module)) and callable(name):
+        name = model_spec(name)  # the factory itself -> its import path
     num_classes = check_num_classes(num_classes)
     if is_import_path(name):
         factory, shape, canonical = _resolve_import_path(name)

@@ -35,7 +35,7 @@ NUM_CLASSES = 10
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workspace", default="/tmp/own_model_unlearn", help="simulator workspace (a new job folder each run)")
+    p.add_argument("--workspace", default="/tmp/own_model_unlearn", help="simulator workspace")
     p.add_argument("--sites", type=int, default=2)
     p.add_argument("--forget", type=int, nargs="+", default=[3], help="class id(s) to forget")
     p.add_argument("--pretrain-rounds", type=int, default=3)
