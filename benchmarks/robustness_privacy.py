@@ -390,7 +390,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sites", type=int, default=10)
     p.add_argument("--bad-site", type=int, default=0)
     p.add_argument("--ratio", type=float, default=0.3,
-                   help="prune ratio; 0.3 as in tests/test_fl_simenv.py (at 0.1 small_cnn relearns the class)")
+                   help="prune ratio; 0.3 as tests/test_fl_simenv.py uses for small_cnn")
     p.add_argument("--trim", type=float, default=0.1, help="trimmed_mean: fraction dropped at each end")
     p.add_argument("--clip", type=float, default=2.0, help="per-image activation bound B")
     p.add_argument("--delta", type=float, default=1e-5)

@@ -23,6 +23,11 @@ _FORMAT = "nvflare_unlearn.class_activations"
 _FORMAT_VERSION = 1
 
 
+#: What sites upload: float32 sums (counts stay int64). Ranking channels needs nowhere near float64's precision,
+#: and it halves the upload (ResNet20: ~2.9 % of the model's bytes instead of ~5.8 %).
+WIRE_SUMS_DTYPE = "float32"
+
+
 @dataclass
 class ClassActivationReport:
     """Per-class activation sums ``[K, C]`` (float64) per conv layer and per-class sample counts ``[K]`` (int64)."""

@@ -73,7 +73,8 @@ def _existing_file(path: str, what: str) -> str:
 
 def _add_federation_args(p: argparse.ArgumentParser, *, rounds: int, lr: float) -> None:
     g = p.add_argument_group("federation and data")
-    g.add_argument("--model", default="small_cnn", help="registry model name (small_cnn, resnet20..56, vgg11..19)")
+    g.add_argument("--model", default="small_cnn",
+                   help="registry name (small_cnn, resnet20..56, vgg11..19) or your factory as package.module:function")
     g.add_argument("--num-classes", type=int, default=10)
     g.add_argument("--in-channels", type=int, default=None, help="input channels (default: from the dataset)")
     g.add_argument("--dataset", default="digits", help="digits (built in), cifar10, cifar100")

@@ -80,6 +80,11 @@ def test_clip_activations_numpy_and_torch():
 def test_check_clip_bound():
     rep = _report(fill=0.5)
     check_clip_bound(rep, 0.5)  # mean exactly at the bound is allowed
+    # a sum exactly at the bound, rounded up by the float32 wire format, is still accepted
+    at_bound = ClassActivationReport({"c": np.array([[0.1 * 3], [0.0]])}, np.array([3, 0]), "conv")
+    wire = ClassActivationReport.from_dict({**at_bound.to_dict(), "sums": {"c": at_bound.sums["c"].astype(np.float32)}})
+    assert wire.sums["c"][0, 0] > 0.1 * 3
+    check_clip_bound(wire, 0.1)
     with pytest.raises(ValueError, match="classes \\[1, 2, 3\\].*per-image clipping"):
         check_clip_bound(rep, 0.4)
     zero_count_nonzero_sum = ClassActivationReport({"c": np.array([[1.0], [0.0]])}, np.array([0, 3]), "conv")

@@ -31,6 +31,7 @@ from torch import nn
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
+from ..activations import WIRE_SUMS_DTYPE
 from .defs import (
     META_FORGET,
     META_HOOK_POINT,
@@ -103,7 +104,7 @@ def activation_result(
     report = collect_class_activations(model, loader, num_classes, hook_point=hook_point, max_batches=max_batches)
     return FLModel(
         params_type=ParamsType.FULL,
-        params=report.to_dict(),
+        params=report.to_dict(sums_dtype=WIRE_SUMS_DTYPE),
         meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(report.counts.sum())},
     )
 

@@ -29,6 +29,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.security.logging import secure_format_exception
 
+from ..activations import WIRE_SUMS_DTYPE
 from .defs import (
     META_FORGET,
     META_HOOK_POINT,
@@ -223,7 +224,7 @@ class UnlearningExecutor(Executor):
         self.log_info(fl_ctx, f"activation report: {sum(counts)} samples, per class {counts}, {report.nbytes} bytes")
         return DXO(
             data_kind=DataKind.COLLECTION,
-            data=report.to_dict(),
+            data=report.to_dict(sums_dtype=WIRE_SUMS_DTYPE),
             meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(sum(counts))},
         )
 
