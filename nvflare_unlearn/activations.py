@@ -7,6 +7,7 @@ exact count-weighted mean over sites: ``merge_reports`` adds them, ``ClassActiva
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -212,8 +213,12 @@ def collect_class_activations(
     hook_point: str = "conv",
     device: torch.device | str | None = None,
     max_batches: int | None = None,
+    clip: float | None = None,
 ) -> ClassActivationReport:
     """Stream ``loader`` through ``model`` and accumulate per-class sums of ReLU + global-average-pooled outputs.
+
+    ``clip=B`` clips every image's pooled activation to ``[0, B]`` BEFORE it is summed: the per-image bound the
+    Gaussian noise of ``nvflare_unlearn.privacy`` is calibrated to (a sum cannot be clipped per image afterwards).
 
     ``hook_point="conv"`` (the paper's) hooks the raw Conv2d output; ``"bn"`` hooks the BatchNorm2d that directly
     consumes each conv (found at run time by tensor identity, not by name). Memory is O(layers x K x C),
@@ -226,6 +231,10 @@ def collect_class_activations(
         isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) or max_batches < 1
     ):
         raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not math.isfinite(clip) or clip <= 0
+    ):
+        raise ValueError(f"clip must be a positive finite number (the per-image bound B) or None, got {clip!r}")
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError(f"{type(model).__name__} has no nn.Conv2d layer: class activations need a CNN")
@@ -244,6 +253,8 @@ def collect_class_activations(
         if out.dim() != 4:
             raise ValueError(f"layer {name!r}: expected a 4-D [N, C, H, W] output, got shape {tuple(out.shape)}")
         pooled = F.relu(out).mean(dim=(2, 3)).to(torch.float64)
+        if clip is not None:
+            pooled = pooled.clamp(max=float(clip))
         sums[name].index_add_(0, state["labels"], pooled)
 
     def conv_hook(name: str):

@@ -242,11 +242,12 @@ def _print_report(report: dict) -> None:
 
 
 def _collect_unlearning_outputs(result, out: str) -> dict:
-    """Copy the job's models, plan and metrics into ``out`` and write report.json + the plot."""
-    from .fl import FINAL_MODEL_FILE, PLAN_FILE, PRUNED_MODEL_FILE
+    """Copy the job's models, plan, metrics and audit record into ``out`` and write report.json + the plot."""
+    from .fl import FINAL_MODEL_FILE, PLAN_FILE, PRUNED_MODEL_FILE, RECORD_FILE
 
     for src, name in ((result.model_path, FINAL_MODEL_FILE), (result.pruned_model_path, PRUNED_MODEL_FILE),
-                      (result.plan_path, PLAN_FILE), (result.metrics_path, "job_metrics.json")):  # fmt: skip
+                      (result.plan_path, PLAN_FILE), (result.metrics_path, "job_metrics.json"),
+                      (result.record_path, RECORD_FILE)):  # fmt: skip
         if src:
             shutil.copy2(src, os.path.join(out, name))
     report = build_report(result.metrics)
@@ -258,30 +259,30 @@ def _collect_unlearning_outputs(result, out: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- commands
-def cmd_pretrain(a: argparse.Namespace) -> int:
-    from .fl import PretrainRecipe
-
+def _run_training_job(a: argparse.Namespace, recipe: Any, label: str) -> dict:
+    """Pretraining / retraining: run the FedAvg job, copy its model into ``--out``; returns the final metrics."""
     out = _new_out_dir(a.out)
-    recipe = PretrainRecipe(name=a.name or "pretrain", **_common_kwargs(a))
-    result = _run_recipe(recipe, a, os.path.join(out, "workspace"), "pretraining")
+    result = _run_recipe(recipe, a, os.path.join(out, "workspace"), label)
     dst = os.path.join(out, "global_model.pt")
     shutil.copy2(result.model_path, dst)
     final = result.metrics.get("final", {})
-    _say(f"pretrained model: {dst} (federated test accuracy {_pct(final.get('acc')).strip()})")
+    _say(f"model: {dst} (federated test accuracy {_pct(final.get('acc')).strip()}, "
+         f"U-set {_pct(final.get('u_acc')).strip()}, R-set {_pct(final.get('r_acc')).strip()})")  # fmt: skip
+    return final
+
+
+def cmd_pretrain(a: argparse.Namespace) -> int:
+    from .fl import PretrainRecipe
+
+    _run_training_job(a, PretrainRecipe(name=a.name or "pretrain", **_common_kwargs(a)), "pretraining")
     return EXIT_OK
 
 
 def cmd_retrain(a: argparse.Namespace) -> int:
     from .fl import RetrainRecipe
 
-    out = _new_out_dir(a.out)
-    kwargs = _common_kwargs(a)
-    recipe = RetrainRecipe(name=a.name or "retrain", forget_classes=a.forget, **kwargs)
-    result = _run_recipe(recipe, a, os.path.join(out, "workspace"), "retraining from scratch")
-    dst = os.path.join(out, "global_model.pt")
-    shutil.copy2(result.model_path, dst)
-    final = result.metrics.get("final", {})
-    _say(f"retrained model: {dst} (U-set {_pct(final.get('u_acc')).strip()}, R-set {_pct(final.get('r_acc')).strip()})")
+    recipe = RetrainRecipe(name=a.name or "retrain", forget_classes=a.forget, **_common_kwargs(a))
+    _run_training_job(a, recipe, "retraining from scratch")
     return EXIT_OK
 
 
@@ -364,12 +365,13 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_verify_record(a: argparse.Namespace) -> int:
+    """Exit 0 when the model (and, with --original, the original checkpoint) match the record, 1 otherwise."""
     from .audit import verify_record
 
-    result = verify_record(_existing_file(a.record, "--record"), _existing_file(a.model, "--model"))
-    ok = bool(getattr(result, "ok", result.get("ok") if isinstance(result, dict) else False))
-    print(json.dumps(result if isinstance(result, dict) else vars(result), indent=2, default=str))
-    return EXIT_OK if ok else EXIT_FAILED
+    original = _existing_file(a.original, "--original") if a.original else None
+    result = verify_record(_existing_file(a.record, "--record"), _existing_file(a.model, "--model"), original)
+    print(result)
+    return EXIT_OK if result.ok else EXIT_FAILED
 
 
 # ----------------------------------------------------------------------------------------------- parser
@@ -431,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
             action.required = False
 
     v = sub.add_parser("verify-record", help="check an unlearning_record.json against a model file")
-    v.add_argument("--record", required=True)
-    v.add_argument("--model", required=True)
+    v.add_argument("--record", required=True, help="unlearning_record.json written by the unlearning job")
+    v.add_argument("--model", required=True, help="the unlearned model file to check (e.g. OUT/unlearned_model.pt)")
+    v.add_argument("--original", default=None, help="also check that this original checkpoint is unchanged")
     v.set_defaults(func=cmd_verify_record)
     return p
 

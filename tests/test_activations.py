@@ -225,3 +225,31 @@ def test_merge_rejects_mismatched_reports():
         merge_reports([a, ClassActivationReport({"c": np.ones((3, 2))}, np.array([1, 1, 1]), hook_point="bn")])
     with pytest.raises(ValueError, match="shape"):
         merge_reports([a, ClassActivationReport({"c": np.ones((3, 4))}, np.array([1, 1, 1]))])
+
+
+def test_clip_bounds_each_image_before_summing():
+    """clip=B caps every image's pooled activation at B before the sum (the DP sensitivity needs per-image clipping)."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 4)
+    x, y = torch.rand(12, 1, 8, 8) * 5, torch.arange(12) % 4
+    plain = collect_class_activations(model, [(x, y)], 4)
+    bound = float(np.median(np.concatenate([s.ravel() / 3 for s in plain.sums.values()])))
+    clipped = collect_class_activations(model, [(x, y)], 4, clip=bound)
+    # The per-image reference: clip each image's pooled vector, then sum (clipping a sum would differ).
+    for i in range(12):
+        one = collect_class_activations(model, [(x[i : i + 1], y[i : i + 1])], 4)
+        for name, s in one.sums.items():
+            one.sums[name] = np.minimum(s, bound)
+        if i == 0:
+            ref = {n: s.copy() for n, s in one.sums.items()}
+        else:
+            for n in ref:
+                ref[n] += one.sums[n]
+    for name in plain.sums:
+        np.testing.assert_allclose(clipped.sums[name], ref[name], rtol=1e-5, atol=1e-7)  # batch vs single-image float32 kernels
+        assert np.all(clipped.sums[name] <= bound * clipped.counts[:, None] + 1e-9)
+    assert any(np.any(plain.sums[n] > clipped.sums[n] + 1e-9) for n in plain.sums), "the bound must bite somewhere"
+    np.testing.assert_array_equal(plain.counts, clipped.counts)
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="clip"):
+            collect_class_activations(model, [(x, y)], 4, clip=bad)

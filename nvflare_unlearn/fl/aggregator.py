@@ -16,7 +16,7 @@ from nvflare.apis.fl_component import FLComponent
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 
-from ..activations import ClassActivationReport, merge_reports
+from ..activations import ClassActivationReport, merge_reports, validate_report
 from ..robust import METHODS, aggregate_class_means, screen_report
 
 
@@ -26,7 +26,14 @@ def _site(model: FLModel) -> str:
 
 
 class ActivationAggregator(ModelAggregator):
-    def __init__(self, num_classes: int, method: str = "mean", trim: float = 0.1, clip_bound: Optional[float] = None):
+    def __init__(
+        self,
+        num_classes: int,
+        method: str = "mean",
+        trim: float = 0.1,
+        clip_bound: Optional[float] = None,
+        allow_negative: bool = False,
+    ):
         """
         Args:
             num_classes: label space of the model (every report must have one row per class).
@@ -34,6 +41,9 @@ class ActivationAggregator(ModelAggregator):
                 minority of faulty sites, see ``nvflare_unlearn.robust`` for the bounds and their costs).
             trim: fraction trimmed at each end for "trimmed_mean".
             clip_bound: when sites clip each activation to [0, B], reject reports whose sums exceed B * count.
+            allow_negative: accept negative sums (sites add Gaussian noise, DP on); the other checks still apply
+                and, with ``clip_bound``, sums above B * count are still rejected. Class means can then be
+                negative: the controller clamps them at 0 before TF-IDF.
         """
         FLComponent.__init__(self)  # ModelAggregator.__init__ skips it (no logger otherwise)
         ModelAggregator.__init__(self)
@@ -43,6 +53,7 @@ class ActivationAggregator(ModelAggregator):
         self.method = method
         self.trim = trim
         self.clip_bound = clip_bound
+        self.allow_negative = bool(allow_negative)
         self._expected: dict[str, int] = {}
         self._reports: dict[str, ClassActivationReport] = {}
         self.rejected: dict[str, str] = {}
@@ -63,17 +74,39 @@ class ActivationAggregator(ModelAggregator):
         if not self._expected:
             raise RuntimeError("call set_expected_layers(model's conv channels) before accepting reports")
         site = _site(model)
-        reason = screen_report(model.params, self._expected, self.num_classes, clip_bound=self.clip_bound)
+        reason = self._screen(model.params)
         if reason is None and site in self._reports:
             reason = "a second report from the same site in one round"
         if reason is not None:
             self.rejected[site] = reason
             self._log("warning", f"rejected activation report from {site}: {reason}")
             return False
-        report = ClassActivationReport.from_dict(model.params)
+        report = ClassActivationReport.from_dict(model.params, allow_negative=self.allow_negative)
         self._reports[site] = report
         self._log("info", f"accepted activation report from {site}: {int(np.sum(report.counts))} samples")
         return True
+
+    def _screen(self, params) -> Optional[str]:
+        """Why a report is rejected (None = keep); ``robust.screen_report``, or its noise-tolerant variant."""
+        if not self.allow_negative:
+            return screen_report(params, self._expected, self.num_classes, clip_bound=self.clip_bound)
+        if not isinstance(params, Mapping):
+            return f"report is a {type(params).__name__}, not a ClassActivationReport's to_dict() form"
+        try:
+            report = validate_report(params, dict(self._expected), self.num_classes, allow_negative=True)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        if self.clip_bound is not None:
+            counts = np.asarray(report.counts, dtype=np.float64)[:, None]
+            for name, sums in report.sums.items():
+                # privacy.gaussian_noise clips noisy sums to [0, B * count]; the slack only covers float32 rounding
+                if np.any(np.asarray(sums) > self.clip_bound * counts * (1 + 1e-6) + 1e-12):
+                    return f"layer {name!r}: sums above clip_bound * count; the site did not clip or the report was altered"
+        return None
+
+    def site_counts(self) -> dict[str, list[int]]:
+        """Per-class counts of every accepted report (after the sites' min-count), by site."""
+        return {s: [int(c) for c in self._reports[s].counts] for s in sorted(self._reports)}
 
     @property
     def accepted_sites(self) -> list[str]:
@@ -93,6 +126,7 @@ class ActivationAggregator(ModelAggregator):
                 "counts": [int(c) for c in merged.counts],
                 "hook_point": merged.hook_point,
                 "sites": self.accepted_sites,
+                "site_counts": self.site_counts(),
                 "rejected": dict(self.rejected),
                 "method": self.method,
             },

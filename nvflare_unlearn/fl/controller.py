@@ -34,6 +34,8 @@ from nvflare.security.logging import secure_format_exception
 
 from .aggregator import ActivationAggregator
 from .defs import (
+    FINAL_MODEL_FILE,
+    META_DP_SIGMA,
     META_FORGET,
     META_HOOK_POINT,
     META_MODEL_NAME,
@@ -46,6 +48,7 @@ from .defs import (
     PLAN_FILE,
     PRUNE_MODES,
     PRUNED_MODEL_FILE,
+    RECORD_FILE,
     TASK_ACTIVATIONS,
     TASK_TRAIN,
     TASK_VALIDATE,
@@ -143,6 +146,7 @@ class FedAvgEvalController(BaseFedAvg):
 
         self._record: dict[str, Any] = {}
         self._test_loader = None
+        self._no_result: list[str] = []  # sites of the last task that returned nothing usable
 
     # ------------------------------------------------------------------ plumbing
     def _global_model(self, params: dict, plan_json: Optional[str], current_round: Optional[int] = None) -> FLModel:
@@ -178,6 +182,13 @@ class FedAvgEvalController(BaseFedAvg):
             wait_time_after_min_received=self.wait_time_after_min_received,
         )
         results = sorted(results, key=_client)  # arrival order must not change sums (reproducible plans)
+        answered = {_client(r) for r in results}
+        self._no_result = sorted(str(c) for c in clients if str(c) not in answered)
+        if self._no_result:
+            self.warning(
+                f"task {task_name!r}: no result from {self._no_result} (error, timeout or disconnect; see their logs); "
+                f"going on with {sorted(answered)}"
+            )
         if len(results) < self.min_clients:
             raise RuntimeError(
                 f"task {task_name!r}: {len(results)} of {len(clients)} site(s) returned a result, "
@@ -281,6 +292,7 @@ class FedAvgEvalController(BaseFedAvg):
             self.info(f"{stage} round {self.current_round + 1}/{self.num_rounds}")
             model = self._global_model(model.params, plan_json, self.current_round)
             results = self._send(TASK_TRAIN, model)
+            no_result = list(self._no_result)  # crashed or timed-out sites: the round goes on without them
             if not any(_weight(r) > 0 for r in results):
                 raise RuntimeError(
                     f"round {self.current_round + 1}: no site had retained-class data to train on "
@@ -291,7 +303,12 @@ class FedAvgEvalController(BaseFedAvg):
             model = self._global_model(model.params, plan_json, self.current_round)  # re-attach the plan
             self.save_model(model)
             entry = self.evaluate(model, f"{stage} round {self.current_round + 1}", step)
-            entry.update(round=self.current_round + 1, n_trained=int(aggr.meta.get("nr_aggregated", 0)))
+            entry.update(
+                round=self.current_round + 1,
+                n_trained=int(aggr.meta.get("nr_aggregated", 0)),
+                trained_sites=sorted(_client(r) for r in results if _weight(r) > 0),
+                no_result=no_result,
+            )
             history.append(entry)
         return model, history
 
@@ -373,6 +390,10 @@ class UnlearningController(FedAvgEvalController):
         task_timeout: int = 0,
         wait_time_after_min_received: int = 10,
         persistor_id: str = "persistor",
+        min_count: int = 0,
+        clip_bound: Optional[float] = None,
+        dp_epsilon: Optional[float] = None,
+        dp_delta: Optional[float] = None,
     ):
         """
         Args:
@@ -382,6 +403,9 @@ class UnlearningController(FedAvgEvalController):
                 ``tfidf_scores`` (paper defaults: global threshold, prune the highest scores, paper IDF, share TF).
             prune_mode: "remove" (physical removal) or "mask" (shapes kept, channels held at zero).
             aggregator: how activation reports are screened and combined (default: exact count-weighted mean).
+            min_count / clip_bound / dp_epsilon / dp_delta: the sites' upload privacy settings, for the audit
+                record (the sites apply them). ``dp_epsilon`` / ``dp_delta`` are the whole request's budget, split
+                evenly over the activation passes (one per forget class, basic composition).
             Other arguments: see ``FedAvgEvalController``.
         """
         super().__init__(
@@ -413,6 +437,10 @@ class UnlearningController(FedAvgEvalController):
         self.coe = coe
         self.min_channels = min_channels
         self.aggregator = aggregator
+        self.min_count = min_count
+        self.clip_bound = clip_bound
+        self.dp_epsilon = dp_epsilon
+        self.dp_delta = dp_delta
 
     def _collect_means(self, model: FLModel, net, forget_class: int) -> tuple[dict, dict]:
         """One activation round: broadcast, screen and aggregate the sites' reports into class means."""
@@ -420,15 +448,19 @@ class UnlearningController(FedAvgEvalController):
         aggregator.fl_ctx = self.fl_ctx
         aggregator.set_expected_layers(conv_channels(net))
         results = self._send(TASK_ACTIVATIONS, model)
+        no_result = list(self._no_result)
+        sigmas = {_client(r): (r.meta or {}).get(META_DP_SIGMA) for r in results}
         for r in results:
             aggregator.accept_model(r)
         accepted = aggregator.accepted_sites
         if len(accepted) < self.min_clients:
             raise RuntimeError(
                 f"class {forget_class}: {len(accepted)} valid activation report(s), min_clients={self.min_clients}; "
-                f"rejected: {aggregator.rejected}"
+                f"rejected: {aggregator.rejected}, no result from: {no_result or 'none'}"
             )
         merged = aggregator.aggregate_model()
+        merged.meta["no_result"] = no_result
+        merged.meta["dp_sigma"] = {s: sigmas.get(s) for s in accepted}
         counts = merged.meta["counts"]
         if counts[forget_class] == 0:
             raise RuntimeError(
@@ -459,10 +491,20 @@ class UnlearningController(FedAvgEvalController):
                 hook_point=self.hook_point, num_rounds=self.num_rounds, target_r_acc=self.target_r_acc,
                 min_clients=self.min_clients,
                 aggregation=(self.aggregator.method if self.aggregator else "mean"),
+                trim=(self.aggregator.trim if self.aggregator else None), task_timeout=self.task_timeout,
+                wait_time_after_min_received=self.wait_time_after_min_received, min_count=self.min_count,
+                clip_bound=self.clip_bound, dp_epsilon=self.dp_epsilon, dp_delta=self.dp_delta,
             ),
             started_at=started,
             params_before=count_params(net),
         )  # fmt: skip
+        original_path = getattr(self.persistor, "initial_ckpt", None)
+        if not original_path or not os.path.isfile(original_path):
+            raise RuntimeError("the audit record needs the original checkpoint: the persistor has no initial_ckpt")
+        from ..audit import sha256_file
+
+        original_sha = sha256_file(original_path)
+        self._record["original_model"] = {"path": original_path, "sha256": original_sha}
         self._record["original"] = self.evaluate(model, "original", 0)
 
         # Phase 2: one statistics + pruning pass per forget class; the plan composes across classes.
@@ -470,7 +512,9 @@ class UnlearningController(FedAvgEvalController):
         activation_rounds = []
         for forget_class in self.forget_classes:
             t0 = time.time()
+            channels = int(sum(conv_channels(net).values()))  # this pass's DP sensitivity depends on it
             means, info = self._collect_means(model, net, forget_class)
+            means = {k: np.maximum(v, 0.0) for k, v in means.items()}  # noisy (DP) means may dip below 0
             scores = tfidf_scores(means, forget_class, idf=self.idf, tf_norm=self.tf_norm, coe=self.coe)
             plan = self._extend_plan(net, plan, scores, forget_class)
             plan.steps[-1]["scoring"] = {
@@ -481,6 +525,7 @@ class UnlearningController(FedAvgEvalController):
             model = self._global_model(state_to_numpy(net), plan.to_json())
             activation_rounds.append(
                 dict(forget_class=forget_class, sites=info["sites"], rejected=info["rejected"], counts=info["counts"],
+                     no_result=info["no_result"], channels=channels, site_counts=info["site_counts"], dp_sigma=info["dp_sigma"],
                      params=count_params(net), seconds=round(time.time() - t0, 3))
             )  # fmt: skip
             self.info(f"class {forget_class}: pruned to {count_params(net)} parameters (sites {info['sites']})")
@@ -505,11 +550,60 @@ class UnlearningController(FedAvgEvalController):
         self._record["rounds"] = len(history)
         self._record["unlearned"] = history[-1] if history else self._record["pruned"]
 
-        # Phase 5: the final model (weights + plan) through the persistor, then the record.
+        # Phase 5: the final model (weights + plan) through the persistor, the audit record, then the metrics.
         self.save_model(model)
-        self._record["files"] = dict(pruned_model=PRUNED_MODEL_FILE, plan=PLAN_FILE, metrics=METRICS_FILE)
+        if sha256_file(original_path) != original_sha:
+            raise RuntimeError(f"the original checkpoint {original_path} changed during the job")
+        final_path = os.path.join(run_dir, getattr(self.persistor, "output_file", FINAL_MODEL_FILE))
+        self._write_audit_record(original_path, final_path, plan, activation_rounds, started)
+        self._record["files"] = dict(
+            pruned_model=PRUNED_MODEL_FILE, plan=PLAN_FILE, metrics=METRICS_FILE, record=RECORD_FILE
+        )
         self._record["seconds"] = round(time.time() - started, 3)
         self._write_record("completed")
+
+    def _write_audit_record(self, original_path, final_path, plan, activation_rounds, started) -> str:
+        """``unlearning_record.json`` (``audit.build_record``): what was asked, done and measured, with digests."""
+        from ..audit import build_record, write_record
+        from ..privacy import gaussian_sigma, sensitivity, split_budget
+
+        params = dict(self._record["options"])
+        if self.dp_epsilon is not None:
+            eps, delta = split_budget(self.dp_epsilon, self.dp_delta, len(self.forget_classes))
+            params["dp_per_pass"] = {"epsilon": eps, "delta": delta, "passes": len(self.forget_classes)}
+            # sigma depends on the channels still present at each pass (the model shrinks pass by pass)
+            params["dp_sigma"] = [
+                gaussian_sigma(eps, delta, sensitivity(a["channels"], self.clip_bound))
+                for a in activation_rounds
+            ]
+        site_counts: dict[str, list[int]] = {}
+        rejected: dict[str, list[str]] = {}
+        for a in activation_rounds:
+            site_counts.update(a["site_counts"])
+            for site, why in a["rejected"].items():
+                rejected.setdefault(site, []).append(f"class {a['forget_class']}: {why}")
+            for site in a["no_result"]:
+                rejected.setdefault(site, []).append(
+                    f"class {a['forget_class']}: no result (the site failed or timed out, see its log)"
+                )
+        keys = ("u_acc", "r_acc", "acc", "mia")
+        record = build_record(
+            forget_classes=self.forget_classes,
+            num_classes=self.num_classes,
+            parameters=_jsonable(params),
+            original_model_path=original_path,
+            final_model_path=final_path,
+            plan=plan,
+            site_counts=site_counts,
+            metrics_before={k: self._record["original"][k] for k in keys if k in self._record["original"]},
+            metrics_after={k: self._record["unlearned"][k] for k in keys if k in self._record["unlearned"]},
+            started_at=started,
+            finished_at=time.time(),
+            rejected_sites={s: "; ".join(v) for s, v in sorted(rejected.items())},
+        )
+        path = str(write_record(os.path.join(self.get_run_dir(), RECORD_FILE), record))
+        self.info(f"audit record written to {path} (plan sha256 {record['plan']['sha256'][:12]}...)")
+        return path
 
     def _extend_plan(self, net, plan, scores: dict, forget_class: int):
         """Add one forget class's step to the plan (indices of the original model, see ``build_pruning_plan``).

@@ -17,6 +17,7 @@ META_FORGET = "forget_classes"  # list[int]: sites drop these classes from their
 META_HOOK_POINT = "hook_point"  # where activations are read ("conv" = raw conv output, the paper's choice)
 META_MODEL_NAME = "model_name"
 META_NUM_CLASSES = "num_classes"
+META_DP_SIGMA = "dp_sigma"  # DXO meta of an activation report: std of the Gaussian noise the site added (0 = none)
 
 # Keys of the per-class evaluation metrics a site returns for TASK_VALIDATE (counts only, never samples).
 METRIC_CORRECT = "correct"
@@ -27,6 +28,7 @@ METRICS_FILE = "unlearning_metrics.json"
 FINAL_MODEL_FILE = "unlearned_model.pt"
 PRUNED_MODEL_FILE = "pruned_model.pt"
 PLAN_FILE = "pruning_plan.json"
+RECORD_FILE = "unlearning_record.json"  # audit record (nvflare_unlearn.audit), unlearning jobs only
 GLOBAL_MODEL_FILE = "global_model.pt"  # pretraining / retraining output
 
 PRUNE_MODES = ("remove", "mask")

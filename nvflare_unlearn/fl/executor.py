@@ -13,6 +13,7 @@ round), loads the numpy weights, and works on this site's own data:
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Optional, Sequence
 
@@ -31,6 +32,7 @@ from nvflare.security.logging import secure_format_exception
 
 from ..activations import WIRE_SUMS_DTYPE
 from .defs import (
+    META_DP_SIGMA,
     META_FORGET,
     META_HOOK_POINT,
     META_PLAN,
@@ -43,6 +45,25 @@ from .defs import (
 )
 from .model_state import load_numpy_state, rebuild_model, state_to_numpy
 from .site_data import check_data_spec, load_site_split
+
+
+def check_dp_options(clip_bound, dp_epsilon, dp_delta) -> None:
+    """Clip bound and (epsilon, delta) as the sites will use them; a clear ValueError before any job starts."""
+    from ..privacy import validate_clip_bound
+
+    if clip_bound is not None:
+        validate_clip_bound(clip_bound)
+    if (dp_epsilon is None) != (dp_delta is None):
+        raise ValueError("give dp_epsilon and dp_delta together (Gaussian noise needs both), or neither")
+    if dp_epsilon is None:
+        return
+    if clip_bound is None:
+        raise ValueError("dp_epsilon needs clip_bound: the noise is calibrated to activations clipped to [0, B]")
+    for name, value in (("dp_epsilon", dp_epsilon), ("dp_delta", dp_delta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if not dp_delta < 1:
+        raise ValueError(f"dp_delta must be < 1, got {dp_delta!r}")
 
 
 class UnlearningExecutor(Executor):
@@ -67,6 +88,9 @@ class UnlearningExecutor(Executor):
         hook_point: str = "conv",
         max_activation_batches: Optional[int] = None,
         min_count: int = 0,
+        clip_bound: Optional[float] = None,
+        dp_epsilon: Optional[float] = None,
+        dp_delta: Optional[float] = None,
         in_channels: Optional[int] = None,
         seed: int = 0,
         torch_threads: int = 1,
@@ -87,6 +111,10 @@ class UnlearningExecutor(Executor):
             max_activation_batches: cap on the activation pass (None = all local training data).
             min_count: a class with fewer local images is not reported (sums and count zeroed), in the spirit of
                 NVFlare's MinCountCleanser (``nvflare_unlearn.privacy.apply_min_count``).
+            clip_bound: clip each image's pooled activation to [0, B] before summing (bounds one image's effect).
+            dp_epsilon / dp_delta: add Gaussian noise to the per-class sums, (epsilon, delta)-DP per activation
+                pass for one added/removed image (``privacy.gaussian_noise``; needs ``clip_bound``). The noise is
+                drawn from fresh OS entropy: the server must not be able to reproduce and subtract it.
             seed: base seed for shuffling; the round number and site name vary it.
             torch_threads: torch intra-op threads in this client process (1 keeps simulated sites from fighting).
         """
@@ -119,6 +147,10 @@ class UnlearningExecutor(Executor):
         if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
             raise ValueError(f"min_count must be an integer >= 0, got {min_count!r}")
         self.min_count = min_count
+        check_dp_options(clip_bound, dp_epsilon, dp_delta)
+        self.clip_bound = clip_bound
+        self.dp_epsilon = dp_epsilon
+        self.dp_delta = dp_delta
         self.in_channels = in_channels
         self.seed = seed
         self.torch_threads = torch_threads
@@ -215,17 +247,31 @@ class UnlearningExecutor(Executor):
             hook_point=meta.get(META_HOOK_POINT, self.hook_point),
             device=self._device,
             max_batches=self.max_activation_batches,
+            clip=self.clip_bound,
         )
         if self.min_count > 1:
             from ..privacy import apply_min_count
 
             report = apply_min_count(report, self.min_count)
+        sigma = 0.0
+        if self.dp_epsilon is not None:  # after min-count: counts are public, a dropped class stays at zero
+            import numpy as np
+
+            from ..privacy import gaussian_noise, gaussian_sigma, sensitivity, total_channels
+
+            report = gaussian_noise(report, self.dp_epsilon, self.dp_delta, self.clip_bound, np.random.default_rng())
+            sigma = gaussian_sigma(
+                self.dp_epsilon, self.dp_delta, sensitivity(total_channels(report), self.clip_bound)
+            )
         counts = [int(c) for c in report.counts]
-        self.log_info(fl_ctx, f"activation report: {sum(counts)} samples, per class {counts}, {report.nbytes} bytes")
+        self.log_info(
+            fl_ctx,
+            f"activation report: {sum(counts)} samples, per class {counts}, {report.nbytes} bytes, noise sigma {sigma:g}",
+        )
         return DXO(
             data_kind=DataKind.COLLECTION,
             data=report.to_dict(sums_dtype=WIRE_SUMS_DTYPE),
-            meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(sum(counts))},
+            meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(sum(counts)), META_DP_SIGMA: float(sigma)},
         )
 
     def _forget_set(self, meta) -> list[int]:

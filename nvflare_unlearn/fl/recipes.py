@@ -447,9 +447,12 @@ class UnlearningRecipe(_UnlearnBaseRecipe):
         aggregation: str = "mean",
         trim: float = 0.1,
         clip_bound: Optional[float] = None,
+        dp_epsilon: Optional[float] = None,
+        dp_delta: Optional[float] = None,
         test_dataset: Optional[str] = None,
         test_data_root: Optional[str] = None,
         task_timeout: int = 0,
+        wait_time_after_min_received: int = 10,
         in_channels: Optional[int] = None,
         input_shape: Optional[Sequence[int]] = None,
         seed: int = 0,
@@ -480,9 +483,16 @@ class UnlearningRecipe(_UnlearnBaseRecipe):
             max_activation_batches: cap on each site's activation pass (None = all local training data).
             min_count: sites do not report a class they hold fewer images of (privacy; see ``privacy.py``).
             target_r_acc: stop fine-tuning early once federated retained-class accuracy reaches it (0..1).
-            aggregation / trim / clip_bound: activation-report aggregation ("mean" exact, "median", "trimmed_mean").
+            aggregation / trim: activation-report aggregation ("mean" exact, "median", "trimmed_mean").
+            clip_bound: sites clip each image's pooled activation to [0, B] before summing; the server rejects a
+                report whose sums exceed B * count.
+            dp_epsilon / dp_delta: Gaussian noise on the sites' per-class sums, (epsilon, delta)-DP for the whole
+                request per added/removed image (split evenly over the activation passes, one per forget class);
+                needs ``clip_bound``. The server then accepts noisy reports and clamps class means at 0. A plan
+                built on noisy reports is NOT reproducible on resubmission (fresh noise each time, by design).
             test_dataset / test_data_root: optional server-side test set evaluated centrally at every stage.
-            task_timeout: seconds a site may take per task (0 = no limit).
+            task_timeout: seconds a site may take per task (0 = no limit); a site past it is left out of that task.
+            wait_time_after_min_received: seconds to wait for the other sites once ``min_clients`` results are in.
             tensorboard: add NVFlare's TensorBoard receiver (U/R accuracy by round under the run's tb_events/).
             bundle_code: copy the plugin's code into the job (BYOC) instead of referencing the installed package.
             check_ckpt: check here that ``initial_ckpt`` exists (default). Set False when exporting a job whose
@@ -522,7 +532,20 @@ class UnlearningRecipe(_UnlearnBaseRecipe):
         self.prune_ratio = float(prune_ratio)
         self.num_rounds = num_rounds
 
-        aggregator = ActivationAggregator(num_classes, method=aggregation, trim=trim, clip_bound=clip_bound)
+        from .executor import check_dp_options
+
+        check_dp_options(clip_bound, dp_epsilon, dp_delta)
+        _check_int("task_timeout", task_timeout, 0)
+        _check_int("wait_time_after_min_received", wait_time_after_min_received, 0)
+        pass_epsilon = pass_delta = None
+        if dp_epsilon is not None:  # one Gaussian release per activation pass; basic composition over the passes
+            from ..privacy import split_budget
+
+            pass_epsilon, pass_delta = split_budget(float(dp_epsilon), float(dp_delta), len(forget))
+        self.dp_epsilon, self.dp_delta, self.clip_bound = dp_epsilon, dp_delta, clip_bound
+        aggregator = ActivationAggregator(
+            num_classes, method=aggregation, trim=trim, clip_bound=clip_bound, allow_negative=dp_epsilon is not None
+        )
 
         def controller(persistor_id: str):
             return UnlearningController(
@@ -530,7 +553,9 @@ class UnlearningRecipe(_UnlearnBaseRecipe):
                 num_rounds=num_rounds, scope=scope, direction=direction, idf=idf, tf_norm=tf_norm, coe=coe,
                 min_channels=min_channels, prune_mode=prune_mode, hook_point=hook_point, min_clients=min_clients,
                 target_r_acc=target_r_acc, aggregator=aggregator, in_channels=in_channels, test_dataset=test_dataset,
-                test_data_root=test_data_root, task_timeout=task_timeout, persistor_id=persistor_id,
+                test_data_root=test_data_root, task_timeout=task_timeout,
+                wait_time_after_min_received=wait_time_after_min_received, persistor_id=persistor_id,
+                min_count=min_count, clip_bound=clip_bound, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
             )  # fmt: skip
 
         super().__init__(
@@ -548,7 +573,8 @@ class UnlearningRecipe(_UnlearnBaseRecipe):
                 model_name, num_classes, dataset=dataset, data_root=data_root, partition=partition, n_sites=n_clients,
                 alpha=alpha, q=q, data_seed=data_seed, train_subset=train_subset, batch_size=batch_size,
                 local_epochs=local_epochs, lr=lr, hook_point=hook_point, max_activation_batches=max_activation_batches,
-                min_count=min_count, in_channels=in_channels, seed=seed,
+                min_count=min_count, clip_bound=clip_bound, dp_epsilon=pass_epsilon, dp_delta=pass_delta,
+                in_channels=in_channels, seed=seed,
             ),  # fmt: skip
             tensorboard=tensorboard,
             bundle_code=bundle_code,

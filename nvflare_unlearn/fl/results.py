@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .defs import FINAL_MODEL_FILE, GLOBAL_MODEL_FILE, METRICS_FILE, PLAN_FILE, PRUNED_MODEL_FILE
+from .defs import FINAL_MODEL_FILE, GLOBAL_MODEL_FILE, METRICS_FILE, PLAN_FILE, PRUNED_MODEL_FILE, RECORD_FILE
 
 _AUTH_PATTERN = re.compile(r"not in allow_list|ComponentNotAuthorized|UnsafeComponentError")
 
@@ -32,6 +32,7 @@ class JobResult:
     pruned_model_path: Optional[str] = None
     plan_path: Optional[str] = None
     tensorboard_dir: Optional[str] = None
+    record_path: Optional[str] = None  # unlearning_record.json (unlearning jobs; audit.verify_record checks it)
     files: dict = field(default_factory=dict)
 
     @property
@@ -89,6 +90,9 @@ def read_job_result(result_dir: Optional[str]) -> JobResult:
     pruned = os.path.join(run_dir, PRUNED_MODEL_FILE)
     plan = os.path.join(run_dir, PLAN_FILE)
     tb = os.path.join(run_dir, "tb_events")
+    record = os.path.join(run_dir, RECORD_FILE)
+    if metrics.get("job_kind") == "unlearn" and not os.path.isfile(record):
+        raise RuntimeError(f"the unlearning job completed but wrote no audit record {RECORD_FILE} in {run_dir}")
     return JobResult(
         result_dir=result_dir,
         run_dir=run_dir,
@@ -98,5 +102,6 @@ def read_job_result(result_dir: Optional[str]) -> JobResult:
         pruned_model_path=pruned if os.path.isfile(pruned) else None,
         plan_path=plan if os.path.isfile(plan) else None,
         tensorboard_dir=tb if os.path.isdir(tb) else None,
+        record_path=record if os.path.isfile(record) else None,
         files={name: os.path.join(run_dir, name) for name in sorted(os.listdir(run_dir))},
     )
