@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import WIRE_SUMS_DTYPE
 from .fedsim import CostMeter, Federation, federated_activation_report
 from .plan import PruningPlan, build_pruning_plan
 from .prune import MASK_ATTR, apply_pruning_plan
@@ -264,7 +265,9 @@ def federated_pruning_plan(
         if meter is not None:
             meter.add_time("scoring", time.perf_counter() - t0)
             meter.bytes_down += len(plan.to_json().encode()) * len(sites)
-        info.append({"forget_class": c, "report_bytes": report.nbytes, "images": int(report.counts.sum()),
+        wire = int(sum(a.size for a in report.sums.values()) * np.dtype(WIRE_SUMS_DTYPE).itemsize
+                   + report.counts.nbytes)
+        info.append({"forget_class": c, "report_bytes_per_site": wire, "images": int(report.counts.sum()),
                      "units": plan.steps[-1]["options"]["units"]})
     assert plan is not None
     if apply and opts.mode == "mask":

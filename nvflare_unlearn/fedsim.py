@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .activations import ClassActivationReport, collect_class_activations, merge_reports
+from .activations import WIRE_SUMS_DTYPE, ClassActivationReport, collect_class_activations, merge_reports
 from .evaluation.data import TensorBatches
 from .metrics import train_epochs
 
@@ -246,8 +246,9 @@ def federated_activation_report(
 ) -> ClassActivationReport:
     """The NVFlare job's activation phase in-process: each site's report (sums + counts), then `merge_reports`.
 
-    Every site uses ALL its classes (the forget classes are what we need statistics for). Counts the report
-    upload bytes (the model is already at the sites after pretraining) and the phase's wall time.
+    Every site uses ALL its classes (the forget classes are what we need statistics for). Each report goes
+    through the same wire format as in the NVFlare job (sums cast to ``WIRE_SUMS_DTYPE``), and its upload bytes
+    are counted (the model is already at the sites after pretraining), as is the phase's wall time.
     """
     t0 = time.perf_counter()
     reports = []
@@ -255,11 +256,13 @@ def federated_activation_report(
         xs, ys = fed.site_tensors(s, (), images_per_site, seed)
         if xs.shape[0] == 0:
             continue
-        rep = collect_class_activations(model, TensorBatches(xs, ys, batch_size), fed.num_classes,
-                                        hook_point=hook_point, device=fed.device)
-        reports.append(rep)
+        local = collect_class_activations(model, TensorBatches(xs, ys, batch_size), fed.num_classes,
+                                          hook_point=hook_point, device=fed.device)
+        # what the NVFlare executor sends: sums cast to the wire dtype, counts as int64
+        wire = local.to_dict(sums_dtype=WIRE_SUMS_DTYPE)
+        reports.append(ClassActivationReport.from_dict(wire))
         if meter is not None:
-            meter.bytes_up += rep.nbytes
+            meter.bytes_up += int(sum(np.asarray(a).nbytes for a in wire["sums"].values()) + wire["counts"].nbytes)
     if not reports:
         raise ValueError("no participating site holds any data for the activation phase")
     merged = merge_reports(reports)

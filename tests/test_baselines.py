@@ -93,9 +93,10 @@ def test_federated_activation_report_equals_pooled_statistics(setup):
     merged = federated_activation_report(model, fed, sites, meter=meter)
     idx = np.concatenate([fed.site_indices(s) for s in sites])
     pooled = collect_class_activations(model, TensorBatches(fed.x[idx], fed.y[idx], 97), 10)
-    for name in pooled.sums:
-        np.testing.assert_allclose(merged.means()[name], pooled.means()[name], rtol=1e-9, atol=1e-12)
-    assert meter.bytes_up == 3 * merged.nbytes
+    for name in pooled.sums:  # sites upload float32 sums: equal up to single precision
+        np.testing.assert_allclose(merged.means()[name], pooled.means()[name], rtol=1e-6, atol=1e-9)
+    wire_bytes = sum(4 * a.size for a in merged.sums.values()) + merged.counts.nbytes
+    assert meter.bytes_up == 3 * wire_bytes
 
 
 # --------------------------------------------------------------------------------------------- baselines

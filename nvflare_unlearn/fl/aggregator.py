@@ -101,7 +101,9 @@ class ActivationAggregator(ModelAggregator):
             for name, sums in report.sums.items():
                 # privacy.gaussian_noise clips noisy sums to [0, B * count]; the slack only covers float32 rounding
                 if np.any(np.asarray(sums) > self.clip_bound * counts * (1 + 1e-6) + 1e-12):
-                    return f"layer {name!r}: sums above clip_bound * count; the site did not clip or the report was altered"
+                    return (
+                        f"layer {name!r}: sums above clip_bound * count; the site did not clip or the report was altered"
+                    )
         return None
 
     def site_counts(self) -> dict[str, list[int]]:

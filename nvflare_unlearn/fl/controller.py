@@ -119,7 +119,8 @@ class FedAvgEvalController(BaseFedAvg):
             prune_mode / hook_point: sent to the sites in every task's meta.
             test_dataset / test_data_root: optional server-side test set ("digits", "cifar10", ...) evaluated
                 centrally at every stage, next to the federated evaluation (simulator and benchmark runs).
-            task_timeout: seconds a task may take (0 = no limit).
+            task_timeout: seconds a task may take (0 = no limit); a site past it is left out of that task. Not
+                applied to the job's first task, which also waits for the sites to start up.
             wait_time_after_min_received: seconds to wait for stragglers once min_clients results are in.
             job_kind: label written into the metrics record ("pretrain", "retrain", ...).
         """
@@ -147,6 +148,7 @@ class FedAvgEvalController(BaseFedAvg):
         self._record: dict[str, Any] = {}
         self._test_loader = None
         self._no_result: list[str] = []  # sites of the last task that returned nothing usable
+        self._tasks_sent = 0
 
     # ------------------------------------------------------------------ plumbing
     def _global_model(self, params: dict, plan_json: Optional[str], current_round: Optional[int] = None) -> FLModel:
@@ -178,9 +180,12 @@ class FedAvgEvalController(BaseFedAvg):
             data=model,
             targets=clients,
             min_responses=self.min_clients,
-            timeout=self.task_timeout,
+            # The first task also waits for the sites to start (the simulator needs ~10 s for 4 sites), so
+            # task_timeout would cut off healthy sites: it is bounded by min_clients + the straggler wait instead.
+            timeout=self.task_timeout if self._tasks_sent else 0,
             wait_time_after_min_received=self.wait_time_after_min_received,
         )
+        self._tasks_sent += 1
         results = sorted(results, key=_client)  # arrival order must not change sums (reproducible plans)
         answered = {_client(r) for r in results}
         self._no_result = sorted(str(c) for c in clients if str(c) not in answered)
@@ -525,7 +530,8 @@ class UnlearningController(FedAvgEvalController):
             model = self._global_model(state_to_numpy(net), plan.to_json())
             activation_rounds.append(
                 dict(forget_class=forget_class, sites=info["sites"], rejected=info["rejected"], counts=info["counts"],
-                     no_result=info["no_result"], channels=channels, site_counts=info["site_counts"], dp_sigma=info["dp_sigma"],
+                     no_result=info["no_result"], channels=channels, site_counts=info["site_counts"],
+                     dp_sigma=info["dp_sigma"],
                      params=count_params(net), seconds=round(time.time() - t0, 3))
             )  # fmt: skip
             self.info(f"class {forget_class}: pruned to {count_params(net)} parameters (sites {info['sites']})")

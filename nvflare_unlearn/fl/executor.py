@@ -266,7 +266,8 @@ class UnlearningExecutor(Executor):
         counts = [int(c) for c in report.counts]
         self.log_info(
             fl_ctx,
-            f"activation report: {sum(counts)} samples, per class {counts}, {report.nbytes} bytes, noise sigma {sigma:g}",
+            f"activation report: {sum(counts)} samples, per class {counts}, {report.nbytes} bytes, "
+            f"noise sigma {sigma:g}",
         )
         return DXO(
             data_kind=DataKind.COLLECTION,

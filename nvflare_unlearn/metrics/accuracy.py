@@ -40,7 +40,7 @@ def class_correct_total(
     model.eval()
     try:
         for x, y in loader:
-            y = torch.as_tensor(y, dtype=torch.int64)
+            y = torch.as_tensor(y, dtype=torch.int64).cpu()  # counts live on the CPU whatever the device
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
                 raise ValueError(f"labels must lie in 0..{k - 1}, got min {int(y.min())}, max {int(y.max())}")
             logits = model(x.to(device))
