@@ -108,6 +108,10 @@ def _add_unlearn_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hook-point", default="conv", help="conv (raw conv output, paper) or bn")
     g.add_argument("--target-r-acc", type=float, default=None, help="stop fine-tuning at this R-set accuracy")
     g.add_argument("--aggregation", default="mean", help="mean (exact), median, trimmed_mean")
+    g.add_argument("--min-count", type=int, default=0, help="sites do not report classes with fewer images")
+    g.add_argument("--clip-bound", type=float, default=None, help="sites clip each pooled activation to [0, B]")
+    g.add_argument("--dp-epsilon", type=float, default=None, help="Gaussian noise on uploads: epsilon per request")
+    g.add_argument("--dp-delta", type=float, default=None, help="Gaussian noise on uploads: delta per request")
 
 
 def _common_kwargs(a: argparse.Namespace) -> dict:
@@ -122,7 +126,8 @@ def _unlearn_kwargs(a: argparse.Namespace) -> dict:
     return dict(
         forget_classes=a.forget, prune_ratio=a.ratio, scope=a.scope, direction=a.direction, idf=a.idf,
         tf_norm=a.tf_norm, coe=a.coe, prune_mode=a.prune_mode, hook_point=a.hook_point, target_r_acc=a.target_r_acc,
-        aggregation=a.aggregation,
+        aggregation=a.aggregation, min_count=a.min_count, clip_bound=a.clip_bound, dp_epsilon=a.dp_epsilon,
+        dp_delta=a.dp_delta,
     )  # fmt: skip
 
 
@@ -314,6 +319,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     ckpt = os.path.join(out, "pretrained_model.pt")
     shutil.copy2(pre_result.model_path, ckpt)
     a.prune_mode, a.hook_point, a.aggregation, a.coe, a.target_r_acc = "remove", "conv", "mean", None, None
+    a.min_count, a.clip_bound, a.dp_epsilon, a.dp_delta = 0, None, None, None
     unl = UnlearningRecipe(name="demo_unlearn", initial_ckpt=ckpt, **base, **_unlearn_kwargs(a))
     result = _run_recipe(unl, a, workspace, f"2/2 unlearning class {a.forget} (activations, TF-IDF, prune, fine-tune)")
     report = _collect_unlearning_outputs(result, out)
