@@ -223,6 +223,9 @@ def plot_u_r_by_round(report: dict, path: str, title: str = "") -> str:
     ax.plot(rounds, [100 * v for v in u], "s-", color="tab:red", label="U-set (forgotten classes)")
     ax.axhline(100 * report["original"]["r_acc"], ls="--", color="tab:blue", alpha=0.5, label="original R-set")
     ax.axhline(100 * report["original"]["u_acc"], ls="--", color="tab:red", alpha=0.5, label="original U-set")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("fine-tuning round (0 = right after pruning)")
     ax.set_ylabel("federated test accuracy (%)")
     ax.set_ylim(-3, 103)
@@ -300,7 +303,7 @@ def cmd_unlearn(a: argparse.Namespace) -> int:
     result = _run_recipe(recipe, a, os.path.join(out, "workspace"), f"unlearning class(es) {a.forget}")
     report = _collect_unlearning_outputs(result, out)
     _print_report(report)
-    _say(f"outputs: {out} (report.json, unlearned_model.pt, pruning_plan.json, u_r_accuracy.png)")
+    _say(f"outputs: {out} (report.json, unlearned_model.pt, pruning_plan.json, unlearning_record.json, u_r_accuracy.png)")
     return EXIT_OK
 
 
@@ -324,7 +327,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     result = _run_recipe(unl, a, workspace, f"2/2 unlearning class {a.forget} (activations, TF-IDF, prune, fine-tune)")
     report = _collect_unlearning_outputs(result, out)
     _print_report(report)
-    _say(f"outputs: {out} (report.json, unlearned_model.pt, pruning_plan.json, u_r_accuracy.png)")
+    _say(f"outputs: {out} (report.json, unlearned_model.pt, pruning_plan.json, unlearning_record.json, u_r_accuracy.png)")
     return EXIT_OK
 
 
