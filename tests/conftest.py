@@ -33,3 +33,12 @@ def _seed_torch():
     """Every test starts from the same torch RNG state, so results do not depend on test order."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny 8x8 models gain nothing from intra-op threads, and lose a lot when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

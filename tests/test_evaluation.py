@@ -27,13 +27,7 @@ from nvflare_unlearn.models import build_model
 FORGET = 9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny 8x8 models gain nothing from intra-op threads, and lose a lot when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
