@@ -307,13 +307,20 @@ def cmd_unlearn(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: What the demo does not let you change: the built-in data, the small model, the paper's scoring options.
+_DEMO_FIXED = dict(
+    env="sim", model="small_cnn", num_classes=10, in_channels=1, dataset="digits", data_root=None, partition="iid",
+    alpha=0.5, q=0.5, train_subset=None, local_epochs=1, batch_size=32, scope="global", direction="highest",
+    idf="paper", tf_norm="share", coe=None, prune_mode="remove", hook_point="conv", aggregation="mean",
+    target_r_acc=None, min_count=0, clip_bound=None, dp_epsilon=None, dp_delta=None,
+)
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     """Pretrain small_cnn on the built-in digits with FedAvg, forget one class, fine-tune, evaluate."""
     from .fl import PretrainRecipe, UnlearningRecipe
 
     out = _new_out_dir(a.out)
-    a.model, a.num_classes, a.in_channels, a.dataset, a.data_root = "small_cnn", 10, 1, "digits", None
-    a.partition, a.alpha, a.q, a.train_subset, a.local_epochs, a.batch_size = "iid", 0.5, 0.5, None, 1, 32
     workspace = os.path.join(out, "workspace")
     base = _common_kwargs(a)
     _say(f"demo: {a.sites} simulated NVFlare sites, sklearn digits (10 classes), model small_cnn; output in {out}")
@@ -321,8 +328,6 @@ def cmd_demo(a: argparse.Namespace) -> int:
     pre_result = _run_recipe(pre, a, workspace, "1/2 pretraining (FedAvg, all classes)")
     ckpt = os.path.join(out, "pretrained_model.pt")
     shutil.copy2(pre_result.model_path, ckpt)
-    a.prune_mode, a.hook_point, a.aggregation, a.coe, a.target_r_acc = "remove", "conv", "mean", None, None
-    a.min_count, a.clip_bound, a.dp_epsilon, a.dp_delta = 0, None, None, None
     unl = UnlearningRecipe(name="demo_unlearn", initial_ckpt=ckpt, **base, **_unlearn_kwargs(a))
     result = _run_recipe(unl, a, workspace, f"2/2 unlearning class {a.forget} (activations, TF-IDF, prune, fine-tune)")
     report = _collect_unlearning_outputs(result, out)
@@ -401,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=None)
     d.add_argument("--verbose", action="store_true")
-    d.set_defaults(func=cmd_demo, env="sim", scope="global", direction="highest", idf="paper", tf_norm="share")
+    d.set_defaults(func=cmd_demo, **_DEMO_FIXED)
 
     for name, func, rounds, lr, helptext in (
         ("pretrain", cmd_pretrain, 5, 0.05, "FedAvg on all classes: the model to unlearn"),
@@ -459,10 +464,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error("export --job unlearn needs --ckpt (the model's path as seen by the server)")
     try:
         return args.func(args)
-    except CLIError as e:
-        print(f"nvflare-unlearn: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (CLIError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"nvflare-unlearn: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as e:
