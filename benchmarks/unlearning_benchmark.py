@@ -102,6 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-rounds", type=int)
     p.add_argument("--retrain-rounds", type=int)
     p.add_argument("--ft-rounds", type=int, help="fine-tuning rounds for every non-retrain method")
+    p.add_argument("--ft-stop-at-quality", action="store_true",
+                   help="end each fine-tune at the first round that reaches retraining's R accuracy (-1 point) "
+                        "with U <= 1 %% (--ft-rounds is then the cap), so the forgetting tests compare models at "
+                        "equal accuracy quality; needs retrain among --methods")
     p.add_argument("--lr", type=float, help="peak lr of pretraining and retraining (cosine to 0)")
     p.add_argument("--ft-lr", type=float, help="peak lr of every fine-tune (cosine to 0)")
     p.add_argument("--batch-size", type=int)
@@ -278,7 +282,8 @@ def forgetting_tests(model: torch.nn.Module, data: Data, forget: list[int], args
     s = data.sets
     out: dict[str, Any] = {"accuracy": accuracy_report(model, (data.xt, data.yt), data.num_classes, forget,
                                                        reference_class_acc)}
-    out["probe"] = linear_probe(model, s["probe_train"], (data.xt, data.yt), forget, seed=seed)
+    out["probe"] = linear_probe(model, s["probe_train"], (data.xt, data.yt), forget, seed=seed,
+                                control_classes=probe_controls(data.num_classes, forget))
     out["relearn"] = relearn_steps(model, s["relearn_forget"], s["relearn_retain"], args.relearn_target,
                                    args.relearn_lr, args.relearn_batch, args.relearn_max_steps, seed,
                                    eval_ds=s["u_test"], eval_every=args.relearn_eval_every)
@@ -287,6 +292,12 @@ def forgetting_tests(model: torch.nn.Module, data: Data, forget: list[int], args
     out["params"] = int(sum(p.numel() for p in model.parameters()))
     out["test_seconds"] = time.perf_counter() - t0
     return out
+
+
+def probe_controls(num_classes: int, forget: list[int], most: int = 9) -> list[int]:
+    """Up to `most` retained classes, evenly spaced, probed the same way as the forget class (the control)."""
+    kept = [c for c in range(num_classes) if c not in forget]
+    return kept[:: max(1, -(-len(kept) // most))][:most]
 
 
 def rounds_to_reach(history: list[dict[str, Any]], r_target: float, u_max: float) -> int | None:
@@ -340,6 +351,11 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
+def _num(v: float | None, fmt: str) -> str:
+    """n/a for a number this run did not measure (e.g. the probe control, added after the H100 run)."""
+    return "n/a" if v is None else format(v, fmt)
+
+
 def markdown(report: dict[str, Any]) -> str:
     cfg = report["config"]
     lines = [
@@ -352,7 +368,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Federation: {cfg['sites']} sites, {cfg['clients_per_round']} sampled per round, local epochs "
         f"{cfg['local_epochs']}, batch {cfg['batch_size']}, augment {cfg['augment']}; pretrain/retrain "
         f"{cfg['pretrain_rounds']}/{cfg['retrain_rounds']} rounds at lr {cfg['lr']}, every other method "
-        f"{cfg['ft_rounds']} fine-tune rounds at lr {cfg['ft_lr']} (cosine to 0 for all). "
+        f"{cfg['ft_rounds']} fine-tune rounds at lr {cfg['ft_lr']} (cosine to 0 for all)"
+        f"{'; every fine-tune stops at the first round that reaches retrain quality (R, U), so the tests compare models at equal accuracy' if cfg.get('ft_stop_at_quality') else ''}. "
         f"{cfg['train_images_used']} training images; curves on {cfg['eval_images']} test images, final tests on "
         f"the full test set ({cfg['test_images']} images).",
         "",
@@ -396,14 +413,16 @@ def run_markdown(run: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "Forgetting tests on the final models (original = ceiling, retrain = reference). Probe: logistic regression "
-        "forget-class vs rest on penultimate features (AUC, balanced acc). Relearn: SGD steps until forget-class "
+        "forget-class vs rest on penultimate features (AUC, balanced acc); the same probe for up to 9 retained classes "
+        "is the control (a weaker extractor lowers every class, forgetting only the forget class). Relearn: SGD steps until forget-class "
         "test accuracy reaches the target (`>` = not reached). MIA: loss-threshold (Yeom et al. 2018) and MLP-on-"
         "softmax attacks; power = held-out retained members vs non-members accuracy; control = the same attack on "
         "forget-class train vs test (0.5 = no membership signal); paper success = share of forget-class train "
         "images judged members.", "",
-        "| method | probe AUC | probe bal. acc | relearn steps | MIA power loss / mlp | forget control loss / mlp "
+        "| method | probe AUC | probe bal. acc | retained-class probe AUC (mean) | probe AUC minus retained "
+        "| relearn steps | MIA power loss / mlp | forget control loss / mlp "
         "| self-calibrated control | paper success (train / test) | KL to retrain | max class diff | conditions met |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in res.items():
         t = r["tests"]
@@ -419,13 +438,16 @@ def run_markdown(run: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
             met = ", ".join(k for k, v in q.items() if v) or "none"
         lines.append(
             f"| {name} | {t['probe']['auc']:.3f} | {t['probe']['balanced_accuracy']:.3f} "
+            f"| {_num(t['probe'].get('control_auc_mean'), '.3f')} "
+            f"| {_num(t['probe'].get('auc_minus_control'), '+.3f')} "
             f"| {'' if rl['reached'] else '>'}{rl['steps']} "
             f"| {ml.get('power_accuracy', float('nan')):.3f} / {mm.get('power_accuracy', float('nan')):.3f} "
             f"| {ml.get('forget_accuracy', float('nan')):.3f} / {mm.get('forget_accuracy', float('nan')):.3f} "
             f"| {ml.get('forget_selfcal_accuracy', float('nan')):.3f} "
             f"| {ml.get('forget_train_member_rate', float('nan')):.3f} / "
             f"{ml.get('forget_test_member_rate', float('nan')):.3f} "
-            f"| {acc.get('kl_to_reference', float('nan')):.2e} | {acc.get('max_class_acc_diff', float('nan')):.3f} "
+            f"| {'(reference)' if name == 'retrain' else _num(acc.get('kl_to_reference'), '.2e')} "
+            f"| {'(reference)' if name == 'retrain' else _num(acc.get('max_class_acc_diff'), '.3f')} "
             f"| {met} |"
         )
     if run.get("plots"):
@@ -442,20 +464,23 @@ def aggregate_markdown(report: dict[str, Any]) -> list[str]:
             t = r["tests"]
             d = by.setdefault((run["q"], name), {})
             for key, val in (("R", t["accuracy"]["r_acc"]), ("U", t["accuracy"]["u_acc"]),
-                             ("probe", t["probe"]["auc"]), ("relearn", t["relearn"]["steps"]),
+                             ("probe", t["probe"]["auc"]), ("probe_gap", t["probe"].get("auc_minus_control")),
+                             ("relearn", t["relearn"]["steps"]), ("rounds", len(r.get("history") or []) or None),
                              ("mia_ctrl", t["mia"].get("loss", {}).get("forget_accuracy"))):
                 if val is not None:
                     d.setdefault(key, []).append(float(val))
-    lines = ["## Mean ± sd over seeds", "", "| q | method | n | R acc | U acc | probe AUC | relearn steps | "
-             "MIA control (loss) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["## Mean ± sd over seeds", "", "| q | method | n | rounds run | R acc | U acc | probe AUC | "
+             "probe AUC minus retained | relearn steps | MIA control (loss) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     def ms(v: list[float], pct: bool = False, digits: int = 2) -> str:
         f = 100.0 if pct else 1.0
         return f"{f * np.mean(v):.{digits}f} ± {f * np.std(v):.{digits}f}" if v else "n/a"
 
     for (q, name), d in by.items():
-        lines.append(f"| {q} | {name} | {len(d.get('R', []))} | {ms(d.get('R', []), True)} | "
-                     f"{ms(d.get('U', []), True)} | {ms(d.get('probe', []), digits=3)} | {ms(d.get('relearn', []), digits=1)} | "
+        lines.append(f"| {q} | {name} | {len(d.get('R', []))} | {ms(d.get('rounds', []), digits=1)} | "
+                     f"{ms(d.get('R', []), True)} | {ms(d.get('U', []), True)} | {ms(d.get('probe', []), digits=3)} | "
+                     f"{ms(d.get('probe_gap', []), digits=3)} | {ms(d.get('relearn', []), digits=1)} | "
                      f"{ms(d.get('mia_ctrl', []), digits=3)} |")
     return lines + [""]
 
@@ -519,6 +544,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SystemExit(f"unknown method(s) {bad}; choose from {METHODS}")
+    if args.ft_stop_at_quality and "retrain" not in methods:
+        raise SystemExit("--ft-stop-at-quality needs retrain among --methods (its accuracy is the stopping target)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = out / "unlearning_cache"
@@ -628,8 +655,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         from nvflare_unlearn.prune import enforce_masks
 
                         after = enforce_masks
+                    stop = None
+                    if args.ft_stop_at_quality:
+                        target = run["results"]["retrain"]["final_curve_now"]["r_acc"] - 0.01
+
+                        def stop(rec: dict[str, Any], target: float = target) -> bool:
+                            return rec["r_acc"] >= target and rec["u_acc"] <= 0.01
+
                     hist = run_fedavg(model, fed, ft_cfg, drop_classes=forget, meter=meter, eval_fn=curve,
-                                      after_step=after, phase="finetune")
+                                      after_step=after, phase="finetune", stop_fn=stop)
                     res.update(history=hist, cost=meter.snapshot(), cached=False)
                 log(f"  final curve: R {res['history'][-1]['r_acc']:.4f} U {res['history'][-1]['u_acc']:.4f}; "
                     f"running forgetting tests")

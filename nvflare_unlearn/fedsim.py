@@ -186,12 +186,15 @@ def run_fedavg(
     after_step: Callable[[nn.Module], None] | None = None,
     on_round: Callable[[int, dict[str, Any]], None] | None = None,
     phase: str = "train",
+    stop_fn: Callable[[dict[str, Any]], bool] | None = None,
 ) -> list[dict[str, Any]]:
     """Train `model` in place for `cfg.rounds` FedAvg rounds; returns per-round records.
 
     Each record holds the round (1-based), lr, sampled sites, cumulative cost and, when `eval_fn` is given,
     its result (evaluation time is not charged to the method). `after_step` runs after every local optimizer
-    step (mask-mode pruning re-zeroes channels there).
+    step (mask-mode pruning re-zeroes channels there). `stop_fn(record)` returning True ends training after
+    that round (the lr schedule stays the one of `cfg.rounds`): how a benchmark compares models at equal
+    accuracy instead of equal rounds.
     """
     meter = meter if meter is not None else CostMeter()
     drop = sorted(set(int(c) for c in drop_classes))
@@ -231,6 +234,8 @@ def run_fedavg(
         history.append(rec)
         if on_round is not None:
             on_round(r + 1, rec)
+        if stop_fn is not None and stop_fn(rec):
+            break
     return history
 
 

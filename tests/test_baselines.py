@@ -62,6 +62,23 @@ def test_fedavg_learns_and_counts_bytes(setup):
     assert meter.wall_s["train"] > 0
 
 
+def test_fedavg_stops_when_told_and_keeps_the_full_schedule(setup):
+    """stop_fn ends training after the round it accepts; the lr of the rounds run follows cfg.rounds' cosine."""
+    fed, _, test = setup
+    cfg = FedConfig(rounds=6, clients_per_round=2, lr=0.05)
+    full = run_fedavg(build_model("small_cnn", 10), fed, cfg)
+    seen: list[int] = []
+
+    def stop(rec):
+        seen.append(rec["round"])
+        return rec["r_acc"] >= 0.0 and rec["round"] == 2
+
+    hist = run_fedavg(build_model("small_cnn", 10), fed, cfg, stop_fn=stop,
+                      eval_fn=lambda m, r: accuracy_report(m, test, 10, [FORGET]))
+    assert [h["round"] for h in hist] == [1, 2] and seen == [1, 2]
+    assert [h["lr"] for h in hist] == [h["lr"] for h in full[:2]]
+
+
 def test_client_sampling_depends_only_on_seed_and_round(setup):
     fed, _, _ = setup
     a = [fed.sample_sites(r, 2, seed=3) for r in range(5)]

@@ -194,3 +194,38 @@ def test_accuracy_report_distance_to_itself_is_zero(trained, digits):
     assert again["kl_to_reference"] == pytest.approx(0.0, abs=1e-12)
     assert again["max_class_acc_diff"] == 0.0
     assert rep["u_acc"] == rep["class_acc"][FORGET]
+
+
+def _cluster_data(n_per_class: int, seed: int):
+    """10 Gaussian clusters in R^10; class 9 sits on class 0's centre plus an offset along dimension 9 only."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 3.0 * torch.eye(10)
+    centres[9] = centres[0] + 3.0 * torch.eye(10)[9]
+    y = torch.arange(10).repeat_interleave(n_per_class)
+    x = centres[y] + 0.5 * torch.randn(y.numel(), 10, generator=g)
+    return x, y
+
+
+def _feature_model(drop_dim: int | None) -> torch.nn.Module:
+    """Identity features (optionally with one dimension zeroed) followed by a classifier: the probe reads them."""
+    feat = torch.nn.Linear(10, 10, bias=False)
+    with torch.no_grad():
+        w = torch.eye(10)
+        if drop_dim is not None:
+            w[drop_dim, drop_dim] = 0.0
+        feat.weight.copy_(w)
+    return torch.nn.Sequential(feat, torch.nn.Linear(10, 10))
+
+
+def test_probe_control_tells_forgetting_from_a_weaker_extractor():
+    """Removing the one feature that encodes class 9 lowers its AUC but not the retained classes' (the control)."""
+    train, test = _cluster_data(200, 0), _cluster_data(100, 1)
+    controls = list(range(1, 9))
+    intact = linear_probe(_feature_model(None), train, test, [9], control_classes=controls)
+    forgot = linear_probe(_feature_model(9), train, test, [9], control_classes=controls)
+    assert intact["auc"] > 0.99 and forgot["auc"] < 0.97
+    assert forgot["control_auc_mean"] > 0.99 and set(forgot["control_auc"]) == {str(c) for c in controls}
+    assert forgot["auc_minus_control"] == pytest.approx(forgot["auc"] - forgot["control_auc_mean"])
+    assert forgot["auc_minus_control"] < intact["auc_minus_control"] - 0.02
+    with pytest.raises(ValueError, match="overlap"):
+        linear_probe(_feature_model(None), train, test, [9], control_classes=[1, 9])

@@ -73,26 +73,46 @@ def linear_probe(
     C: float = 1.0,
     max_iter: int = 2000,
     seed: int = 0,
-) -> dict[str, float]:
+    control_classes: Iterable[int] | None = None,
+) -> dict[str, Any]:
     """Fit standardised logistic regression "forget class vs rest" on probe-train features; score probe-test.
 
     Returns balanced accuracy (chance 0.5) and ROC AUC (chance 0.5) on probe-test, plus the sizes used.
     Class weights are balanced so a probe cannot score well by always answering "rest".
+
+    `control_classes` (retained classes) get the same one-vs-rest probe on the same features. A generally
+    weaker feature extractor (heavy pruning, short fine-tuning) lowers every class's AUC; forgetting lowers the
+    forget class's alone. `control_auc_mean` and `auc_minus_control` let a reader tell the two apart.
     """
+    forget = [int(forget_classes)] if isinstance(forget_classes, (int, np.integer)) else [int(c) for c in forget_classes]
+    if not forget:
+        raise ValueError("forget_classes must name at least one class")
+    controls = [int(c) for c in control_classes] if control_classes is not None else []
+    if set(controls) & set(forget):
+        raise ValueError(f"control_classes {controls} overlap forget_classes {forget}")
+    f_tr, y_tr = penultimate_features(model, train_ds, feature_layer)
+    f_te, y_te = penultimate_features(model, test_ds, feature_layer)
+    out: dict[str, Any] = _one_vs_rest(f_tr, y_tr, f_te, y_te, forget, C, max_iter, seed)
+    out.update(n_train=int(y_tr.size), n_test=int(y_te.size), feature_dim=int(f_tr.shape[1]))
+    if controls:
+        ctrl = {c: _one_vs_rest(f_tr, y_tr, f_te, y_te, [c], C, max_iter, seed)["auc"] for c in controls}
+        out["control_auc"] = {str(c): a for c, a in ctrl.items()}
+        out["control_auc_mean"] = float(np.mean(list(ctrl.values())))
+        out["auc_minus_control"] = out["auc"] - out["control_auc_mean"]
+    return out
+
+
+def _one_vs_rest(f_tr: np.ndarray, y_tr: np.ndarray, f_te: np.ndarray, y_te: np.ndarray, positive: list[int],
+                 C: float, max_iter: int, seed: int) -> dict[str, float]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    forget = [int(forget_classes)] if isinstance(forget_classes, (int, np.integer)) else [int(c) for c in forget_classes]
-    if not forget:
-        raise ValueError("forget_classes must name at least one class")
-    f_tr, y_tr = penultimate_features(model, train_ds, feature_layer)
-    f_te, y_te = penultimate_features(model, test_ds, feature_layer)
-    b_tr, b_te = np.isin(y_tr, forget), np.isin(y_te, forget)
+    b_tr, b_te = np.isin(y_tr, positive), np.isin(y_te, positive)
     for what, b in (("probe-train", b_tr), ("probe-test", b_te)):
         if b.all() or not b.any():
-            raise ValueError(f"{what} set must hold both forget-class and other samples")
+            raise ValueError(f"{what} set must hold both samples of classes {positive} and other samples")
     clf = make_pipeline(
         StandardScaler(),
         LogisticRegression(C=C, max_iter=max_iter, class_weight="balanced", random_state=seed),
@@ -103,7 +123,4 @@ def linear_probe(
     return {
         "balanced_accuracy": float(balanced_accuracy_score(b_te.astype(int), pred)),
         "auc": float(roc_auc_score(b_te.astype(int), score)),
-        "n_train": int(b_tr.size),
-        "n_test": int(b_te.size),
-        "feature_dim": int(f_tr.shape[1]),
     }

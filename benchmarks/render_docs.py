@@ -1,0 +1,284 @@
+"""Regenerate the result tables of docs/benchmarks.md from the committed benchmark JSON.
+
+Every table of measured numbers on that page sits between ``<!-- generated:NAME -->`` and
+``<!-- /generated:NAME -->`` and is rebuilt here from a file under ``benchmarks/results/``; the prose around
+the blocks is hand-written and quotes these tables. ``--check`` exits 1 when the page is out of date, so a test
+keeps the docs and the JSON in step.
+
+    python benchmarks/render_docs.py           # rewrite the generated blocks in place
+    python benchmarks/render_docs.py --check   # fail if a block differs from what the JSON gives
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+RESULTS = HERE / "results"
+DOC = REPO_ROOT / "docs" / "benchmarks.md"
+
+sys.path.insert(0, str(HERE))
+import unlearning_benchmark as ub  # noqa: E402  (the benchmark's own table writers: one definition of a table)
+
+FULL_CPU = RESULTS / "unlearning_full_cifar10_resnet20_f9_cpu.json"
+SEED_FILES = [FULL_CPU, RESULTS / "unlearning_full_cifar10_resnet20_f9_cpu_s1.json",
+              RESULTS / "unlearning_full_cifar10_resnet20_f9_cpu_s2.json"]
+EQUAL_QUALITY = RESULTS / "unlearning_full_cifar10_resnet20_f9_cpu_equalq.json"
+H100 = RESULTS / "unlearning_full_h100" / "unlearning_full_cifar10_resnet20_f9.json"
+H100_SWEEP = RESULTS / "unlearning_full_h100" / "unlearning_full_cifar10_resnet20_f9_sweep.json"
+CPU_RATIO02 = RESULTS / "unlearning_full_cifar10_resnet20_f9_cpu_ratio0.2.json"
+QUICK_SEEDS = RESULTS / "unlearning_quick_digits_small_cnn_f9_seeds012.json"
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(REPO_ROOT).as_posix()
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f} %"
+
+
+def provenance(report: dict[str, Any], path: Path) -> list[str]:
+    """Command, machine, date and wall time of one benchmark report, as bullet points."""
+    m = report["machine"]
+    return [
+        f"- Command: `{report['command']}`",
+        f"- Machine: {m['device_name']}, {m['threads']} torch thread(s), torch {m['torch']}; "
+        f"generated {report['generated_utc']}; {'complete' if report.get('complete') else 'INCOMPLETE'} run, "
+        f"{report['wall_s']:.0f} s wall ({report['wall_s'] / 60:.1f} min) inside the script.",
+        f"- Files: `{_rel(path)}` and the `.md` / `.png` beside it.",
+        "",
+    ]
+
+
+def paper_vs_ours(report: dict[str, Any]) -> list[str]:
+    """The paper's Table 2 row beside our `prune` and `finetune` rows (first run of the report)."""
+    p = report["paper_reference"]
+    run = report["runs"][0]
+    res = run["results"]
+    orig = res["original"]["tests"]["accuracy"]
+    re_ = res["retrain"]["tests"]["accuracy"]
+    lines = [
+        "| | raw U | raw R | after-pruned U | after-pruned R | fine-tuned U | fine-tuned R | retrained U "
+        "| retrained R | rounds to quality (speedup) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| paper, Table 2 / Fig. 3 | {_pct(p['raw']['u'])} | {_pct(p['raw']['r'])} | "
+        f"{_pct(p['after_pruned']['u'])} | {_pct(p['after_pruned']['r'])} | {_pct(p['fine_tuned']['u'])} | "
+        f"{_pct(p['fine_tuned']['r'])} | {_pct(p['retrained']['u'])} | {_pct(p['retrained']['r'])} | "
+        f"({p['speedup']}x) |",
+    ]
+    re_rounds = res["retrain"].get("rounds_to_quality")
+    for name in ("prune", "finetune"):
+        if name not in res:
+            continue
+        r = res[name]
+        a, ap = r["tests"]["accuracy"], r.get("after_prepare", {})
+        rq = r.get("rounds_to_quality")
+        ratio = f"{rq} vs {re_rounds} ({r['speedup']}x)" if rq else "not reached"
+        label = f"ours, `{name}`" + (f" (R = {r['options']['ratio']})" if "options" in r else " (no pruning)")
+        lines.append(
+            f"| {label} | {_pct(orig['u_acc'])} | {_pct(orig['r_acc'])} | {_pct(ap.get('u_acc'))} | "
+            f"{_pct(ap.get('r_acc'))} | {_pct(a['u_acc'])} | {_pct(a['r_acc'])} | {_pct(re_['u_acc'])} | "
+            f"{_pct(re_['r_acc'])} | {ratio} |")
+    return lines + [""]
+
+
+def wall_breakdown(report: dict[str, Any]) -> list[str]:
+    """Where the wall time went: charged training / statistics seconds and forgetting-test seconds per phase."""
+    lines = ["| phase | training + statistics s (charged) | forgetting tests s |", "|---|---|---|"]
+    charged = tests = 0.0
+    for run in report["runs"]:
+        pre = run["pretrain"]
+        c = 0.0 if pre.get("cached") else pre["cost"]["wall_s_total"]
+        t = run["results"]["original"]["tests"].get("test_seconds", 0.0)
+        lines.append(f"| pretrain (seed {run['seed']}){' (cached)' if pre.get('cached') else ''} | {c:.0f} "
+                     f"| {t:.0f} (original) |")
+        charged, tests = charged + c, tests + t
+        for name, r in run["results"].items():
+            if name == "original":
+                continue
+            c = 0.0 if r.get("cached") else r["cost"]["wall_s_total"]
+            t = r["tests"].get("test_seconds", 0.0)
+            lines.append(f"| {name}{' (cached)' if r.get('cached') else ''} | {c:.0f} | {t:.0f} |")
+            charged, tests = charged + c, tests + t
+    other = report["wall_s"] - charged - tests
+    lines += [f"| per-round evaluation curves, data loading, plots | {other:.0f} | |",
+              f"| **total** | **{report['wall_s']:.0f} s = {report['wall_s'] / 60:.1f} min** | |", ""]
+    return lines
+
+
+def run_tables(report: dict[str, Any]) -> list[str]:
+    """The benchmark's own per-run tables (Table 2 shape and forgetting tests), without the plot line."""
+    out: list[str] = []
+    for run in report["runs"]:
+        out += [("#### " + ln[3:]) if ln.startswith("## ") else ln
+                for ln in ub.run_markdown(run, report["config"]) if not ln.startswith("Curves:")]
+    return out
+
+
+def _metric(r: dict[str, Any], key: str) -> float | None:
+    t = r["tests"]
+    v = {
+        "R": t["accuracy"]["r_acc"], "U": t["accuracy"]["u_acc"], "probe": t["probe"]["auc"],
+        "probe_gap": t["probe"].get("auc_minus_control"), "relearn": t["relearn"]["steps"],
+        "rounds_q": r.get("rounds_to_quality"),
+    }[key]
+    return None if v is None else float(v)
+
+
+def seeds_table(paths: list[Path], methods: tuple[str, ...] = ("retrain", "finetune", "prune")) -> list[str]:
+    """Mean ± sd over independent seeds (each its own partition, pretraining and retraining), and the paired
+    difference prune − finetune per seed: the comparison the issue asks about, with its spread."""
+    reports = [(p, _load(p)) for p in paths if p.is_file()]
+    runs = [run for _, rep in reports for run in rep["runs"]]
+    seeds = [run["seed"] for run in runs]
+    lines = [f"Seeds {', '.join(map(str, seeds))}; files: " + ", ".join(f"`{_rel(p)}`" for p, _ in reports) + ".",
+             "", "| method | n | R acc (%) | U acc (%) | rounds to quality | probe AUC | probe AUC minus retained "
+             "| relearn steps |", "|---|---|---|---|---|---|---|---|"]
+
+    def ms(vals: list[float | None], scale: float = 1.0, digits: int = 2) -> str:
+        v = [scale * x for x in vals if x is not None]
+        miss = len(vals) - len(v)
+        if not v:
+            return f"not reached ({miss} of {miss})" if miss else "n/a"
+        s = f"{np.mean(v):.{digits}f} ± {np.std(v):.{digits}f}"
+        return s + (f" ({miss} not reached)" if miss and v else "")
+
+    for name in ("original", *methods):
+        rs = [run["results"][name] for run in runs if name in run["results"]]
+        if not rs:
+            continue
+        rq = "" if name in ("original",) else ms([_metric(r, "rounds_q") for r in rs], digits=1)
+        lines.append(f"| {name} | {len(rs)} | {ms([_metric(r, 'R') for r in rs], 100)} | "
+                     f"{ms([_metric(r, 'U') for r in rs], 100)} | {rq} | {ms([_metric(r, 'probe') for r in rs], digits=3)} | "
+                     f"{ms([_metric(r, 'probe_gap') for r in rs], digits=3)} | "
+                     f"{ms([_metric(r, 'relearn') for r in rs], digits=1)} |")
+    lines += ["", "Paired difference `prune` − `finetune` (same seed, same pretrained model):", "",
+              "| seed | Δ R acc (points) | Δ rounds to quality | Δ probe AUC | Δ probe AUC minus retained "
+              "| Δ relearn steps |", "|---|---|---|---|---|---|"]
+    diffs: dict[str, list[float]] = {}
+    for run in runs:
+        res = run["results"]
+        if "prune" not in res or "finetune" not in res:
+            continue
+        row = [str(run["seed"])]
+        for key, scale, digits in (("R", 100, 2), ("rounds_q", 1, 0), ("probe", 1, 3), ("probe_gap", 1, 3),
+                                   ("relearn", 1, 0)):
+            a, b = _metric(res["prune"], key), _metric(res["finetune"], key)
+            if a is None or b is None:
+                row.append("n/a" if key != "rounds_q" else f"prune {int(a) if a else 'not reached'}, finetune {int(b) if b else 'not reached'}")
+                continue
+            diffs.setdefault(key, []).append(scale * (a - b))
+            row.append(f"{scale * (a - b):+.{digits}f}")
+        lines.append("| " + " | ".join(row) + " |")
+    if diffs:
+        lines.append("| mean ± sd | " + " | ".join(
+            f"{np.mean(diffs[k]):+.3f} ± {np.std(diffs[k]):.3f}" if k in diffs else "n/a"
+            for k in ("R", "rounds_q", "probe", "probe_gap", "relearn")) + " |")
+    return lines + [""]
+
+
+def quick_block() -> list[str]:
+    rep = _load(QUICK_SEEDS)
+    return provenance(rep, QUICK_SEEDS) + ub.aggregate_markdown(rep)[2:]
+
+
+def full_cpu_block() -> list[str]:
+    rep = _load(FULL_CPU)
+    return (provenance(rep, FULL_CPU) + ["Where the time went:", ""] + wall_breakdown(rep)
+            + ["The paper's Table 2 beside ours:", ""] + paper_vs_ours(rep) + run_tables(rep))
+
+
+def seeds_block() -> list[str]:
+    return seeds_table(SEED_FILES)
+
+
+def equal_quality_block() -> list[str]:
+    rep = _load(EQUAL_QUALITY)
+    lines = provenance(rep, EQUAL_QUALITY) + ["Fine-tune rounds each method ran before it stopped "
+                                              "(the first round at retrain quality, or the cap):", "",
+                                              "| method | rounds run | stopped at quality |", "|---|---|---|"]
+    for run in rep["runs"]:
+        for name, r in run["results"].items():
+            if name in ("original", "retrain"):
+                continue
+            n = len(r.get("history") or [])
+            lines.append(f"| {name} | {n} | {'yes' if r.get('rounds_to_quality') == n else 'no (cap)'} |")
+    return lines + [""] + run_tables(rep)
+
+
+def h100_block() -> list[str]:
+    rep = _load(H100)
+    return provenance(rep, H100) + ["The paper's Table 2 beside ours:", ""] + paper_vs_ours(rep) + run_tables(rep)
+
+
+def h100_sweep_block() -> list[str]:
+    rep = _load(H100_SWEEP)
+    return provenance(rep, H100_SWEEP) + run_tables(rep)
+
+
+def cpu_ratio02_block() -> list[str]:
+    rep = _load(CPU_RATIO02)
+    return provenance(rep, CPU_RATIO02) + run_tables(rep)
+
+
+BLOCKS: dict[str, tuple[Callable[[], list[str]], list[Path]]] = {
+    "full-cpu": (full_cpu_block, [FULL_CPU]),
+    "seeds": (seeds_block, SEED_FILES),
+    "equal-quality": (equal_quality_block, [EQUAL_QUALITY]),
+    "h100": (h100_block, [H100]),
+    "h100-sweep": (h100_sweep_block, [H100_SWEEP]),
+    "cpu-ratio0.2": (cpu_ratio02_block, [CPU_RATIO02]),
+    "quick": (quick_block, [QUICK_SEEDS]),
+}
+
+
+def render(text: str) -> str:
+    """`text` with every generated block present in it rebuilt from its JSON."""
+    for name, (fn, sources) in BLOCKS.items():
+        pat = re.compile(rf"(<!-- generated:{re.escape(name)} -->\n)(.*?)(<!-- /generated:{re.escape(name)} -->)",
+                         re.S)
+        if not pat.search(text):
+            continue
+        missing = [_rel(p) for p in sources if not p.is_file()]
+        if missing and name != "seeds":
+            raise SystemExit(f"docs block {name!r} needs {missing}; run the benchmark that writes it first")
+        body = "\n".join(fn()).rstrip("\n") + "\n"
+        text = pat.sub(lambda m, body=body: m.group(1) + body + m.group(3), text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if docs/benchmarks.md is out of date")
+    ap.add_argument("--doc", default=str(DOC))
+    args = ap.parse_args(argv)
+    doc = Path(args.doc)
+    old = doc.read_text()
+    new = render(old)
+    if args.check:
+        if new != old:
+            print(f"{doc} is out of date with benchmarks/results/: run python benchmarks/render_docs.py")
+            return 1
+        print(f"{doc}: generated blocks match the JSON")
+        return 0
+    doc.write_text(new)
+    print(f"rewrote the generated blocks of {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,27 @@
+"""docs/benchmarks.md's result tables are generated from the committed JSON (benchmarks/render_docs.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "render_docs.py"
+
+
+def test_benchmark_docs_match_the_committed_json() -> None:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_render_docs_detects_a_hand_edited_table(tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    text = (REPO / "docs" / "benchmarks.md").read_text()
+    start = text.index("<!-- generated:h100 -->")
+    doc.write_text(text[: start] + text[start:].replace("| finetune |", "| finetune (edited) |", 1))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--check", "--doc", str(doc)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "out of date" in proc.stdout
+    assert subprocess.run([sys.executable, str(SCRIPT), "--doc", str(doc)], timeout=300).returncode == 0
+    assert "(edited)" not in doc.read_text()
