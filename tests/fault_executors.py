@@ -19,7 +19,7 @@ from nvflare.apis.dxo import DXO, DataKind
 from nvflare_unlearn.fl.executor import UnlearningExecutor
 
 #: seconds site-4 sleeps; the tests set task_timeout below it (and the controller's straggler wait above it)
-SLEEP_S = 6.0
+SLEEP_S = 14.0
 
 
 class FaultyExecutor(UnlearningExecutor):
