@@ -47,10 +47,6 @@ def _rel(path: Path) -> str:
     return path.relative_to(REPO_ROOT).as_posix()
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f} %"
-
-
 def provenance(report: dict[str, Any], path: Path) -> list[str]:
     """Command, machine, date and wall time of one benchmark report, as bullet points."""
     m = report["machine"]
@@ -75,9 +71,9 @@ def paper_vs_ours(report: dict[str, Any]) -> list[str]:
         "| | raw U | raw R | after-pruned U | after-pruned R | fine-tuned U | fine-tuned R | retrained U "
         "| retrained R | rounds to quality (speedup) |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        f"| paper, Table 2 / Fig. 3 | {_pct(p['raw']['u'])} | {_pct(p['raw']['r'])} | "
-        f"{_pct(p['after_pruned']['u'])} | {_pct(p['after_pruned']['r'])} | {_pct(p['fine_tuned']['u'])} | "
-        f"{_pct(p['fine_tuned']['r'])} | {_pct(p['retrained']['u'])} | {_pct(p['retrained']['r'])} | "
+        f"| paper, Table 2 / Fig. 3 | {ub._pct(p['raw']['u'])} | {ub._pct(p['raw']['r'])} | "
+        f"{ub._pct(p['after_pruned']['u'])} | {ub._pct(p['after_pruned']['r'])} | {ub._pct(p['fine_tuned']['u'])} | "
+        f"{ub._pct(p['fine_tuned']['r'])} | {ub._pct(p['retrained']['u'])} | {ub._pct(p['retrained']['r'])} | "
         f"({p['speedup']}x) |",
     ]
     re_rounds = res["retrain"].get("rounds_to_quality")
@@ -90,9 +86,9 @@ def paper_vs_ours(report: dict[str, Any]) -> list[str]:
         ratio = f"{rq} vs {re_rounds} ({r['speedup']}x)" if rq else "not reached"
         label = f"ours, `{name}`" + (f" (R = {r['options']['ratio']})" if "options" in r else " (no pruning)")
         lines.append(
-            f"| {label} | {_pct(orig['u_acc'])} | {_pct(orig['r_acc'])} | {_pct(ap.get('u_acc'))} | "
-            f"{_pct(ap.get('r_acc'))} | {_pct(a['u_acc'])} | {_pct(a['r_acc'])} | {_pct(re_['u_acc'])} | "
-            f"{_pct(re_['r_acc'])} | {ratio} |")
+            f"| {label} | {ub._pct(orig['u_acc'])} | {ub._pct(orig['r_acc'])} | {ub._pct(ap.get('u_acc'))} | "
+            f"{ub._pct(ap.get('r_acc'))} | {ub._pct(a['u_acc'])} | {ub._pct(a['r_acc'])} | {ub._pct(re_['u_acc'])} | "
+            f"{ub._pct(re_['r_acc'])} | {ratio} |")
     return lines + [""]
 
 
@@ -155,7 +151,7 @@ def seeds_table(paths: list[Path], methods: tuple[str, ...] = ("retrain", "finet
         if not v:
             return f"not reached ({miss} of {miss})" if miss else "n/a"
         s = f"{np.mean(v):.{digits}f} ± {np.std(v):.{digits}f}"
-        return s + (f" ({miss} not reached)" if miss and v else "")
+        return s + (f" ({miss} not reached)" if miss else "")
 
     for name in ("original", *methods):
         rs = [run["results"][name] for run in runs if name in run["results"]]
