@@ -55,6 +55,7 @@ class FedConfig:
     weight_decay: float = 5e-4
     augment: str = "none"
     seed: int = 0
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.clients_per_round < 1 or self.local_epochs < 1 or self.batch_size < 1:
@@ -216,7 +217,7 @@ def run_fedavg(
             batches = TensorBatches(xs, ys, cfg.batch_size, shuffle=True,
                                     seed=hash((cfg.seed, r, s)) & 0x7FFFFFFF, augment=cfg.augment)
             train_epochs(local, batches, cfg.local_epochs, lr, momentum=cfg.momentum,
-                         weight_decay=cfg.weight_decay, after_step=after_step)
+                         weight_decay=cfg.weight_decay, after_step=after_step, precision=cfg.precision)
             states.append({k: v.detach().clone() for k, v in local.state_dict().items()})
             weights.append(float(xs.shape[0]))
             meter.bytes_up += nbytes

@@ -13,7 +13,9 @@ from torch import nn
 
 from .device import model_device
 
-__all__ = ["train_epochs"]
+__all__ = ["PRECISIONS", "train_epochs"]
+
+PRECISIONS = ("fp32", "bf16")
 
 
 def train_epochs(
@@ -26,11 +28,16 @@ def train_epochs(
     weight_decay: float = 5e-4,
     max_steps: int | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
+    precision: str = "fp32",
 ) -> int:
     """SGD + cross-entropy over `loader` for `epochs` epochs (or until `max_steps`); returns optimizer steps.
 
     `after_step(model)` runs after every optimizer step. The model's train/eval mode is restored afterwards.
+    `precision="bf16"` runs forward and loss under bfloat16 autocast (weights and optimizer stay float32) with
+    channels-last activations: about 2x the images per second on CPUs with AMX/AVX512-BF16, and on GPUs.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
     if not lr > 0:
@@ -45,6 +52,7 @@ def train_epochs(
     if not params:
         raise ValueError("model has no trainable parameters")
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    amp = precision == "bf16"
     loss_fn = nn.CrossEntropyLoss()
     steps = 0
     was_training = model.training
@@ -55,9 +63,12 @@ def train_epochs(
                 if max_steps is not None and steps >= max_steps:
                     return steps
                 x = x.to(device, non_blocking=True)
+                if amp and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 y = torch.as_tensor(y, dtype=torch.int64).to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = loss_fn(model(x), y)
                 if not torch.isfinite(loss):
                     raise ValueError(f"training loss became {loss.item()} at step {steps}; lower the learning rate")
                 loss.backward()

@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""Originals worth forgetting from, and the retrained references every unlearning is compared with.
+
+One command makes every model the evaluation needs, each trained with FedAvg in the in-process federation
+(``nvflare_unlearn.fedsim``) from a fixed seed, and writes for each a checkpoint (``save_checkpoint`` format,
+loadable by ``nvflare-unlearn evaluate``) plus a JSON with its accuracy, per-round curve, cost and SHA-256:
+
+- setting ``c10``: ResNet20 on all 50,000 CIFAR-10 training images, 10 IID sites, 5 sampled per round,
+  random crop + flip. The ``original`` must reach >= 80 % test accuracy; ``retrain`` models use the same schedule
+  without the forget classes (forget 9, 3 and 0+5+9), with several seeds for the retrain-vs-retrain noise floor.
+- setting ``c100m``: ResNet20 on the CIFAR-100 subset (15,000 images), no augmentation, every site every round:
+  an original that memorises its training set, so that membership attacks have power (the second setting).
+
+Jobs are independent and skipped when their JSON exists, so the command resumes after a kill and two workers can
+split the list (``--worker 0/2`` and ``--worker 1/2``, one CPU thread each).
+
+    python benchmarks/originals.py                      # every job, in priority order
+    python benchmarks/originals.py --only c10:original:-:0
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from nvflare_unlearn.checkpoint import save_checkpoint  # noqa: E402
+from nvflare_unlearn.data import load_dataset, partition_iid, stratified_subset_indices  # noqa: E402
+from nvflare_unlearn.evaluation import as_tensors  # noqa: E402
+from nvflare_unlearn.evaluation.data import TensorBatches  # noqa: E402
+from nvflare_unlearn.fedsim import CostMeter, FedConfig, Federation, run_fedavg  # noqa: E402
+from nvflare_unlearn.metrics import class_correct_total, u_r_accuracy  # noqa: E402
+from nvflare_unlearn.models import build_model  # noqa: E402
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "c10": dict(dataset="cifar10", model="resnet20", train_images=None, sites=10, partition_seed=0,
+                fed=dict(rounds=50, clients_per_round=5, local_epochs=1, batch_size=64, lr=0.05,
+                         augment="crop_flip", precision="bf16")),
+    "c100m": dict(dataset="cifar100", model="resnet20", train_images=None, sites=10, partition_seed=0,
+                  fed=dict(rounds=40, clients_per_round=10, local_epochs=1, batch_size=64, lr=0.05,
+                           augment="none", precision="bf16")),
+}
+
+# (setting, kind, forget classes, seed), in priority order: what the headline needs first.
+JOBS: list[tuple[str, str, tuple[int, ...], int]] = [
+    ("c10", "original", (), 0),
+    ("c10", "retrain", (9,), 0),
+    ("c10", "retrain", (3,), 0),
+    ("c10", "retrain", (0, 5, 9), 0),
+    ("c100m", "original", (), 0),
+    ("c100m", "retrain", (9,), 0),
+    ("c10", "retrain", (9,), 1),
+    ("c10", "retrain", (9,), 2),
+    ("c100m", "retrain", (9,), 1),
+    ("c100m", "retrain", (9,), 2),
+    ("c10", "retrain", (3,), 1),
+    ("c10", "retrain", (0, 5, 9), 1),
+]
+
+
+def job_name(setting: str, kind: str, forget: tuple[int, ...], seed: int) -> str:
+    f = "+".join(str(c) for c in forget) if forget else "-"
+    return f"{setting}_{kind}_f{f}_s{seed}"
+
+
+def parse_job(spec: str) -> tuple[str, str, tuple[int, ...], int]:
+    setting, kind, forget, seed = spec.split(":")
+    return setting, kind, tuple(int(c) for c in forget.split("+")) if forget not in ("", "-") else (), int(seed)
+
+
+def log(msg: str) -> None:
+    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, forget: list[int]) -> dict[str, Any]:
+    c, t = class_correct_total(model, ((xb, yb.cpu()) for xb, yb in TensorBatches(x, y, 1024)), k)
+    out = dict(u_r_accuracy(c, t, forget)) if forget else {}
+    out.update(acc=float(c.sum() / max(t.sum(), 1)), class_acc=(c / np.maximum(t, 1)).tolist())
+    return out
+
+
+def run_job(setting: str, kind: str, forget: tuple[int, ...], seed: int, out: Path, data_root: str | None) -> None:
+    name = job_name(setting, kind, forget, seed)
+    cfg = SETTINGS[setting]
+    t_start = time.perf_counter()
+    train = load_dataset(cfg["dataset"], root=data_root, split="train")
+    if cfg["train_images"]:
+        train = train.subset(stratified_subset_indices(train.targets, cfg["train_images"], seed=0))
+    test = load_dataset(cfg["dataset"], root=data_root, split="test")
+    x, y = as_tensors(train)
+    xt, yt = as_tensors(test)
+    k = len(train.classes)
+    parts = partition_iid(y.numpy(), cfg["sites"], seed=cfg["partition_seed"])
+    fed = Federation(x, y, parts, k)
+    curve_idx = torch.as_tensor(stratified_subset_indices(yt.numpy(), 2000, seed=1))
+    xc, yc = xt[curve_idx], yt[curve_idx]
+    fc = FedConfig(seed=seed, **cfg["fed"])
+    torch.manual_seed(seed)
+    model = build_model(cfg["model"], k)
+    drop = list(forget) if kind == "retrain" else []
+    meter = CostMeter()
+
+    def eval_fn(m: torch.nn.Module, _r: int) -> dict[str, Any]:
+        e = evaluate(m, xc, yc, k, drop)
+        return {key: e.get(key) for key in ("acc", "u_acc", "r_acc")}
+
+    def on_round(r: int, rec: dict[str, Any]) -> None:
+        log(f"{name} round {r}/{fc.rounds}: acc {rec['acc']:.4f} ({meter.total_s:.0f}s)")
+
+    log(f"{name}: {fc}")
+    history = run_fedavg(model, fed, fc, drop_classes=drop, meter=meter, eval_fn=eval_fn, on_round=on_round)
+    train_idx = torch.as_tensor(stratified_subset_indices(y.numpy(), 5000, seed=2))
+    model = model.to(memory_format=torch.contiguous_format)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / f"{name}.pt"
+    if ckpt.exists():
+        ckpt.unlink()  # a leftover of a killed run (its JSON, written last, does not exist)
+    save_checkpoint(ckpt, model, None, cfg["model"], k,
+                    extra={"stage": kind, "setting": setting, "forget_classes": list(forget), "seed": seed})
+    result = {
+        "name": name, "setting": setting, "kind": kind, "forget": list(forget), "seed": seed,
+        "config": {**{kk: v for kk, v in cfg.items() if kk != "fed"}, "fed": fc.to_dict()},
+        "test": evaluate(model, xt, yt, k, list(forget)),
+        "train_subset": evaluate(model, x[train_idx], y[train_idx], k, list(forget)),
+        "history": history, "cost": meter.snapshot(),
+        "checkpoint": {"file": ckpt.name, "sha256": sha256(ckpt), "bytes": ckpt.stat().st_size},
+        "wall_s": time.perf_counter() - t_start,
+        "command": "python benchmarks/originals.py --only " + f"{setting}:{kind}:"
+                   + ("+".join(map(str, forget)) or "-") + f":{seed}",
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    tmp = out / f"{name}.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out / f"{name}.json")
+    log(f"{name}: test acc {result['test']['acc']:.4f}, train-subset acc {result['train_subset']['acc']:.4f}, "
+        f"{result['wall_s']:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=None, help="comma-separated jobs setting:kind:forget:seed (forget '-' or 0+5+9)")
+    p.add_argument("--worker", default="0/1", help="i/n: run every n-th job starting at i")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--data-root", default=None, help="folder holding cifar10/ and cifar100/ ($NVFLARE_UNLEARN_DATA)")
+    p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "originals"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    jobs = [parse_job(s) for s in args.only.split(",")] if args.only else JOBS
+    i, n = (int(v) for v in args.worker.split("/"))
+    out = Path(args.out)
+    for j, job in enumerate(jobs):
+        if j % n != i:
+            continue
+        if (out / f"{job_name(*job)}.json").exists():
+            log(f"{job_name(*job)}: done already")
+            continue
+        run_job(*job, out=out, data_root=args.data_root)
+
+
+if __name__ == "__main__":
+    main()
