@@ -37,15 +37,22 @@ TARGETS = {"act_vs_epoch_ratio": 0.5, "report_vs_model_bytes": 0.05, "resnet56_p
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", default=os.environ.get(DATA_ENV_VAR) or str(REPO_ROOT.parent / "shared" / "data"),
-                   help=f"folder holding cifar10/ (.npz); default ${DATA_ENV_VAR}, then ../shared/data")
+    p.add_argument(
+        "--data",
+        default=os.environ.get(DATA_ENV_VAR) or str(REPO_ROOT.parent / "shared" / "data"),
+        help=f"folder holding cifar10/ (.npz); default ${DATA_ENV_VAR}, then ../shared/data",
+    )
     p.add_argument("--images", type=int, default=5000, help="CIFAR-10 training images (class-balanced subset)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2, help="timed repetitions of each pass; the median is reported")
     p.add_argument("--prune-repeats", type=int, default=5, help="timed repetitions of the ResNet56 scoring + pruning")
-    p.add_argument("--stats-images", type=int, default=512,
-                   help="images behind the ResNet56 activation report that is scored (scoring cost does not depend on it)")
-    p.add_argument("--ratio", type=float, default=0.1, help="prune ratio R for the ResNet56 plan")
+    p.add_argument(
+        "--stats-images",
+        type=int,
+        default=512,
+        help="images behind the ResNet56 activation report that is scored (scoring cost does not depend on it)",
+    )
+    p.add_argument("--prune-ratio", type=float, default=0.1, help="prune ratio R for the ResNet56 plan")
     p.add_argument("--forget-class", type=int, default=9, help="class scored for the ResNet56 plan (9 = truck)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda, or auto (CUDA when present); the targets are for CPU")
@@ -77,14 +84,17 @@ def _state_bytes(model: torch.nn.Module) -> int:
 def _report_bytes(report) -> dict[str, int]:
     """Bytes of the arrays a site uploads (``to_dict(WIRE_SUMS_DTYPE)``: float32 sums + int64 counts), of that dict
     pickled (arrays + names), and of the same sums kept in float64 (the in-memory precision), for comparison."""
-    from nvflare_unlearn.activations import WIRE_SUMS_DTYPE
+    from nvflare_unlearn.method.activations import WIRE_SUMS_DTYPE
 
     def arrays_of(d: dict) -> int:
         return int(sum(np.asarray(a).nbytes for a in d["sums"].values()) + np.asarray(d["counts"]).nbytes)
 
     d = report.to_dict(sums_dtype=WIRE_SUMS_DTYPE)
-    return {"arrays": arrays_of(d), "pickled": len(pickle.dumps(d, protocol=pickle.HIGHEST_PROTOCOL)),
-            "float64_arrays": arrays_of(report.to_dict(sums_dtype="float64"))}
+    return {
+        "arrays": arrays_of(d),
+        "pickled": len(pickle.dumps(d, protocol=pickle.HIGHEST_PROTOCOL)),
+        "float64_arrays": arrays_of(report.to_dict(sums_dtype="float64")),
+    }
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -94,7 +104,7 @@ def _params(model: torch.nn.Module) -> int:
 def run(args: argparse.Namespace) -> dict:
     from nvflare_unlearn import apply_pruning_plan, build_pruning_plan, collect_class_activations, tfidf_scores
     from nvflare_unlearn.data import load_dataset
-    from nvflare_unlearn.metrics import pick_device, train_epochs
+    from nvflare_unlearn.evaluation import pick_device, train_epochs
     from nvflare_unlearn.models import build_model
 
     torch.set_num_threads(args.threads)
@@ -102,13 +112,17 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     data_root = Path(args.data)
     if not (data_root / "cifar10").is_dir() and not list(data_root.glob("train*.npz")):
-        raise SystemExit(f"CIFAR-10 not found under {data_root}: pass --data or set ${DATA_ENV_VAR} "
-                         f"to the folder holding cifar10/")
+        raise SystemExit(
+            f"CIFAR-10 not found under {data_root}: pass --data or set ${DATA_ENV_VAR} to the folder holding cifar10/"
+        )
     t0 = time.perf_counter()
     train = load_dataset("cifar10", root=data_root, split="train", subset=args.images, seed=args.seed)
     load_s = time.perf_counter() - t0
-    print(f"[core_costs] {len(train)} CIFAR-10 training images loaded in {load_s:.1f} s "
-          f"(torch threads {torch.get_num_threads()})", flush=True)
+    print(
+        f"[core_costs] {len(train)} CIFAR-10 training images loaded in {load_s:.1f} s "
+        f"(torch threads {torch.get_num_threads()})",
+        flush=True,
+    )
 
     # --- 1. ResNet20: activation pass vs training epoch, same images, same loader settings
     model = build_model("resnet20", 10).to(device)
@@ -132,8 +146,11 @@ def run(args: argparse.Namespace) -> dict:
     runs: dict[str, list[float]] = {"act": [], "epoch": [], "infer": []}
     load_before = os.getloadavg()
     for _ in range(args.repeats):
-        for key, fn in (("act", lambda: collect_class_activations(model, stats_loader, 10)), ("epoch", one_epoch),
-                        ("infer", plain_pass)):
+        for key, fn in (
+            ("act", lambda: collect_class_activations(model, stats_loader, 10)),
+            ("epoch", one_epoch),
+            ("infer", plain_pass),
+        ):
             t_start = time.perf_counter()
             value = fn()
             runs[key].append(time.perf_counter() - t_start)
@@ -147,8 +164,11 @@ def run(args: argparse.Namespace) -> dict:
     paired_ratios = [a / e for a, e in zip(act_all, epoch_all)]
     r20_bytes = _report_bytes(report)
     r20_model_bytes = _state_bytes(model)
-    print(f"[core_costs] resnet20: activation pass {act_s:.2f} s, training epoch {epoch_s:.2f} s "
-          f"({steps} steps), plain inference {infer_s:.2f} s", flush=True)
+    print(
+        f"[core_costs] resnet20: activation pass {act_s:.2f} s, training epoch {epoch_s:.2f} s "
+        f"({steps} steps), plain inference {infer_s:.2f} s",
+        flush=True,
+    )
 
     # --- 2./3. ResNet56: report size, then scoring + plan + apply
     r56 = build_model("resnet56", 10)
@@ -177,8 +197,11 @@ def run(args: argparse.Namespace) -> dict:
         raise RuntimeError(f"pruned ResNet56 gives output shape {tuple(out.shape)}, expected (2, 10)")
     best = int(np.argmin(stage_times["total_s"]))  # the fastest repeat, all its stages
     r56_prune = {k: v[best] for k, v in stage_times.items()}
-    print(f"[core_costs] resnet56: tfidf {r56_prune['tfidf_s']:.3f} s, plan {r56_prune['plan_s']:.3f} s, "
-          f"apply {r56_prune['apply_s']:.3f} s, total {r56_prune['total_s']:.3f} s", flush=True)
+    print(
+        f"[core_costs] resnet56: tfidf {r56_prune['tfidf_s']:.3f} s, plan {r56_prune['plan_s']:.3f} s, "
+        f"apply {r56_prune['apply_s']:.3f} s, total {r56_prune['total_s']:.3f} s",
+        flush=True,
+    )
 
     results = {
         "command": "python benchmarks/core_costs.py " + " ".join(shlex.quote(a) for a in args.argv),
@@ -194,28 +217,46 @@ def run(args: argparse.Namespace) -> dict:
             "python": platform.python_version(),
             "torch": torch.__version__,
         },
-        "settings": {"images": len(train), "batch": args.batch, "repeats": args.repeats,
-                     "prune_repeats": args.prune_repeats, "stats_images": len(stats_sub), "ratio": args.ratio,
-                     "forget_class": args.forget_class, "seed": args.seed, "data": str(data_root),
-                     "weights": "fresh seeded initialisation (costs do not depend on learned weights)"},
+        "settings": {
+            "images": len(train),
+            "batch": args.batch,
+            "repeats": args.repeats,
+            "prune_repeats": args.prune_repeats,
+            "stats_images": len(stats_sub),
+            "ratio": args.ratio,
+            "forget_class": args.forget_class,
+            "seed": args.seed,
+            "data": str(data_root),
+            "weights": "fresh seeded initialisation (costs do not depend on learned weights)",
+        },
         "resnet20": {
             "params": _params(model),
-            "activation_pass_s": act_s, "activation_pass_runs_s": act_all,
-            "train_epoch_s": epoch_s, "train_epoch_runs_s": epoch_all, "train_steps": steps,
-            "plain_inference_s": infer_s, "plain_inference_runs_s": infer_all,
+            "activation_pass_s": act_s,
+            "activation_pass_runs_s": act_all,
+            "train_epoch_s": epoch_s,
+            "train_epoch_runs_s": epoch_all,
+            "train_steps": steps,
+            "plain_inference_s": infer_s,
+            "plain_inference_runs_s": infer_all,
             "act_vs_epoch_ratio": act_s / epoch_s,
             "act_vs_epoch_paired_ratios": paired_ratios,
-            "activation_img_per_s": len(train) / act_s, "train_img_per_s": len(train) / epoch_s,
-            "report_bytes": r20_bytes["arrays"], "report_pickled_bytes": r20_bytes["pickled"],
-            "model_bytes": r20_model_bytes, "report_vs_model_bytes": r20_bytes["arrays"] / r20_model_bytes,
+            "activation_img_per_s": len(train) / act_s,
+            "train_img_per_s": len(train) / epoch_s,
+            "report_bytes": r20_bytes["arrays"],
+            "report_pickled_bytes": r20_bytes["pickled"],
+            "model_bytes": r20_model_bytes,
+            "report_vs_model_bytes": r20_bytes["arrays"] / r20_model_bytes,
             "report_float64_bytes": r20_bytes["float64_arrays"],
             "report_float64_vs_model_bytes": r20_bytes["float64_arrays"] / r20_model_bytes,
             "conv_layers": len(report.layer_names),
         },
         "resnet56": {
-            "params_before": _params(r56), "params_after": _params(pruned),
-            "report_bytes": r56_bytes["arrays"], "report_pickled_bytes": r56_bytes["pickled"],
-            "model_bytes": r56_model_bytes, "report_vs_model_bytes": r56_bytes["arrays"] / r56_model_bytes,
+            "params_before": _params(r56),
+            "params_after": _params(pruned),
+            "report_bytes": r56_bytes["arrays"],
+            "report_pickled_bytes": r56_bytes["pickled"],
+            "model_bytes": r56_model_bytes,
+            "report_vs_model_bytes": r56_bytes["arrays"] / r56_model_bytes,
             "conv_layers": len(r56_report.layer_names),
             **r56_prune,
             "runs_s": stage_times,
@@ -244,7 +285,8 @@ def to_markdown(r: dict) -> str:
     lines = [
         f"Command: `{r['command']}`  ",
         f"Machine: {m['nproc']} CPU cores ({m['cpu']}), torch {m['torch']} with {m['torch_threads']} threads, "
-        f"ResNet20 passes on {m['gpu'] or 'CPU'} (ResNet56 pruning on CPU); Python {m['python']}; 1-min load average {m['loadavg_1min_before']} before, "
+        f"ResNet20 passes on {m['gpu'] or 'CPU'} (ResNet56 pruning on CPU); Python {m['python']}; "
+        f"1-min load average {m['loadavg_1min_before']} before, "
         f"{m['loadavg_1min_after']} after (shared machine). Date: {r['date']}.  ",
         f"Data: {s['images']} real CIFAR-10 training images (class-balanced subset, seed {s['seed']}), batch "
         f"{s['batch']}; best of {s['repeats']} interleaved runs (ResNet56 pruning: best of {s['prune_repeats']}). "
@@ -260,13 +302,15 @@ def to_markdown(r: dict) -> str:
         f"| **activation pass / training epoch** (best / best) | **{a['act_vs_epoch_ratio']:.3f}** | "
         f"<= {t['act_vs_epoch_ratio']} | {verdict('act_vs_epoch_ratio')} |",
         f"| same ratio, run by run | {', '.join(f'{x:.3f}' for x in a['act_vs_epoch_paired_ratios'])} | | |",
-        f"| ResNet20 report as uploaded ({a['conv_layers']} convs, float32 sums; arrays / pickled) | {_fmt_bytes(a['report_bytes'])} / "
+        f"| ResNet20 report as uploaded ({a['conv_layers']} convs, float32 sums; arrays / pickled) | "
+        f"{_fmt_bytes(a['report_bytes'])} / "
         f"{_fmt_bytes(a['report_pickled_bytes'])} | | |",
         f"| ResNet20 model state_dict ({a['params']:,} params) | {_fmt_bytes(a['model_bytes'])} | | |",
         f"| **report bytes / model bytes (ResNet20)** | **{100 * a['report_vs_model_bytes']:.2f} %** | "
         f"<= {100 * t['report_vs_model_bytes']:.0f} % | {verdict('report_vs_model_bytes')} |",
         f"| same ResNet20 sums in float64 (in-memory precision, not uploaded) | "
-        f"{_fmt_bytes(a['report_float64_bytes'])} = {100 * a['report_float64_vs_model_bytes']:.2f} % of the model | | |",
+        f"{_fmt_bytes(a['report_float64_bytes'])} = {100 * a['report_float64_vs_model_bytes']:.2f} % "
+        "of the model | | |",
         f"| report bytes / model bytes (ResNet56, {b['conv_layers']} convs) | {100 * b['report_vs_model_bytes']:.2f} % "
         f"| | |",
         f"| ResNet56 TF-IDF scoring (class {s['forget_class']}) | {b['tfidf_s'] * 1000:.1f} ms | | |",
@@ -289,22 +333,30 @@ def plot(r: dict, path: Path) -> None:
     a, b, t = r["resnet20"], r["resnet56"], r["targets"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     ax = axes[0]
-    ax.bar(["activation\npass", "plain\ninference", "training\nepoch"],
-           [a["activation_pass_s"], a["plain_inference_s"], a["train_epoch_s"]], color=["C0", "C7", "C1"])
+    ax.bar(
+        ["activation\npass", "plain\ninference", "training\nepoch"],
+        [a["activation_pass_s"], a["plain_inference_s"], a["train_epoch_s"]],
+        color=["C0", "C7", "C1"],
+    )
     ax.axhline(a["train_epoch_s"] * t["act_vs_epoch_ratio"], ls="--", c="k", lw=1, label="target: 0.5 x epoch")
     ax.set_ylabel("seconds")
     ax.set_title(f"ResNet20, {r['settings']['images']} CIFAR-10 images")
     ax.legend(fontsize=8)
     ax = axes[1]
-    ax.bar(["ResNet20\nreport", "ResNet20\nmodel", "ResNet56\nreport", "ResNet56\nmodel"],
-           [a["report_bytes"] / 1024, a["model_bytes"] / 1024, b["report_bytes"] / 1024, b["model_bytes"] / 1024],
-           color=["C0", "C1", "C0", "C1"])
+    ax.bar(
+        ["ResNet20\nreport", "ResNet20\nmodel", "ResNet56\nreport", "ResNet56\nmodel"],
+        [a["report_bytes"] / 1024, a["model_bytes"] / 1024, b["report_bytes"] / 1024, b["model_bytes"] / 1024],
+        color=["C0", "C1", "C0", "C1"],
+    )
     ax.set_yscale("log")
     ax.set_ylabel("KiB (log scale)")
     ax.set_title("upload per site vs model size")
     ax = axes[2]
-    ax.bar(["TF-IDF", "plan", "apply", "total"], [b["tfidf_s"], b["plan_s"], b["apply_s"], b["total_s"]],
-           color=["C2", "C2", "C2", "C3"])
+    ax.bar(
+        ["TF-IDF", "plan", "apply", "total"],
+        [b["tfidf_s"], b["plan_s"], b["apply_s"], b["total_s"]],
+        color=["C2", "C2", "C2", "C3"],
+    )
     ax.axhline(t["resnet56_prune_total_s"], ls="--", c="k", lw=1, label="target: 2 s")
     ax.set_ylabel("seconds")
     ax.set_title("ResNet56 scoring + pruning")

@@ -2,7 +2,7 @@
 """Originals worth forgetting from, and the retrained references every unlearning is compared with.
 
 One command makes every model the evaluation needs, each trained with FedAvg in the in-process federation
-(``nvflare_unlearn.fedsim``) from a fixed seed, and writes for each a checkpoint (``save_checkpoint`` format,
+(``nvflare_unlearn.evaluation.fedsim``) from a fixed seed, and writes for each a checkpoint (``save_checkpoint`` format,
 loadable by ``nvflare-unlearn evaluate``) plus a JSON with its accuracy, per-round curve, cost and SHA-256:
 
 - setting ``c10``: ResNet20 on all 50,000 CIFAR-10 training images, 10 IID sites, 5 sampled per round,
@@ -38,21 +38,44 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from nvflare_unlearn.checkpoint import save_checkpoint  # noqa: E402
 from nvflare_unlearn.data import load_dataset, partition_iid, stratified_subset_indices  # noqa: E402
-from nvflare_unlearn.evaluation import as_tensors  # noqa: E402
+from nvflare_unlearn.evaluation import (  # noqa: E402
+    as_tensors,  # noqa: E402
+    class_correct_total,
+    u_r_accuracy,
+)
 from nvflare_unlearn.evaluation.data import TensorBatches  # noqa: E402
-from nvflare_unlearn.fedsim import CostMeter, FedConfig, Federation, run_fedavg  # noqa: E402
-from nvflare_unlearn.metrics import class_correct_total, u_r_accuracy  # noqa: E402
+from nvflare_unlearn.evaluation.fedsim import CostMeter, FedConfig, Federation, run_fedavg  # noqa: E402
+from nvflare_unlearn.method.checkpoint import save_checkpoint  # noqa: E402
 from nvflare_unlearn.models import build_model  # noqa: E402
 
 SETTINGS: dict[str, dict[str, Any]] = {
-    "c10": dict(dataset="cifar10", model="resnet20", train_images=None, sites=10, partition_seed=0,
-                fed=dict(rounds=50, clients_per_round=5, local_epochs=1, batch_size=64, lr=0.05,
-                         augment="crop_flip", precision="bf16")),
-    "c100m": dict(dataset="cifar100", model="resnet20", train_images=None, sites=10, partition_seed=0,
-                  fed=dict(rounds=40, clients_per_round=10, local_epochs=1, batch_size=64, lr=0.05,
-                           augment="none", precision="bf16")),
+    "c10": dict(
+        dataset="cifar10",
+        model="resnet20",
+        train_images=None,
+        sites=10,
+        partition_seed=0,
+        fed=dict(
+            rounds=50,
+            clients_per_round=5,
+            local_epochs=1,
+            batch_size=64,
+            lr=0.05,
+            augment="crop_flip",
+            precision="bf16",
+        ),
+    ),
+    "c100m": dict(
+        dataset="cifar100",
+        model="resnet20",
+        train_images=None,
+        sites=10,
+        partition_seed=0,
+        fed=dict(
+            rounds=40, clients_per_round=10, local_epochs=1, batch_size=64, lr=0.05, augment="none", precision="bf16"
+        ),
+    ),
 }
 
 # (setting, kind, forget classes, seed), in priority order: what the headline needs first.
@@ -137,26 +160,41 @@ def run_job(setting: str, kind: str, forget: tuple[int, ...], seed: int, out: Pa
     ckpt = out / f"{name}.pt"
     if ckpt.exists():
         ckpt.unlink()  # a leftover of a killed run (its JSON, written last, does not exist)
-    save_checkpoint(ckpt, model, None, cfg["model"], k,
-                    extra={"stage": kind, "setting": setting, "forget_classes": list(forget), "seed": seed})
+    save_checkpoint(
+        ckpt,
+        model,
+        None,
+        cfg["model"],
+        k,
+        extra={"stage": kind, "setting": setting, "forget_classes": list(forget), "seed": seed},
+    )
     result = {
-        "name": name, "setting": setting, "kind": kind, "forget": list(forget), "seed": seed,
+        "name": name,
+        "setting": setting,
+        "kind": kind,
+        "forget": list(forget),
+        "seed": seed,
         "config": {**{kk: v for kk, v in cfg.items() if kk != "fed"}, "fed": fc.to_dict()},
         "test": evaluate(model, xt, yt, k, list(forget)),
         "train_subset": evaluate(model, x[train_idx], y[train_idx], k, list(forget)),
-        "history": history, "cost": meter.snapshot(),
+        "history": history,
+        "cost": meter.snapshot(),
         "checkpoint": {"file": ckpt.name, "sha256": sha256(ckpt), "bytes": ckpt.stat().st_size},
         "wall_s": time.perf_counter() - t_start,
-        "command": "python benchmarks/originals.py --only " + f"{setting}:{kind}:"
-                   + ("+".join(map(str, forget)) or "-") + f":{seed}",
+        "command": "python benchmarks/originals.py --only "
+        + f"{setting}:{kind}:"
+        + ("+".join(map(str, forget)) or "-")
+        + f":{seed}",
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     tmp = out / f"{name}.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / f"{name}.json")
-    log(f"{name}: test acc {result['test']['acc']:.4f}, train-subset acc {result['train_subset']['acc']:.4f}, "
-        f"{result['wall_s']:.0f}s")
+    log(
+        f"{name}: test acc {result['test']['acc']:.4f}, train-subset acc {result['train_subset']['acc']:.4f}, "
+        f"{result['wall_s']:.0f}s"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

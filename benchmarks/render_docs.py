@@ -30,13 +30,21 @@ sys.path.insert(0, str(HERE))
 import unlearning_benchmark as ub  # noqa: E402  (the benchmark's own table writers: one definition of a table)
 
 FULL_CPU = RESULTS / "unlearning_full_cifar10_resnet20_f9_cpu.json"
-SEED_FILES = [FULL_CPU, RESULTS / "unlearning_full_cifar10_resnet20_f9_cpu_s1.json",
-              RESULTS / "unlearning_full_cifar10_resnet20_f9_cpu_s2.json"]
+SEED_FILES = [
+    FULL_CPU,
+    RESULTS / "unlearning_full_cifar10_resnet20_f9_cpu_s1.json",
+    RESULTS / "unlearning_full_cifar10_resnet20_f9_cpu_s2.json",
+]
 EQUAL_QUALITY = RESULTS / "unlearning_full_cifar10_resnet20_f9_cpu_equalq.json"
 H100 = RESULTS / "unlearning_full_h100" / "unlearning_full_cifar10_resnet20_f9.json"
 H100_SWEEP = RESULTS / "unlearning_full_h100" / "unlearning_full_cifar10_resnet20_f9_sweep.json"
 CPU_RATIO02 = RESULTS / "unlearning_full_cifar10_resnet20_f9_cpu_ratio0.2.json"
 QUICK_SEEDS = RESULTS / "unlearning_quick_digits_small_cnn_f9_seeds012.json"
+
+
+def prune_ratio(options: dict) -> float:
+    """R from a result's options: grouped ({"plan": {"prune_ratio": R}}) since 0.2, flat ({"ratio": R}) before."""
+    return options["plan"]["prune_ratio"] if "plan" in options else options["ratio"]
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -84,11 +92,12 @@ def paper_vs_ours(report: dict[str, Any]) -> list[str]:
         a, ap = r["tests"]["accuracy"], r.get("after_prepare", {})
         rq = r.get("rounds_to_quality")
         ratio = f"{rq} vs {re_rounds} ({r['speedup']}x)" if rq else "not reached"
-        label = f"ours, `{name}`" + (f" (R = {r['options']['ratio']})" if "options" in r else " (no pruning)")
+        label = f"ours, `{name}`" + (f" (R = {prune_ratio(r['options'])})" if "options" in r else " (no pruning)")
         lines.append(
             f"| {label} | {ub._pct(orig['u_acc'])} | {ub._pct(orig['r_acc'])} | {ub._pct(ap.get('u_acc'))} | "
             f"{ub._pct(ap.get('r_acc'))} | {ub._pct(a['u_acc'])} | {ub._pct(a['r_acc'])} | {ub._pct(re_['u_acc'])} | "
-            f"{ub._pct(re_['r_acc'])} | {ratio} |")
+            f"{ub._pct(re_['r_acc'])} | {ratio} |"
+        )
     return lines + [""]
 
 
@@ -100,8 +109,10 @@ def wall_breakdown(report: dict[str, Any]) -> list[str]:
         pre = run["pretrain"]
         c = 0.0 if pre.get("cached") else pre["cost"]["wall_s_total"]
         t = run["results"]["original"]["tests"].get("test_seconds", 0.0)
-        lines.append(f"| pretrain (seed {run['seed']}){' (cached)' if pre.get('cached') else ''} | {c:.0f} "
-                     f"| {t:.0f} (original) |")
+        lines.append(
+            f"| pretrain (seed {run['seed']}){' (cached)' if pre.get('cached') else ''} | {c:.0f} "
+            f"| {t:.0f} (original) |"
+        )
         charged, tests = charged + c, tests + t
         for name, r in run["results"].items():
             if name == "original":
@@ -111,8 +122,11 @@ def wall_breakdown(report: dict[str, Any]) -> list[str]:
             lines.append(f"| {name}{' (cached)' if r.get('cached') else ''} | {c:.0f} | {t:.0f} |")
             charged, tests = charged + c, tests + t
     other = report["wall_s"] - charged - tests
-    lines += [f"| per-round evaluation curves, data loading, plots | {other:.0f} | |",
-              f"| **total** | **{report['wall_s']:.0f} s = {report['wall_s'] / 60:.1f} min** | |", ""]
+    lines += [
+        f"| per-round evaluation curves, data loading, plots | {other:.0f} | |",
+        f"| **total** | **{report['wall_s']:.0f} s = {report['wall_s'] / 60:.1f} min** | |",
+        "",
+    ]
     return lines
 
 
@@ -120,16 +134,22 @@ def run_tables(report: dict[str, Any]) -> list[str]:
     """The benchmark's own per-run tables (Table 2 shape and forgetting tests), without the plot line."""
     out: list[str] = []
     for run in report["runs"]:
-        out += [("#### " + ln[3:]) if ln.startswith("## ") else ln
-                for ln in ub.run_markdown(run, report["config"]) if not ln.startswith("Curves:")]
+        out += [
+            ("#### " + ln[3:]) if ln.startswith("## ") else ln
+            for ln in ub.run_markdown(run, report["config"])
+            if not ln.startswith("Curves:")
+        ]
     return out
 
 
 def _metric(r: dict[str, Any], key: str) -> float | None:
     t = r["tests"]
     v = {
-        "R": t["accuracy"]["r_acc"], "U": t["accuracy"]["u_acc"], "probe": t["probe"]["auc"],
-        "probe_gap": t["probe"].get("auc_minus_control"), "relearn": t["relearn"]["steps"],
+        "R": t["accuracy"]["r_acc"],
+        "U": t["accuracy"]["u_acc"],
+        "probe": t["probe"]["auc"],
+        "probe_gap": t["probe"].get("auc_minus_control"),
+        "relearn": t["relearn"]["steps"],
         "rounds_q": r.get("rounds_to_quality"),
     }[key]
     return None if v is None else float(v)
@@ -141,9 +161,13 @@ def seeds_table(paths: list[Path], methods: tuple[str, ...] = ("retrain", "finet
     reports = [(p, _load(p)) for p in paths if p.is_file()]
     runs = [run for _, rep in reports for run in rep["runs"]]
     seeds = [run["seed"] for run in runs]
-    lines = [f"Seeds {', '.join(map(str, seeds))}; files: " + ", ".join(f"`{_rel(p)}`" for p, _ in reports) + ".",
-             "", "| method | n | R acc (%) | U acc (%) | rounds to quality | probe AUC | probe AUC minus retained "
-             "| relearn steps |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Seeds {', '.join(map(str, seeds))}; files: " + ", ".join(f"`{_rel(p)}`" for p, _ in reports) + ".",
+        "",
+        "| method | n | R acc (%) | U acc (%) | rounds to quality | probe AUC | probe AUC minus retained "
+        "| relearn steps |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def ms(vals: list[float | None], scale: float = 1.0, digits: int = 2) -> str:
         v = [scale * x for x in vals if x is not None]
@@ -158,32 +182,53 @@ def seeds_table(paths: list[Path], methods: tuple[str, ...] = ("retrain", "finet
         if not rs:
             continue
         rq = "" if name in ("original",) else ms([_metric(r, "rounds_q") for r in rs], digits=1)
-        lines.append(f"| {name} | {len(rs)} | {ms([_metric(r, 'R') for r in rs], 100)} | "
-                     f"{ms([_metric(r, 'U') for r in rs], 100)} | {rq} | {ms([_metric(r, 'probe') for r in rs], digits=3)} | "
-                     f"{ms([_metric(r, 'probe_gap') for r in rs], digits=3)} | "
-                     f"{ms([_metric(r, 'relearn') for r in rs], digits=1)} |")
-    lines += ["", "Paired difference `prune` − `finetune` (same seed, same pretrained model):", "",
-              "| seed | Δ R acc (points) | Δ rounds to quality | Δ probe AUC | Δ probe AUC minus retained "
-              "| Δ relearn steps |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | {len(rs)} | {ms([_metric(r, 'R') for r in rs], 100)} | "
+            f"{ms([_metric(r, 'U') for r in rs], 100)} | {rq} | {ms([_metric(r, 'probe') for r in rs], digits=3)} | "
+            f"{ms([_metric(r, 'probe_gap') for r in rs], digits=3)} | "
+            f"{ms([_metric(r, 'relearn') for r in rs], digits=1)} |"
+        )
+    lines += [
+        "",
+        "Paired difference `prune` − `finetune` (same seed, same pretrained model):",
+        "",
+        "| seed | Δ R acc (points) | Δ rounds to quality | Δ probe AUC | Δ probe AUC minus retained "
+        "| Δ relearn steps |",
+        "|---|---|---|---|---|---|",
+    ]
     diffs: dict[str, list[float]] = {}
     for run in runs:
         res = run["results"]
         if "prune" not in res or "finetune" not in res:
             continue
         row = [str(run["seed"])]
-        for key, scale, digits in (("R", 100, 2), ("rounds_q", 1, 0), ("probe", 1, 3), ("probe_gap", 1, 3),
-                                   ("relearn", 1, 0)):
+        for key, scale, digits in (
+            ("R", 100, 2),
+            ("rounds_q", 1, 0),
+            ("probe", 1, 3),
+            ("probe_gap", 1, 3),
+            ("relearn", 1, 0),
+        ):
             a, b = _metric(res["prune"], key), _metric(res["finetune"], key)
             if a is None or b is None:
-                row.append("n/a" if key != "rounds_q" else f"prune {int(a) if a else 'not reached'}, finetune {int(b) if b else 'not reached'}")
+                row.append(
+                    "n/a"
+                    if key != "rounds_q"
+                    else f"prune {int(a) if a else 'not reached'}, finetune {int(b) if b else 'not reached'}"
+                )
                 continue
             diffs.setdefault(key, []).append(scale * (a - b))
             row.append(f"{scale * (a - b):+.{digits}f}")
         lines.append("| " + " | ".join(row) + " |")
     if diffs:
-        lines.append("| mean ± sd | " + " | ".join(
-            f"{np.mean(diffs[k]):+.3f} ± {np.std(diffs[k]):.3f}" if k in diffs else "n/a"
-            for k in ("R", "rounds_q", "probe", "probe_gap", "relearn")) + " |")
+        lines.append(
+            "| mean ± sd | "
+            + " | ".join(
+                f"{np.mean(diffs[k]):+.3f} ± {np.std(diffs[k]):.3f}" if k in diffs else "n/a"
+                for k in ("R", "rounds_q", "probe", "probe_gap", "relearn")
+            )
+            + " |"
+        )
     return lines + [""]
 
 
@@ -194,8 +239,14 @@ def quick_block() -> list[str]:
 
 def full_cpu_block() -> list[str]:
     rep = _load(FULL_CPU)
-    return (provenance(rep, FULL_CPU) + ["Where the time went:", ""] + wall_breakdown(rep)
-            + ["The paper's Table 2 beside ours:", ""] + paper_vs_ours(rep) + run_tables(rep))
+    return (
+        provenance(rep, FULL_CPU)
+        + ["Where the time went:", ""]
+        + wall_breakdown(rep)
+        + ["The paper's Table 2 beside ours:", ""]
+        + paper_vs_ours(rep)
+        + run_tables(rep)
+    )
 
 
 def seeds_block() -> list[str]:
@@ -204,9 +255,12 @@ def seeds_block() -> list[str]:
 
 def equal_quality_block() -> list[str]:
     rep = _load(EQUAL_QUALITY)
-    lines = provenance(rep, EQUAL_QUALITY) + ["Fine-tune rounds each method ran before it stopped "
-                                              "(the first round at retrain quality, or the cap):", "",
-                                              "| method | rounds run | stopped at quality |", "|---|---|---|"]
+    lines = provenance(rep, EQUAL_QUALITY) + [
+        "Fine-tune rounds each method ran before it stopped (the first round at retrain quality, or the cap):",
+        "",
+        "| method | rounds run | stopped at quality |",
+        "|---|---|---|",
+    ]
     for run in rep["runs"]:
         for name, r in run["results"].items():
             if name in ("original", "retrain"):
@@ -245,8 +299,7 @@ BLOCKS: dict[str, tuple[Callable[[], list[str]], list[Path]]] = {
 def render(text: str) -> str:
     """`text` with every generated block present in it rebuilt from its JSON."""
     for name, (fn, sources) in BLOCKS.items():
-        pat = re.compile(rf"(<!-- generated:{re.escape(name)} -->\n)(.*?)(<!-- /generated:{re.escape(name)} -->)",
-                         re.S)
+        pat = re.compile(rf"(<!-- generated:{re.escape(name)} -->\n)(.*?)(<!-- /generated:{re.escape(name)} -->)", re.S)
         if not pat.search(text):
             continue
         missing = [_rel(p) for p in sources if not p.is_file()]

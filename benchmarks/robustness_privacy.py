@@ -19,7 +19,8 @@ The core collector has no per-image clip option, so clipped reports are built fr
 ``collect_class_activations`` (one image per call), each clipped with ``privacy.clip_activations`` and summed:
 numerically what a collector that clips before summing would upload.
 
-Run: ``.venv/bin/python benchmarks/robustness_privacy.py`` writes ``benchmarks/results/robustness_privacy.{json,md,png}``
+Run: ``.venv/bin/python benchmarks/robustness_privacy.py``; it writes
+``benchmarks/results/robustness_privacy.{json,md,png}``
 (the JSON records the wall time of each phase).
 """
 
@@ -38,13 +39,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from nvflare_unlearn.activations import ClassActivationReport, collect_class_activations, conv_channels
 from nvflare_unlearn.data import digits_dataset, partition_iid
+from nvflare_unlearn.evaluation import class_correct_total, train_epochs, u_r_accuracy
 from nvflare_unlearn.evaluation.data import TensorBatches, as_tensors
-from nvflare_unlearn.metrics import class_correct_total, train_epochs, u_r_accuracy
+from nvflare_unlearn.method.activations import ClassActivationReport, collect_class_activations
+from nvflare_unlearn.method.graph import conv_channels
+from nvflare_unlearn.method.plan import PruningPlan
+from nvflare_unlearn.method.prune import apply_pruning_plan
+from nvflare_unlearn.method.selection import build_pruning_plan
+from nvflare_unlearn.method.tfidf import tfidf_scores
 from nvflare_unlearn.models import build_model
-from nvflare_unlearn.plan import PruningPlan, build_pruning_plan
-from nvflare_unlearn.privacy import (
+from nvflare_unlearn.options import AGGREGATIONS
+from nvflare_unlearn.protect.privacy import (
     apply_min_count,
     clip_activations,
     gaussian_noise,
@@ -52,12 +58,10 @@ from nvflare_unlearn.privacy import (
     sensitivity,
     total_channels,
 )
-from nvflare_unlearn.prune import apply_pruning_plan
-from nvflare_unlearn.robust import aggregate_class_means, screen_report
-from nvflare_unlearn.tfidf import tfidf_scores
+from nvflare_unlearn.protect.robust import aggregate_class_means, screen_report
 
 K = 10
-METHODS = ("mean", "median", "trimmed_mean")
+METHODS = AGGREGATIONS
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -81,8 +85,9 @@ def u_r(model: torch.nn.Module, test: tuple[torch.Tensor, torch.Tensor], forget:
 
 
 def attack_x1000(rep: ClassActivationReport, forget: int) -> ClassActivationReport:
-    return ClassActivationReport({n: s * 1000.0 for n, s in rep.sums.items()}, rep.counts.copy(), rep.hook_point,
-                                 list(rep.layer_order))
+    return ClassActivationReport(
+        {n: s * 1000.0 for n, s in rep.sums.items()}, rep.counts.copy(), rep.hook_point, list(rep.layer_order)
+    )
 
 
 def attack_nan(rep: ClassActivationReport, forget: int) -> ClassActivationReport:
@@ -95,8 +100,9 @@ def attack_swap(rep: ClassActivationReport, forget: int) -> ClassActivationRepor
     perm = np.arange(K)
     other = (forget + 1) % K
     perm[forget], perm[other] = other, forget
-    return ClassActivationReport({n: s[perm] for n, s in rep.sums.items()}, rep.counts[perm], rep.hook_point,
-                                 list(rep.layer_order))
+    return ClassActivationReport(
+        {n: s[perm] for n, s in rep.sums.items()}, rep.counts[perm], rep.hook_point, list(rep.layer_order)
+    )
 
 
 def attack_targeted(rep: ClassActivationReport, forget: int) -> ClassActivationReport:
@@ -169,16 +175,22 @@ def robustness(model, site_reports, site_clipped, expected, test, args) -> list[
     rows = []
     # clean plans: {screen: {method: {forget class: pruned set}}}
     clean = {
-        screen: {m: {f: pruned_set(make_plan(model, aggregate_class_means(reps, m, args.trim), f, args.ratio))
-                     for f in range(K)} for m in METHODS}
+        screen: {
+            m: {
+                f: pruned_set(make_plan(model, aggregate_class_means(reps, m, args.trim), f, args.ratio))
+                for f in range(K)
+            }
+            for m in METHODS
+        }
         for screen, reps in (("validate", site_reports), ("validate+clip_bound", site_clipped))
     }
     variants = [(a, "validate", site_reports) for a in ATTACKS] + [
-        (a, "validate+clip_bound", site_clipped) for a in ("x1000", "x1000_targeted")]
+        (a, "validate+clip_bound", site_clipped) for a in ("x1000", "x1000_targeted")
+    ]
     for attack, screen, reports in variants:
         ref = clean[screen]["mean"]
         for method in METHODS:
-            jac, jac_same, us, rs, rejected, errors = [], [], [], [], set(), []
+            jac, jac_same, us, rs, rejected = [], [], [], [], set()
             for f in range(K):
                 sent = list(reports)
                 if ATTACKS[attack] is not None:
@@ -202,43 +214,62 @@ def robustness(model, site_reports, site_clipped, expected, test, args) -> list[
                     aggregate_class_means(sent, method, args.trim)
                 except ValueError as exc:
                     unscreened = f"ValueError: {str(exc).split(';')[0]}"
-            rows.append({
-                "attack": attack, "screen": screen, "method": method,
-                "rejected_sites": sorted(rejected), "unscreened": unscreened,
-                "jaccard_vs_clean_mean": summarize(jac), "jaccard_vs_clean_same_method": summarize(jac_same),
-                "u_acc_pruned": summarize(us), "r_acc_pruned": summarize(rs),
-            })
-            print(f"  robustness {attack:12s} {screen:20s} {method:12s} jaccard {np.mean(jac):.3f} "
-                  f"(min {np.min(jac):.3f}) rejected {sorted(rejected)}", flush=True)
+            rows.append(
+                {
+                    "attack": attack,
+                    "screen": screen,
+                    "method": method,
+                    "rejected_sites": sorted(rejected),
+                    "unscreened": unscreened,
+                    "jaccard_vs_clean_mean": summarize(jac),
+                    "jaccard_vs_clean_same_method": summarize(jac_same),
+                    "u_acc_pruned": summarize(us),
+                    "r_acc_pruned": summarize(rs),
+                }
+            )
+            print(
+                f"  robustness {attack:12s} {screen:20s} {method:12s} jaccard {np.mean(jac):.3f} "
+                f"(min {np.min(jac):.3f}) rejected {sorted(rejected)}",
+                flush=True,
+            )
     return rows
 
 
 def privacy(model, site_acts, site_labels, train, test, args) -> tuple[list[dict], dict]:
-    clipped = [apply_min_count(report_from_images(a, y, args.clip), args.min_count)
-               for a, y in zip(site_acts, site_labels)]
+    clipped = [
+        apply_min_count(report_from_images(a, y, args.clip), args.min_count) for a, y in zip(site_acts, site_labels)
+    ]
     unclipped = [report_from_images(a, y, None) for a, y in zip(site_acts, site_labels)]
     n_channels = total_channels(clipped[0])
     sens = sensitivity(n_channels, args.clip)
     all_acts = np.concatenate([np.concatenate(list(a.values()), axis=1) for a in site_acts])
     info = {
-        "clip_bound": args.clip, "delta": args.delta, "min_count": args.min_count, "total_channels": n_channels,
-        "l2_sensitivity": sens, "fraction_of_activations_clipped": float(np.mean(all_acts > args.clip)),
+        "clip_bound": args.clip,
+        "delta": args.delta,
+        "min_count": args.min_count,
+        "total_channels": n_channels,
+        "l2_sensitivity": sens,
+        "fraction_of_activations_clipped": float(np.mean(all_acts > args.clip)),
         "images_per_class_per_site": summarize([float(c) for u in unclipped for c in u.counts]),
-        "classes_dropped_by_min_count": int(sum(int(np.sum((u.counts > 0) & (c.counts == 0)))
-                                                for u, c in zip(unclipped, clipped))),
+        "classes_dropped_by_min_count": int(
+            sum(int(np.sum((u.counts > 0) & (c.counts == 0))) for u, c in zip(unclipped, clipped))
+        ),
     }
     ref = {f: make_plan(model, aggregate_class_means(clipped, "mean"), f, args.ratio) for f in range(K)}
     unclipped_plans = {f: make_plan(model, aggregate_class_means(unclipped, "mean"), f, args.ratio) for f in range(K)}
     info["jaccard_clipped_vs_unclipped"] = summarize(
-        [jaccard(pruned_set(ref[f]), pruned_set(unclipped_plans[f])) for f in range(K)])
+        [jaccard(pruned_set(ref[f]), pruned_set(unclipped_plans[f])) for f in range(K)]
+    )
     rows = []
     for eps in args.epsilons:
         sigma = gaussian_sigma(eps, args.delta, sens)
         jac, u0s, r0s, u1s, r1s, plans = [], [], [], [], [], []
         for seed in range(args.noise_seeds):
             for f in range(K):
-                noisy = [gaussian_noise(r, eps, args.delta, args.clip, np.random.default_rng([seed, f, s]))
-                         for s, r in enumerate(clipped)]
+                noisy = [
+                    gaussian_noise(r, eps, args.delta, args.clip, np.random.default_rng([seed, f, s]))
+                    for s, r in enumerate(clipped)
+                ]
                 plan = make_plan(model, aggregate_class_means(noisy, "mean"), f, args.ratio)
                 plans.append(plan)
                 jac.append(jaccard(pruned_set(plan), pruned_set(ref[f])))
@@ -248,15 +279,23 @@ def privacy(model, site_acts, site_labels, train, test, args) -> tuple[list[dict
                 if seed < args.ft_seeds:
                     u1, r1 = finetune_eval(pruned, train, test, f, args.ft_epochs, args.ft_lr, seed)
                     u1s.append(u1), r1s.append(r1)
-        rows.append({
-            "epsilon": "inf" if math.isinf(eps) else eps, "sigma_per_site": sigma,
-            "pruned_per_layer": per_layer(plans), "jaccard_vs_noiseless": summarize(jac),
-            "u_acc_pruned": summarize(u0s), "r_acc_pruned": summarize(r0s),
-            "u_acc_finetuned": summarize(u1s), "r_acc_finetuned": summarize(r1s),
-        })
-        print(f"  privacy eps={eps:<6} sigma={sigma:9.3f} jaccard {np.mean(jac):.3f} "
-              f"pruned U/R {np.mean(u0s):.3f}/{np.mean(r0s):.3f} fine-tuned U/R {np.mean(u1s):.3f}/{np.mean(r1s):.3f}",
-              flush=True)
+        rows.append(
+            {
+                "epsilon": "inf" if math.isinf(eps) else eps,
+                "sigma_per_site": sigma,
+                "pruned_per_layer": per_layer(plans),
+                "jaccard_vs_noiseless": summarize(jac),
+                "u_acc_pruned": summarize(u0s),
+                "r_acc_pruned": summarize(r0s),
+                "u_acc_finetuned": summarize(u1s),
+                "r_acc_finetuned": summarize(r1s),
+            }
+        )
+        print(
+            f"  privacy eps={eps:<6} sigma={sigma:9.3f} jaccard {np.mean(jac):.3f} "
+            f"pruned U/R {np.mean(u0s):.3f}/{np.mean(r0s):.3f} fine-tuned U/R {np.mean(u1s):.3f}/{np.mean(r1s):.3f}",
+            flush=True,
+        )
     # reference point: the same number of channels chosen uniformly at random (what pure noise converges to)
     jac, u0s, r0s, u1s, r1s, plans = [], [], [], [], [], []
     for f in range(K):
@@ -269,14 +308,22 @@ def privacy(model, site_acts, site_labels, train, test, args) -> tuple[list[dict
         u0, r0 = u_r(pruned, test, f)
         u1, r1 = finetune_eval(pruned, train, test, f, args.ft_epochs, args.ft_lr, args.seed)
         u0s.append(u0), r0s.append(r0), u1s.append(u1), r1s.append(r1)
-    rows.append({
-        "epsilon": "random channels", "sigma_per_site": None,
-        "pruned_per_layer": per_layer(plans), "jaccard_vs_noiseless": summarize(jac),
-        "u_acc_pruned": summarize(u0s), "r_acc_pruned": summarize(r0s),
-        "u_acc_finetuned": summarize(u1s), "r_acc_finetuned": summarize(r1s),
-    })
-    print(f"  privacy random channels: jaccard {np.mean(jac):.3f} fine-tuned U/R {np.mean(u1s):.3f}/{np.mean(r1s):.3f}",
-          flush=True)
+    rows.append(
+        {
+            "epsilon": "random channels",
+            "sigma_per_site": None,
+            "pruned_per_layer": per_layer(plans),
+            "jaccard_vs_noiseless": summarize(jac),
+            "u_acc_pruned": summarize(u0s),
+            "r_acc_pruned": summarize(r0s),
+            "u_acc_finetuned": summarize(u1s),
+            "r_acc_finetuned": summarize(r1s),
+        }
+    )
+    print(
+        f"  privacy random channels: jaccard {np.mean(jac):.3f} fine-tuned U/R {np.mean(u1s):.3f}/{np.mean(r1s):.3f}",
+        flush=True,
+    )
     return rows, info
 
 
@@ -302,7 +349,8 @@ def write_markdown(path: Path, result: dict) -> None:
         "the plan from all honest sites with the exact mean; `vs clean same method`: against the same aggregation "
         "with no attack. U/R = forget/retained test accuracy right after pruning (no fine-tune).",
         "",
-        "| attack | server screen | aggregation | rejected sites | Jaccard vs clean mean | Jaccard vs clean same method "
+        "| attack | server screen | aggregation | rejected sites | Jaccard vs clean mean "
+        "| Jaccard vs clean same method "
         "| U acc pruned | R acc pruned | same attack, no screen |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -338,7 +386,8 @@ def write_markdown(path: Path, result: dict) -> None:
             f"| {r['epsilon']} | {sigma} | {fmt(r['jaccard_vs_noiseless'])} | "
             f"{r['u_acc_pruned']['mean']:.3f} | {r['r_acc_pruned']['mean']:.3f} | "
             f"{r['u_acc_finetuned']['mean']:.3f} | {r['r_acc_finetuned']['mean']:.3f} | "
-            + ", ".join(f"{k} {v:.1f}" for k, v in r["pruned_per_layer"].items()) + " |"
+            + ", ".join(f"{k} {v:.1f}" for k, v in r["pruned_per_layer"].items())
+            + " |"
         )
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -354,8 +403,10 @@ def write_plot(path: Path, result: dict) -> None:
     attacks = list(dict.fromkeys(r["attack"] for r in rows))
     width = 0.25
     for i, method in enumerate(METHODS):
-        vals = [next(r["jaccard_vs_clean_mean"]["mean"] for r in rows if r["attack"] == a and r["method"] == method)
-                for a in attacks]
+        vals = [
+            next(r["jaccard_vs_clean_mean"]["mean"] for r in rows if r["attack"] == a and r["method"] == method)
+            for a in attacks
+        ]
         ax1.bar(np.arange(len(attacks)) + (i - 1) * width, vals, width, label=method)
     ax1.set_xticks(np.arange(len(attacks)), attacks)
     ax1.set_ylim(0, 1.05)
@@ -387,16 +438,21 @@ def write_plot(path: Path, result: dict) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="results folder")
-    p.add_argument("--sites", type=int, default=10)
+    p.add_argument("--num-clients", type=int, default=10)
     p.add_argument("--bad-site", type=int, default=0)
-    p.add_argument("--ratio", type=float, default=0.3,
-                   help="prune ratio; 0.3 as tests/test_fl_simenv.py uses for small_cnn")
+    p.add_argument(
+        "--prune-ratio", type=float, default=0.3, help="prune ratio; 0.3 as tests/test_fl_simenv.py uses for small_cnn"
+    )
     p.add_argument("--trim", type=float, default=0.1, help="trimmed_mean: fraction dropped at each end")
     p.add_argument("--clip", type=float, default=2.0, help="per-image activation bound B")
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--min-count", type=int, default=5)
-    p.add_argument("--epsilons", type=lambda s: [float(v) for v in s.split(",")],
-                   default=[0.1, 0.5, 1.0, 4.0, 16.0, 64.0, math.inf], help="comma list; 'inf' = no noise")
+    p.add_argument(
+        "--epsilons",
+        type=lambda s: [float(v) for v in s.split(",")],
+        default=[0.1, 0.5, 1.0, 4.0, 16.0, 64.0, math.inf],
+        help="comma list; 'inf' = no noise",
+    )
     p.add_argument("--noise-seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=20, help="training epochs of the model to unlearn")
     p.add_argument("--ft-epochs", type=int, default=3)
@@ -433,7 +489,9 @@ def main(argv: list[str] | None = None) -> dict:
     for rep, acts, y in zip(site_reports, site_acts, site_labels):
         rebuilt = report_from_images(acts, y, None)
         for name in rep.layer_order:
-            np.testing.assert_allclose(rebuilt.sums[name], rep.sums[name], rtol=1e-4, atol=1e-5)  # float32 convs: batch vs single image
+            np.testing.assert_allclose(
+                rebuilt.sums[name], rep.sums[name], rtol=1e-4, atol=1e-5
+            )  # float32 convs: batch vs single image
     site_clipped = [report_from_images(a, y, args.clip) for a, y in zip(site_acts, site_labels)]
     expected = conv_channels(model)
 
@@ -448,14 +506,24 @@ def main(argv: list[str] | None = None) -> dict:
     timings["privacy"] = time.perf_counter() - t0
 
     result = {
-        "command": " ".join([".venv/bin/python benchmarks/robustness_privacy.py",
-                             *(argv if argv is not None else sys.argv[1:])]),
-        "config": {k: (v if not isinstance(v, list) else [str(e) for e in v]) for k, v in vars(args).items()
-                   if k != "out"},
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "device": "cpu"},
-        "model": {"name": "small_cnn", "dataset": "digits", "test_acc": test_acc,
-                  "site_sizes": [int(len(p)) for p in parts]},
+        "command": " ".join(
+            [".venv/bin/python benchmarks/robustness_privacy.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "config": {
+            k: (v if not isinstance(v, list) else [str(e) for e in v]) for k, v in vars(args).items() if k != "out"
+        },
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": "cpu",
+        },
+        "model": {
+            "name": "small_cnn",
+            "dataset": "digits",
+            "test_acc": test_acc,
+            "site_sizes": [int(len(p)) for p in parts],
+        },
         "robustness": rob,
         "privacy_setup": priv_info,
         "privacy": priv,

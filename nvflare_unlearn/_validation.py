@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -20,16 +20,16 @@ def check_class_id(cls: Any, num_classes: int, what: str = "forget_class") -> in
     if isinstance(cls, bool) or not isinstance(cls, numbers.Integral):
         raise ValueError(f"{what} must be an integer class id, got {cls!r}")
     if not 0 <= int(cls) < num_classes:
-        raise ValueError(f"{what}={cls} is not a class id of this model: valid ids are 0..{num_classes - 1}")
+        raise ValueError(f"{what} {cls} is not a class id of this model: valid ids are 0..{num_classes - 1}")
     return int(cls)
 
 
-def check_ratio(ratio: Any) -> float:
+def check_ratio(ratio: Any, name: str = "ratio") -> float:
     """Return ``ratio`` as float if it lies strictly inside (0, 1)."""
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not np.isfinite(float(ratio)):
-        raise ValueError(f"ratio must be a number in (0, 1), got {ratio!r}")
+        raise ValueError(f"{name} must be a number in (0, 1), got {ratio!r}")
     if not 0.0 < float(ratio) < 1.0:
-        raise ValueError(f"ratio must be strictly between 0 and 1 (a fraction of all prunable channels), got {ratio}")
+        raise ValueError(f"{name} must be strictly between 0 and 1 (a fraction of all prunable channels), got {ratio}")
     return float(ratio)
 
 
@@ -45,3 +45,25 @@ def check_finite(arr: np.ndarray, what: str) -> None:
     if not np.all(np.isfinite(arr)):
         bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
         raise ValueError(f"{what} contains {bad} NaN or infinite value(s)")
+
+
+def normalize_forget_classes(forget_classes: Any, num_classes: int, *, required: bool = True) -> list[int]:
+    """Validate forget class ids: integers in range, no duplicates, at least one class left to keep.
+
+    A single id is accepted for a one-element list; ``required=False`` allows an empty list (pretraining).
+    """
+    num_classes = check_num_classes(num_classes)
+    if forget_classes is None:
+        forget_classes = []
+    if isinstance(forget_classes, numbers.Integral) and not isinstance(forget_classes, bool):
+        forget_classes = [int(forget_classes)]
+    if isinstance(forget_classes, (str, bytes)) or not isinstance(forget_classes, Iterable):
+        raise ValueError(f"forget_classes must be a class id or a list of class ids, got {forget_classes!r}")
+    out = [check_class_id(c, num_classes, "forget class") for c in forget_classes]
+    if required and not out:
+        raise ValueError("forget_classes is empty: name at least one class to forget")
+    if len(set(out)) != len(out):
+        raise ValueError(f"forget_classes has duplicates: {out}")
+    if len(out) >= num_classes:
+        raise ValueError(f"cannot forget all {num_classes} classes: at least one must be retained")
+    return out

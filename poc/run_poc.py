@@ -64,15 +64,15 @@ def submit_and_wait(job_folder: str, out_dir: str, timeout: float) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sites", type=int, default=2, help="number of POC sites (the templates expect 2)")
+    p.add_argument("--num-clients", type=int, default=2, help="number of POC sites (the templates expect 2)")
     p.add_argument("--out", default=os.path.join(REPO, "runs", "poc"), help="new folder for downloaded results")
     p.add_argument("--templates", default=os.path.join(REPO, "job_templates"))
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for each job")
     a = p.parse_args()
 
     sys.path.insert(0, REPO)
+    from nvflare_unlearn.cli.templates import TEMPLATE_CKPT
     from nvflare_unlearn.fl import authorize_poc_workspace, read_job_result
-    from nvflare_unlearn.templates import TEMPLATE_CKPT
 
     out = os.path.abspath(a.out)
     if os.path.exists(out) and os.listdir(out):
@@ -80,7 +80,7 @@ def main() -> int:
         return 2
     os.makedirs(out, exist_ok=True)
     started = time.time()
-    nvflare("poc", "prepare", "-n", str(a.sites), "--force")
+    nvflare("poc", "prepare", "-n", str(a.num_clients), "--force")
     ws = poc_workspace()
     for path in authorize_poc_workspace(ws):
         say(f"allowed nvflare_unlearn.fl in {os.path.relpath(path, ws)}")
@@ -101,7 +101,10 @@ def main() -> int:
         nvflare("poc", "stop", timeout=300, check=False)
     summary = {
         "forget_classes": m.get("forget_classes"),
-        **{stage: {k: m.get(stage, {}).get(k) for k in ("u_acc", "r_acc")} for stage in ("original", "pruned", "unlearned")},
+        **{
+            stage: {k: m.get(stage, {}).get(k) for k in ("u_acc", "r_acc")}
+            for stage in ("original", "pruned", "unlearned")
+        },
         "params_before": m.get("params_before"),
         "params_after": m.get("params_after"),
         "rounds": m.get("rounds"),

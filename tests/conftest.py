@@ -1,4 +1,4 @@
-"""Shared test setup: few CPU threads (2-core machines), and the real CIFAR data root (skip when absent)."""
+"""Shared test setup: torch's CPU threads (set here only), seeds, and the real CIFAR data root (skip when absent)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ENV_VAR = "NVFLARE_UNLEARN_DATA"
-
-torch.set_num_threads(2)
+DEFAULT_THREADS = 2  # the machines this suite runs on have 2 cores
 
 
 def real_data_root() -> Path:
@@ -28,16 +27,27 @@ def cifar_root() -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def _seed_torch():
-    """Every test starts from the same torch RNG state, so results do not depend on test order."""
-    torch.manual_seed(0)
+@pytest.fixture(scope="session", autouse=True)
+def _default_threads():
+    """The one place the suite's default thread count is set."""
+    torch.set_num_threads(DEFAULT_THREADS)
     yield
 
 
+@pytest.fixture(autouse=True)
+def _seed_and_restore_threads(_default_threads):
+    """Every test starts from the same torch RNG state and leaves the thread count as it found it, so results do not
+    depend on test order."""
+    torch.manual_seed(0)
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def one_torch_thread():
-    """Tiny 8x8 models gain nothing from intra-op threads, and lose a lot when the cores are shared."""
+def one_torch_thread(_default_threads):
+    """Tiny 8x8 models gain nothing from intra-op threads, and lose a lot when the cores are shared (the sites of a
+    simulator run use one thread too, so central and federated evaluation round the same way)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -28,8 +30,9 @@ def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int = 128, shuffle: boo
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=gen)
 
 
-def train(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 5, lr: float = 1e-2,
-          seed: int = 0) -> torch.nn.Module:
+def train(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 5, lr: float = 1e-2, seed: int = 0
+) -> torch.nn.Module:
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
@@ -48,12 +51,23 @@ def class_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num
     return np.array([(pred[y == k] == k).float().mean().item() for k in range(num_classes)])
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch threads and restore the count after (results can depend on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @functools.lru_cache(maxsize=1)
 def _trained_state() -> dict[str, torch.Tensor]:
-    torch.set_num_threads(2)
     xtr, ytr, _, _ = digits_tensors()
-    torch.manual_seed(0)  # the initialisation must not depend on which test happens to train the model first
-    model = train(build_model("small_cnn", 10), xtr, ytr)
+    with torch_threads(2):
+        torch.manual_seed(0)  # the initialisation must not depend on which test happens to train the model first
+        model = train(build_model("small_cnn", 10), xtr, ytr)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -8,16 +8,16 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from nvflare_unlearn.activations import (
+from nvflare_unlearn.method.activations import (
     ClassActivationReport,
     collect_class_activations,
-    conv_channels,
     merge_reports,
     validate_report,
 )
+from nvflare_unlearn.method.graph import conv_channels
 from nvflare_unlearn.models import build_model, example_input
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TwoConv(nn.Module):
@@ -201,7 +201,9 @@ def test_validate_report_accepts_good_and_names_each_problem():
 
 def test_bad_model_and_labels():
     with pytest.raises(ValueError, match="no nn.Conv2d"):
-        collect_class_activations(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), [(torch.rand(2, 4), torch.tensor([0, 1]))], 2)
+        collect_class_activations(
+            nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), [(torch.rand(2, 4), torch.tensor([0, 1]))], 2
+        )
     model = build_model("small_cnn", 3)
     with pytest.raises(ValueError, match=r"label 3 is outside \[0, 3\)"):
         collect_class_activations(model, [(torch.rand(2, 1, 8, 8), torch.tensor([0, 3]))], 3)

@@ -1,4 +1,4 @@
-"""The unlearning audit record: build, write, read back, verify, and detect tampering (nvflare_unlearn.audit)."""
+"""The unlearning audit record: build, write, read back, verify, detect tampering (nvflare_unlearn.protect.audit)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from nvflare_unlearn.audit import (
+from nvflare_unlearn.method.checkpoint import save_checkpoint
+from nvflare_unlearn.method.prune import apply_pruning_plan
+from nvflare_unlearn.method.selection import build_pruning_plan
+from nvflare_unlearn.models import build_model
+from nvflare_unlearn.protect.audit import (
     SCHEMA,
     build_record,
     plan_sha256,
@@ -21,10 +25,6 @@ from nvflare_unlearn.audit import (
     verify_record,
     write_record,
 )
-from nvflare_unlearn.checkpoint import save_checkpoint
-from nvflare_unlearn.models import build_model
-from nvflare_unlearn.plan import build_pruning_plan
-from nvflare_unlearn.prune import apply_pruning_plan
 
 K = 10
 START = dt.datetime(2025, 1, 31, 12, 0, tzinfo=dt.timezone.utc)
@@ -121,8 +121,13 @@ def test_write_read_verify_round_trip(run):
     result = verify_record(path, run["final"], original_model_path=run["original"])
     assert result.ok, str(result)
     assert result.mismatches == []
-    assert set(result.checks) == {"record content digest", "final model SHA-256", "embedded plan SHA-256",
-                                  "pruned channels", "original model unchanged"}
+    assert set(result.checks) == {
+        "record content digest",
+        "final model SHA-256",
+        "embedded plan SHA-256",
+        "pruned channels",
+        "original model unchanged",
+    }
     assert str(result).startswith("OK")
 
 

@@ -9,20 +9,28 @@ import pytest
 import torch
 from torch import nn
 
-from nvflare_unlearn.activations import collect_class_activations
-from nvflare_unlearn.baselines import (
+from nvflare_unlearn.data import digits_dataset, partition_biased
+from nvflare_unlearn.evaluation import TensorBatches, accuracy_report, as_tensors
+from nvflare_unlearn.evaluation.baselines import (
     PruneOptions,
-    deep_layers,
-    fisher_noise,
     federated_fisher,
+    fisher_noise,
     prepare_method,
     reset_classifier_rows,
     site_fisher_diagonal,
 )
-from nvflare_unlearn.data import digits_dataset, partition_biased
-from nvflare_unlearn.evaluation import TensorBatches, accuracy_report, as_tensors
-from nvflare_unlearn.fedsim import CostMeter, FedConfig, Federation, federated_activation_report, run_fedavg, state_bytes
+from nvflare_unlearn.evaluation.fedsim import (
+    CostMeter,
+    FedConfig,
+    Federation,
+    federated_activation_report,
+    run_fedavg,
+    state_bytes,
+)
+from nvflare_unlearn.method.activations import collect_class_activations
+from nvflare_unlearn.method.unlearning import deep_layers
 from nvflare_unlearn.models import build_model
+from nvflare_unlearn.options import PlanOptions
 
 FORGET = 9
 
@@ -73,8 +81,13 @@ def test_fedavg_stops_when_told_and_keeps_the_full_schedule(setup):
         seen.append(rec["round"])
         return rec["r_acc"] >= 0.0 and rec["round"] == 2
 
-    hist = run_fedavg(build_model("small_cnn", 10), fed, cfg, stop_fn=stop,
-                      eval_fn=lambda m, r: accuracy_report(m, test, 10, [FORGET]))
+    hist = run_fedavg(
+        build_model("small_cnn", 10),
+        fed,
+        cfg,
+        stop_fn=stop,
+        eval_fn=lambda m, r: accuracy_report(m, test, 10, [FORGET]),
+    )
     assert [h["round"] for h in hist] == [1, 2] and seen == [1, 2]
     assert [h["lr"] for h in hist] == [h["lr"] for h in full[:2]]
 
@@ -167,8 +180,9 @@ def test_prune_removes_channels_with_federated_statistics(setup):
     fed, model, test = setup
     before = _state(model)
     meter = CostMeter()
-    prep = prepare_method("prune", model, fed, [FORGET], [0, 1, 2], meter,
-                          prune_opts=PruneOptions(ratio=0.1))
+    prep = prepare_method(
+        "prune", model, fed, [FORGET], [0, 1, 2], meter, prune_opts=PruneOptions(plan=PlanOptions(prune_ratio=0.1))
+    )
     n0 = sum(p.numel() for p in model.parameters())
     assert sum(p.numel() for p in prep.model.parameters()) < n0
     assert _same(_state(model), before)
@@ -180,8 +194,15 @@ def test_prune_removes_channels_with_federated_statistics(setup):
 
 def test_prune_reinit_keeps_shapes_and_redraws_the_chosen_filters(setup):
     fed, model, _ = setup
-    prep = prepare_method("prune_reinit", model, fed, [FORGET], [0, 1, 2], CostMeter(),
-                          prune_opts=PruneOptions(ratio=0.1))
+    prep = prepare_method(
+        "prune_reinit",
+        model,
+        fed,
+        [FORGET],
+        [0, 1, 2],
+        CostMeter(),
+        prune_opts=PruneOptions(plan=PlanOptions(prune_ratio=0.1)),
+    )
     a, b = _state(model), _state(prep.model)
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     pruned = {}
@@ -198,8 +219,15 @@ def test_prune_reinit_keeps_shapes_and_redraws_the_chosen_filters(setup):
 
 def test_prune_deep_only_touches_deep_layers(setup):
     fed, model, _ = setup
-    prep = prepare_method("prune_deep", model, fed, [FORGET], [0, 1, 2], CostMeter(),
-                          prune_opts=PruneOptions(ratio=0.05))
+    prep = prepare_method(
+        "prune_deep",
+        model,
+        fed,
+        [FORGET],
+        [0, 1, 2],
+        CostMeter(),
+        prune_opts=PruneOptions(plan=PlanOptions(prune_ratio=0.05)),
+    )
     deep = set(deep_layers(model, 1.0 / 3.0))
     touched = set(prep.info["plan"]["steps"][0]["pruned"])
     assert touched and touched <= deep
@@ -216,8 +244,7 @@ def test_retrain_needs_a_fresh_model(setup):
 def test_fisher_method_runs_end_to_end(setup):
     fed, model, test = setup
     meter = CostMeter()
-    prep = prepare_method("fisher", model, fed, [FORGET], [0, 1], meter, fisher_alpha=1e-5,
-                          fisher_images_per_site=50)
+    prep = prepare_method("fisher", model, fed, [FORGET], [0, 1], meter, fisher_alpha=1e-5, fisher_images_per_site=50)
     assert not _same(_state(prep.model), _state(model))
     run_fedavg(prep.model, fed, FedConfig(rounds=1, clients_per_round=2, lr=0.02), drop_classes=[FORGET], meter=meter)
     assert meter.rounds == 1 and "fisher" in meter.wall_s

@@ -19,9 +19,10 @@ def test_render_docs_detects_a_hand_edited_table(tmp_path: Path) -> None:
     doc = tmp_path / "benchmarks.md"
     text = (REPO / "docs" / "benchmarks.md").read_text()
     start = text.index("<!-- generated:h100 -->")
-    doc.write_text(text[: start] + text[start:].replace("| finetune |", "| finetune (edited) |", 1))
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--check", "--doc", str(doc)], capture_output=True,
-                          text=True, timeout=300)
+    doc.write_text(text[:start] + text[start:].replace("| finetune |", "| finetune (edited) |", 1))
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--check", "--doc", str(doc)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 1 and "out of date" in proc.stdout
     assert subprocess.run([sys.executable, str(SCRIPT), "--doc", str(doc)], timeout=300).returncode == 0
     assert "(edited)" not in doc.read_text()

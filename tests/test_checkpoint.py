@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from nvflare_unlearn.activations import conv_channels
-from nvflare_unlearn.checkpoint import load_checkpoint, save_checkpoint
+from nvflare_unlearn.method.checkpoint import load_checkpoint, save_checkpoint
+from nvflare_unlearn.method.graph import conv_channels
+from nvflare_unlearn.method.prune import apply_pruning_plan, masked_plan
+from nvflare_unlearn.method.selection import build_pruning_plan
 from nvflare_unlearn.models import build_model
-from nvflare_unlearn.plan import build_pruning_plan
-from nvflare_unlearn.prune import apply_pruning_plan, masked_plan
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pruned(name="resnet20", mode="remove", seed=0):
@@ -34,8 +34,13 @@ def test_round_trip_rebuilds_from_factory_and_plan(tmp_path):
     assert isinstance(raw["plan"], str) and raw["prune_mode"] == "remove"
     loaded, plan2, meta = load_checkpoint(path)
     assert plan2 == plan
-    assert meta == {"model_name": "resnet20", "num_classes": 10, "in_channels": 3, "prune_mode": "remove",
-                    "extra": {"rounds": 3, "note": "x"}}
+    assert meta == {
+        "model_name": "resnet20",
+        "num_classes": 10,
+        "in_channels": 3,
+        "prune_mode": "remove",
+        "extra": {"rounds": 3, "note": "x"},
+    }
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model(x))
@@ -96,8 +101,9 @@ def test_load_errors(tmp_path):
         load_checkpoint(tmp_path / "truncated.pt")
     # a plan that does not match the weights: swap in another plan's JSON
     data = torch.load(good, weights_only=True)
-    other = build_pruning_plan(build_model("small_cnn", 10),
-                               {n: -np.arange(c, dtype=float) for n, c in plan.convs.items()}, 0.3)
+    other = build_pruning_plan(
+        build_model("small_cnn", 10), {n: -np.arange(c, dtype=float) for n, c in plan.convs.items()}, 0.3
+    )
     data["plan"] = other.to_json()
     torch.save(data, tmp_path / "mismatch.pt")
     with pytest.raises(ValueError, match="weights do not fit 'small_cnn' pruned by the stored plan"):

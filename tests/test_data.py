@@ -116,9 +116,7 @@ def test_cifar_transform_crop_flip_is_a_shifted_copy():
     t = CifarTransform((0, 0, 0), (1 / 255, 1 / 255, 1 / 255), augment=True)  # identity normalisation
     padded = torch.zeros((3, 40, 40))
     padded[:, 4:36, 4:36] = img.float()
-    candidates = [
-        v for top in range(9) for left in range(9) for v in (padded[:, top:top + 32, left:left + 32],)
-    ]
+    candidates = [v for top in range(9) for left in range(9) for v in (padded[:, top : top + 32, left : left + 32],)]
     candidates += [v.flip(-1) for v in candidates]
     seen_shift = seen_flip = False
     for _ in range(20):

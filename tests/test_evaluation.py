@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from nvflare_unlearn.baselines import reset_classifier_rows
 from nvflare_unlearn.data import LabelledDataset, digits_dataset, split_forget_retain
 from nvflare_unlearn.data.transforms import CifarTransform
 from nvflare_unlearn.evaluation import (
@@ -20,8 +19,9 @@ from nvflare_unlearn.evaluation import (
     penultimate_features,
     random_crop_flip,
     relearn_steps,
+    train_epochs,
 )
-from nvflare_unlearn.metrics import train_epochs
+from nvflare_unlearn.evaluation.baselines import reset_classifier_rows
 from nvflare_unlearn.models import build_model
 
 FORGET = 9
@@ -59,8 +59,12 @@ def test_as_tensors_accepts_pairs_and_datasets(digits):
 
 
 def test_as_tensors_refuses_random_augmentation():
-    ds = LabelledDataset(np.zeros((4, 3, 32, 32), np.uint8), np.arange(4) % 2, ["a", "b"],
-                         CifarTransform((0.5,) * 3, (0.25,) * 3, augment=True))
+    ds = LabelledDataset(
+        np.zeros((4, 3, 32, 32), np.uint8),
+        np.arange(4) % 2,
+        ["a", "b"],
+        CifarTransform((0.5,) * 3, (0.25,) * 3, augment=True),
+    )
     with pytest.raises(ValueError, match="augmentation"):
         as_tensors(ds)
 
@@ -82,8 +86,9 @@ def test_penultimate_features_are_the_classifier_input(trained, digits):
     with torch.no_grad():
         trained.eval()
         logits = trained(x).numpy()
-    np.testing.assert_allclose(feats @ trained.fc.weight.detach().numpy().T + trained.fc.bias.detach().numpy(),
-                               logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        feats @ trained.fc.weight.detach().numpy().T + trained.fc.bias.detach().numpy(), logits, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_probe_separability_high_for_trained_model(trained, digits):
@@ -116,8 +121,14 @@ def test_membership_inference_values_are_bounded(trained, digits):
     u_te, r_te = split_forget_retain(test, [FORGET])
     res = membership_inference(trained, r_tr, r_te, u_tr, u_te)
     for attack in ("loss", "mlp"):
-        for key in ("power_accuracy", "power_auc", "forget_accuracy", "forget_auc",
-                    "forget_train_member_rate", "forget_test_member_rate"):
+        for key in (
+            "power_accuracy",
+            "power_auc",
+            "forget_accuracy",
+            "forget_auc",
+            "forget_train_member_rate",
+            "forget_test_member_rate",
+        ):
             assert 0.0 <= res[attack][key] <= 1.0, (attack, key)
     assert 0.0 <= res["loss"]["forget_selfcal_accuracy"] <= 1.0
     assert res["n_power_eval"] > 0 and res["n_forget_eval"] > 0
@@ -130,8 +141,14 @@ def test_membership_attack_has_power_on_a_memorising_model(digits):
     y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(1))
     model = build_model("small_cnn", 10)
     train_epochs(model, TensorBatches(x[:96], y[:96], 32, shuffle=True), 80, 0.05)
-    res = membership_inference(model, (x[:64], y[:64]), (x[200:264], y[200:264]),
-                               (x[64:96], y[64:96]), (x[300:332], y[300:332]), attacks=("loss",))
+    res = membership_inference(
+        model,
+        (x[:64], y[:64]),
+        (x[200:264], y[200:264]),
+        (x[64:96], y[64:96]),
+        (x[300:332], y[300:332]),
+        attacks=("loss",),
+    )
     assert res["loss"]["power_accuracy"] >= 0.8
     assert res["loss"]["forget_auc"] >= 0.8  # the "forget" members were trained on too: control detects them
 
@@ -141,8 +158,14 @@ def test_membership_attack_is_at_chance_without_membership(digits):
     _, test = digits
     x, y = as_tensors(test)
     untrained = build_model("small_cnn", 10)
-    res = membership_inference(untrained, (x[:200], y[:200]), (x[200:400], y[200:400]),
-                               (x[:100], y[:100]), (x[300:400], y[300:400]), attacks=("loss",))
+    res = membership_inference(
+        untrained,
+        (x[:200], y[:200]),
+        (x[200:400], y[200:400]),
+        (x[:100], y[:100]),
+        (x[300:400], y[300:400]),
+        attacks=("loss",),
+    )
     assert abs(res["loss"]["power_accuracy"] - 0.5) < 0.15
 
 
@@ -162,8 +185,17 @@ def test_relearn_counts_steps_on_a_copy(trained, digits):
     with torch.no_grad():
         hidden.fc.bias[FORGET] = -20.0  # make sure the class starts far from predicted
     before = _params(hidden)
-    res = relearn_steps(hidden, u_tr.subset(range(20)), r_tr.subset(range(200)), 0.5, lr=0.01, batch_size=32,
-                        max_steps=300, eval_ds=u_te, eval_every=2)
+    res = relearn_steps(
+        hidden,
+        u_tr.subset(range(20)),
+        r_tr.subset(range(200)),
+        0.5,
+        lr=0.01,
+        batch_size=32,
+        max_steps=300,
+        eval_ds=u_te,
+        eval_every=2,
+    )
     assert res["reached"] and 0 < res["steps"] <= 300 and res["steps"] % 2 == 0
     assert res["curve"][-1][1] >= 0.5
     assert all(torch.equal(a, b) for a, b in zip(before, _params(hidden)))
@@ -176,8 +208,9 @@ def test_relearn_reports_censored_count(trained, digits):
     hidden = reset_classifier_rows(copy.deepcopy(trained), [FORGET], seed=1)
     with torch.no_grad():
         hidden.fc.bias[FORGET] = -50.0
-    res = relearn_steps(hidden, u_tr.subset(range(10)), r_tr.subset(range(50)), 0.9, lr=1e-6, max_steps=10,
-                        eval_ds=u_te)
+    res = relearn_steps(
+        hidden, u_tr.subset(range(10)), r_tr.subset(range(50)), 0.9, lr=1e-6, max_steps=10, eval_ds=u_te
+    )
     assert not res["reached"] and res["steps"] == 10
 
 

@@ -24,9 +24,8 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.recipe.sim_env import SimEnv
+from test_fl_faults import trained_checkpoint
 
-from nvflare_unlearn.activations import ClassActivationReport, collect_class_activations, conv_channels
-from nvflare_unlearn.audit import plan_sha256, sha256_file
 from nvflare_unlearn.cli import main as cli_main
 from nvflare_unlearn.fl import (
     RECORD_FILE,
@@ -38,9 +37,11 @@ from nvflare_unlearn.fl import (
 )
 from nvflare_unlearn.fl.defs import META_DP_SIGMA
 from nvflare_unlearn.fl.model_state import state_to_numpy
+from nvflare_unlearn.method.activations import ClassActivationReport, collect_class_activations
+from nvflare_unlearn.method.graph import conv_channels
 from nvflare_unlearn.models import build_model
-from nvflare_unlearn.privacy import gaussian_sigma, sensitivity
-from test_fl_faults import trained_checkpoint
+from nvflare_unlearn.protect.audit import plan_sha256, sha256_file
+from nvflare_unlearn.protect.privacy import gaussian_sigma, sensitivity
 
 FORGET, RATIO, ROUNDS, SITES = 3, 0.2, 1, 2
 
@@ -52,19 +53,43 @@ def twice(tmp_path_factory):
     ckpt = trained_checkpoint(root / "original.pt")
     before = sha256_file(ckpt)
     recipe = UnlearningRecipe(
-        name="unlearn_a", model="small_cnn", num_classes=10, initial_ckpt=ckpt, forget_classes=[FORGET],
-        prune_ratio=RATIO, num_rounds=ROUNDS, n_clients=SITES, tensorboard=False,
-    )  # fmt: skip
-    env = SimEnv(num_clients=SITES, num_threads=SITES, workspace_root=str(root / "ws_a"),
-                 log_config=quiet_log_config(str(root)))  # fmt: skip
+        name="unlearn_a",
+        model="small_cnn",
+        num_classes=10,
+        initial_ckpt=ckpt,
+        forget_classes=[FORGET],
+        prune_ratio=RATIO,
+        num_rounds=ROUNDS,
+        num_clients=SITES,
+        tensorboard=False,
+    )
+    env = SimEnv(
+        num_clients=SITES, num_threads=SITES, workspace_root=str(root / "ws_a"), log_config=quiet_log_config(str(root))
+    )
     run_a = read_job_result(recipe.execute(env).get_result())
     out_b = root / "out_b"
-    rc = cli_main(["unlearn", "--ckpt", ckpt, "--forget", str(FORGET), "--ratio", str(RATIO), "--rounds", str(ROUNDS),
-                   "--sites", str(SITES), "--out", str(out_b)])  # fmt: skip
+    rc = cli_main(
+        [
+            "unlearn",
+            "--ckpt",
+            ckpt,
+            "--forget-classes",
+            str(FORGET),
+            "--prune-ratio",
+            str(RATIO),
+            "--num-rounds",
+            str(ROUNDS),
+            "--num-clients",
+            str(SITES),
+            "--out",
+            str(out_b),
+        ]
+    )
     assert rc == 0
     return run_a, out_b, ckpt, before
 
 
+@pytest.mark.sim
 def test_record_holds_request_hashes_sites_plan_metrics_and_versions(twice):
     run, _out, ckpt, before = twice
     assert run.record_path == os.path.join(run.run_dir, RECORD_FILE)
@@ -73,8 +98,9 @@ def test_record_holds_request_hashes_sites_plan_metrics_and_versions(twice):
     m = run.metrics
     assert rec["request"]["forget_classes"] == [FORGET] and rec["request"]["num_classes"] == 10
     params = rec["request"]["parameters"]
-    assert params["prune_ratio"] == RATIO and params["num_rounds"] == ROUNDS and params["aggregation"] == "mean"
-    assert params["dp_epsilon"] is None and "dp_sigma" not in params
+    assert params["plan"]["prune_ratio"] == RATIO and params["federation"]["num_rounds"] == ROUNDS
+    assert params["scoring"]["aggregation"] == "mean"
+    assert params["privacy"]["dp_epsilon"] is None and "dp_sigma" not in params
     assert rec["models"]["original"]["sha256"] == before == sha256_file(ckpt)
     assert rec["models"]["final"]["sha256"] == sha256_file(run.model_path)
     assert rec["plan"]["sha256"] == plan_sha256(open(run.plan_path).read())
@@ -89,6 +115,7 @@ def test_record_holds_request_hashes_sites_plan_metrics_and_versions(twice):
     assert m["files"]["record"] == RECORD_FILE
 
 
+@pytest.mark.sim
 def test_resubmitted_request_gives_the_same_plan(twice):
     run_a, out_b, _ckpt, _before = twice
     with open(run_a.plan_path) as fa, open(out_b / "pruning_plan.json") as fb:
@@ -98,6 +125,7 @@ def test_resubmitted_request_gives_the_same_plan(twice):
     assert rec_a["plan"] == rec_b["plan"]
 
 
+@pytest.mark.sim
 def test_cli_verify_record_accepts_the_copy_and_rejects_a_tampered_one(twice, tmp_path, capsys):
     _run, out_b, ckpt, _before = twice
     record, model = str(out_b / RECORD_FILE), str(out_b / "unlearned_model.pt")
@@ -130,19 +158,24 @@ def _activation_task(net):
 def test_executor_clips_and_noises_the_upload_with_the_stated_sigma():
     net = build_model("small_cnn", 10).eval()
     bound, eps, delta = 0.05, 2.0, 1e-5
-    clean = UnlearningExecutor("small_cnn", 10, n_sites=2, clip_bound=bound)
-    noisy = UnlearningExecutor("small_cnn", 10, n_sites=2, clip_bound=bound, dp_epsilon=eps, dp_delta=delta)
+    clean = UnlearningExecutor("small_cnn", 10, site_data={"num_clients": 2}, privacy={"clip_bound": bound})
+    noisy = UnlearningExecutor(
+        "small_cnn",
+        10,
+        site_data={"num_clients": 2},
+        privacy={"clip_bound": bound, "dp_epsilon": eps, "dp_delta": delta},
+    )
     a = from_shareable(clean.execute("class_activations", _activation_task(net), _ctx("site-1"), Signal()))
     b = from_shareable(noisy.execute("class_activations", _activation_task(net), _ctx("site-1"), Signal()))
     counts = a.data["counts"]
     assert a.meta[META_DP_SIGMA] == 0.0
-    for name, s in a.data["sums"].items():  # per-image clipping: no class mean above the bound
+    for s in a.data["sums"].values():  # per-image clipping: no class mean above the bound
         assert np.all(s <= bound * counts[:, None] * (1 + 1e-6))
     want = gaussian_sigma(eps, delta, sensitivity(sum(conv_channels(net).values()), bound))
     assert b.meta[META_DP_SIGMA] == pytest.approx(want) and want > 0
     diff = np.concatenate([(b.data["sums"][n] - a.data["sums"][n]).ravel() for n in a.data["sums"]])
     assert np.abs(diff).max() > 0 and b.data["counts"].tolist() == counts.tolist()  # counts are public
-    for name, s in b.data["sums"].items():  # post-processed into [0, B * count]
+    for s in b.data["sums"].values():  # post-processed into [0, B * count]
         assert np.all(s >= 0) and np.all(s <= bound * counts[:, None] * (1 + 1e-6))
 
 
@@ -184,8 +217,12 @@ def test_aggregator_screens_noisy_reports_only_when_dp_is_on():
     for allow_negative, expect in ((False, ["site-1"]), (True, ["site-1", "site-2"])):
         agg = ActivationAggregator(10, clip_bound=1.0, allow_negative=allow_negative)
         agg.set_expected_layers(conv_channels(net))
-        for site, params in (("site-1", _report_dict(net)), ("site-2", negative), ("site-3", garbage),
-                             ("site-4", inflated)):  # fmt: skip
+        for site, params in (
+            ("site-1", _report_dict(net)),
+            ("site-2", negative),
+            ("site-3", garbage),
+            ("site-4", inflated),
+        ):
             agg.accept_model(FLModel(params=params, meta={"client_name": site}))
         assert agg.accepted_sites == expect
         assert sorted(agg.rejected) == sorted({"site-2", "site-3", "site-4"} - set(expect))

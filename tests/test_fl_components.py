@@ -9,8 +9,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
-
 from nvflare.apis.dxo import DataKind, from_shareable
 from nvflare.apis.fl_constant import FLMetaKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
@@ -18,6 +16,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from torch.utils.data import DataLoader
 
 from nvflare_unlearn import (
     build_model,
@@ -34,16 +33,17 @@ from nvflare_unlearn.fl import (
     PretrainRecipe,
     RetrainRecipe,
     UnlearningExecutor,
+    UnlearningModelPersistor,
     UnlearningRecipe,
-    UnlearnModelPersistor,
     authorize_site_config,
+    client_api,
     read_job_result,
 )
-from nvflare_unlearn.fl import client_api
 from nvflare_unlearn.fl.defs import META_FORGET, META_PLAN, METRICS_FILE
-from nvflare_unlearn.fl.model_state import conv_channels, load_numpy_state, state_to_numpy
+from nvflare_unlearn.fl.model_state import load_numpy_state, state_to_numpy
 from nvflare_unlearn.fl.site_data import load_site_split, site_index
-from nvflare_unlearn.tfidf import tfidf_scores
+from nvflare_unlearn.method.graph import conv_channels
+from nvflare_unlearn.method.tfidf import tfidf_scores
 
 K = 10
 
@@ -91,19 +91,22 @@ def _task(net, meta=None, rnd=0):
 
 
 def _pruned(model, plan):
-    from nvflare_unlearn import apply_pruning_plan
     import copy
+
+    from nvflare_unlearn import apply_pruning_plan
 
     return apply_pruning_plan(copy.deepcopy(model), plan)
 
 
 # ----------------------------------------------------------------------------------------------- executor
 def test_executor_serves_activation_train_and_validate_tasks(model, plan):
-    ex = UnlearningExecutor("small_cnn", K, n_sites=2, local_epochs=1, lr=0.01, batch_size=64)
+    ex = UnlearningExecutor(
+        "small_cnn", K, site_data={"num_clients": 2}, training={"local_epochs": 1, "lr": 0.01, "batch_size": 64}
+    )
     pruned = _pruned(model, plan)
     meta = {META_PLAN: plan.to_json(), META_FORGET: [3]}
     ctx, sig = _ctx("site-2"), Signal()
-    local_train = load_site_split("site-2", "train", n_sites=2)
+    local_train = load_site_split("site-2", "train", {"num_clients": 2})
 
     reply = ex.execute("class_activations", _task(pruned, meta), ctx, sig)
     dxo = from_shareable(reply)
@@ -123,18 +126,19 @@ def test_executor_serves_activation_train_and_validate_tasks(model, plan):
     reply = ex.execute("validate", _task(pruned, meta), ctx, sig)
     dxo = from_shareable(reply)
     assert dxo.data_kind == DataKind.METRICS
-    local_test = load_site_split("site-2", "test", n_sites=2)
+    local_test = load_site_split("site-2", "test", {"num_clients": 2})
     assert dxo.data["total"] == local_test.class_counts().tolist()
     assert 0 <= sum(dxo.data["correct"]) <= sum(dxo.data["total"])
 
 
 def test_mask_mode_training_keeps_pruned_channels_at_zero(model, plan):
-    from nvflare_unlearn import apply_pruning_plan
     import copy
+
+    from nvflare_unlearn import apply_pruning_plan
 
     masked = apply_pruning_plan(copy.deepcopy(model), plan, mode="mask")
     meta = {META_PLAN: plan.to_json(), "prune_mode": "mask", META_FORGET: [3]}
-    ex = UnlearningExecutor("small_cnn", K, n_sites=2, local_epochs=1, lr=0.05)
+    ex = UnlearningExecutor("small_cnn", K, site_data={"num_clients": 2}, training={"local_epochs": 1, "lr": 0.05})
     dxo = from_shareable(ex.execute("train", _task(masked, meta), _ctx("site-1"), Signal()))
     assert {k: v.shape for k, v in dxo.data.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for name, idxs in plan.pruned_channels().items():
@@ -145,7 +149,7 @@ def test_mask_mode_training_keeps_pruned_channels_at_zero(model, plan):
 
 
 def test_site_with_only_forget_class_data_returns_zero_weight(model):
-    ex = UnlearningExecutor("small_cnn", K, n_sites=1)
+    ex = UnlearningExecutor("small_cnn", K, site_data={"num_clients": 1})
     reply = ex.execute("train", _task(model, {META_FORGET: list(range(K))}), _ctx(), Signal())
     dxo = from_shareable(reply)
     assert reply.get_return_code() == ReturnCode.OK
@@ -155,17 +159,17 @@ def test_site_with_only_forget_class_data_returns_zero_weight(model):
 
 
 def test_min_count_keeps_small_classes_out_of_the_report(model):
-    site = load_site_split("site-1", "train", n_sites=2)
+    site = load_site_split("site-1", "train", {"num_clients": 2})
     counts = site.class_counts()
     threshold = int(np.sort(counts)[2])  # the two smallest classes fall below it
-    ex = UnlearningExecutor("small_cnn", K, n_sites=2, min_count=threshold)
+    ex = UnlearningExecutor("small_cnn", K, site_data={"num_clients": 2}, privacy={"min_count": threshold})
     dxo = from_shareable(ex.execute("class_activations", _task(model), _ctx("site-1"), Signal()))
     expected = np.where(counts < threshold, 0, counts)
     assert dxo.data["counts"].tolist() == expected.tolist() and (expected == 0).any()
     for arr in dxo.data["sums"].values():
         assert np.all(arr[counts < threshold] == 0)
     with pytest.raises(ValueError, match="min_count"):
-        UnlearningExecutor("small_cnn", K, min_count=-1)
+        UnlearningExecutor("small_cnn", K, privacy={"min_count": -1})
 
 
 def test_executor_rejects_bad_task_data_and_unknown_tasks(model, plan):
@@ -179,21 +183,26 @@ def test_executor_rejects_bad_task_data_and_unknown_tasks(model, plan):
 
 
 def test_executor_constructor_validates_options():
-    with pytest.raises(ValueError, match="unknown dataset"):
-        UnlearningExecutor("small_cnn", K, dataset="mnist")
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        UnlearningExecutor("small_cnn", K, site_data={"dataset": "mnist"})
     with pytest.raises(ValueError, match="partition"):
-        UnlearningExecutor("small_cnn", K, partition="random")
+        UnlearningExecutor("small_cnn", K, site_data={"partition": "random"})
     with pytest.raises(ValueError, match="lr"):
-        UnlearningExecutor("small_cnn", K, lr=0)
+        UnlearningExecutor("small_cnn", K, training={"lr": 0})
+    with pytest.raises(ValueError, match="unknown training option"):
+        UnlearningExecutor("small_cnn", K, training={"learning_rate": 0.1})
+    with pytest.warns(FutureWarning, match="flat option keywords are deprecated"):  # version 0.1's form still works
+        legacy = UnlearningExecutor("small_cnn", K, dataset="digits", lr=0.02, n_sites=3)
+    assert legacy.training["lr"] == 0.02 and legacy.site_data["num_clients"] == 3
 
 
 def test_site_slices_are_disjoint_and_named_by_site_number():
-    parts = [load_site_split(f"site-{i}", "train", n_sites=3) for i in (1, 2, 3)]
+    parts = [load_site_split(f"site-{i}", "train", {"num_clients": 3}) for i in (1, 2, 3)]
     assert sum(len(p) for p in parts) == len(digits_dataset("train"))
     assert site_index("site-3", 3) == 2
     with pytest.raises(ValueError, match="ending in a number"):
         site_index("hospital", 3)
-    with pytest.raises(ValueError, match="n_sites"):
+    with pytest.raises(ValueError, match="num_clients"):
         site_index("site-4", 3)
 
 
@@ -238,15 +247,17 @@ def test_aggregator_without_valid_reports_fails_clearly(model):
     agg.accept_model(FLModel(params={"sums": {}}, meta={"client_name": "site-1"}))
     with pytest.raises(RuntimeError, match="no valid activation report"):
         agg.aggregate_model()
-    with pytest.raises(ValueError, match="method"):
-        ActivationAggregator(num_classes=K, method="max")
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        ActivationAggregator(num_classes=K, aggregation="max")
+    with pytest.warns(FutureWarning, match="'method' is deprecated"):  # version 0.1's keyword still works
+        assert ActivationAggregator(num_classes=K, method="median").aggregation == "median"
 
 
 def test_robust_aggregation_bounds_a_poisoned_site(model):
     honest = [_report(model, 150, i * 150) for i in range(4)]
     poisoned = _report(model, 150, 600)
     poisoned.sums = {k: v * 1000 for k, v in poisoned.sums.items()}
-    agg = ActivationAggregator(num_classes=K, method="median")
+    agg = ActivationAggregator(num_classes=K, aggregation="median")
     agg.set_expected_layers(conv_channels(model))
     for i, r in enumerate(honest + [poisoned]):
         agg.accept_model(_result(r, f"site-{i + 1}"))
@@ -263,7 +274,7 @@ def test_persistor_round_trip_of_a_pruned_model(tmp_path, model, plan):
     original = tmp_path / "orig.pt"
     save_checkpoint(original, pruned, plan, "small_cnn", K)
     before = original.read_bytes()
-    p = UnlearnModelPersistor("small_cnn", K, initial_ckpt=str(original))
+    p = UnlearningModelPersistor("small_cnn", K, initial_ckpt=str(original))
     learnable = p.load_model(_ctx())
     assert json.loads(learnable[ModelLearnableKey.META][META_PLAN]) == json.loads(plan.to_json())
 
@@ -283,29 +294,29 @@ def test_persistor_round_trip_of_a_pruned_model(tmp_path, model, plan):
 def test_persistor_loads_plain_state_dicts_fresh_models_and_rejects_wrong_ones(tmp_path, model):
     sd = tmp_path / "plain.pt"
     torch.save(model.state_dict(), sd)
-    learnable = UnlearnModelPersistor("small_cnn", K, initial_ckpt=str(sd)).load_model(_ctx())
+    learnable = UnlearningModelPersistor("small_cnn", K, initial_ckpt=str(sd)).load_model(_ctx())
     assert META_PLAN not in learnable[ModelLearnableKey.META]
     for k, v in model.state_dict().items():
         np.testing.assert_array_equal(learnable[ModelLearnableKey.WEIGHTS][k], v.numpy())
     nvflare_format = tmp_path / "FL_global_model.pt"
     torch.save({"model": model.state_dict(), "meta_props": {}}, nvflare_format)
-    UnlearnModelPersistor("small_cnn", K, initial_ckpt=str(nvflare_format)).load_model(_ctx())
+    UnlearningModelPersistor("small_cnn", K, initial_ckpt=str(nvflare_format)).load_model(_ctx())
 
-    fresh = UnlearnModelPersistor("small_cnn", K, seed=7).load_model(_ctx())
-    again = UnlearnModelPersistor("small_cnn", K, seed=7).load_model(_ctx())
+    fresh = UnlearningModelPersistor("small_cnn", K, seed=7).load_model(_ctx())
+    again = UnlearningModelPersistor("small_cnn", K, seed=7).load_model(_ctx())
     for k in fresh[ModelLearnableKey.WEIGHTS]:
         np.testing.assert_array_equal(fresh[ModelLearnableKey.WEIGHTS][k], again[ModelLearnableKey.WEIGHTS][k])
 
     with pytest.raises(ValueError):
-        UnlearnModelPersistor("small_cnn", 5, initial_ckpt=str(sd)).load_model(_ctx())
+        UnlearningModelPersistor("small_cnn", 5, initial_ckpt=str(sd)).load_model(_ctx())
     with pytest.raises(ValueError, match="does not exist"):
-        UnlearnModelPersistor("small_cnn", K, initial_ckpt=str(tmp_path / "nope.pt")).load_model(_ctx())
+        UnlearningModelPersistor("small_cnn", K, initial_ckpt=str(tmp_path / "nope.pt")).load_model(_ctx())
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError):
-        UnlearnModelPersistor("small_cnn", K, initial_ckpt=str(junk)).load_model(_ctx())
+        UnlearningModelPersistor("small_cnn", K, initial_ckpt=str(junk)).load_model(_ctx())
     with pytest.raises(ValueError, match="output_file"):
-        UnlearnModelPersistor("small_cnn", K, output_file="../escape.pt")
+        UnlearningModelPersistor("small_cnn", K, output_file="../escape.pt")
 
 
 def test_load_numpy_state_names_the_mismatch(model, plan):
@@ -346,12 +357,12 @@ def ckpt(tmp_path_factory, model):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(forget_classes=[10]), "not a class of this model"),
-        (dict(forget_classes=[-1]), "not a class of this model"),
+        (dict(forget_classes=[10]), "not a class id of this model"),
+        (dict(forget_classes=[-1]), "not a class id of this model"),
         (dict(forget_classes=[]), "at least one class"),
         (dict(forget_classes=list(range(K))), "cannot forget all"),
-        (dict(forget_classes=[2, 2]), "twice"),
-        (dict(forget_classes=["3"]), "integers"),
+        (dict(forget_classes=[2, 2]), "duplicates"),
+        (dict(forget_classes=["3"]), "integer"),
         (dict(prune_ratio=0.0), "prune_ratio"),
         (dict(prune_ratio=1.0), "prune_ratio"),
         (dict(num_rounds=-1), "num_rounds"),
@@ -360,13 +371,16 @@ def ckpt(tmp_path_factory, model):
         (dict(initial_ckpt="/no/such/model.pt"), "does not exist"),
         (dict(model="resnet1000"), "unknown model"),
         (dict(model=torch.nn.Conv2d(1, 2, 3)), "not built by nvflare_unlearn.build_model"),
-        (dict(min_clients=3, n_clients=2), "exceeds"),
-        (dict(dataset="imagenet"), "unknown dataset"),
+        (dict(min_clients=3, num_clients=2), "exceeds"),
+        (dict(dataset="imagenet"), "dataset must be one of"),
         (dict(scope="everywhere"), "scope"),
         (dict(idf="bm25"), "idf"),
         (dict(prune_mode="zero"), "prune_mode"),
         (dict(target_r_acc=95), "target_r_acc"),
-        (dict(aggregation="max"), "method"),
+        (dict(stop_cond="r_acc > high"), "stop_cond"),
+        (dict(aggregation="max"), "aggregation must be one of"),
+        (dict(plan={"prune_ratio": 0.2}, prune_ratio=0.3), "given both"),
+        (dict(plan={"ratio_typo": 0.2}), "unknown plan option"),
     ],
 )
 def test_unlearning_recipe_rejects_bad_options(ckpt, kwargs, message):
@@ -397,17 +411,26 @@ def _configs(job_dir, name):
 
 
 def test_unlearning_recipe_exports_a_job_referencing_the_installed_package(tmp_path, ckpt):
-    recipe = UnlearningRecipe(name="forget3", initial_ckpt=ckpt, forget_classes=[3], prune_ratio=0.2, num_rounds=2,
-                              model=build_model("small_cnn", K))  # fmt: skip
+    recipe = UnlearningRecipe(
+        name="forget3",
+        initial_ckpt=ckpt,
+        forget_classes=[3],
+        prune_ratio=0.2,
+        num_rounds=2,
+        model=build_model("small_cnn", K),
+    )
     recipe.export(str(tmp_path))
     cfg = _configs(tmp_path, "forget3")
     server, client = cfg["config_fed_server.json"], cfg["config_fed_client.json"]
     wf = server["workflows"][0]
-    assert wf["path"] == "nvflare_unlearn.fl.controller.UnlearningController"
-    assert wf["args"]["forget_classes"] == [3] and wf["args"]["prune_ratio"] == 0.2 and wf["args"]["num_rounds"] == 2
-    assert wf["args"]["aggregator"]["path"] == "nvflare_unlearn.fl.aggregator.ActivationAggregator"
+    assert wf["path"] == "nvflare_unlearn.fl.unlearning_controller.UnlearningController"
+    args = wf["args"]
+    assert (
+        args["forget_classes"] == [3] and args["plan"]["prune_ratio"] == 0.2 and args["federation"]["num_rounds"] == 2
+    )
     comps = {c["id"]: c for c in server["components"]}
-    assert comps["persistor"]["path"] == "nvflare_unlearn.fl.persistor.UnlearnModelPersistor"
+    assert comps["activation_aggregator"]["path"] == "nvflare_unlearn.fl.aggregator.ActivationAggregator"
+    assert comps["persistor"]["path"] == "nvflare_unlearn.fl.persistor.UnlearningModelPersistor"
     assert comps["persistor"]["args"]["initial_ckpt"] == ckpt
     ex = client["executors"][0]
     assert ex["executor"]["path"] == "nvflare_unlearn.fl.executor.UnlearningExecutor"
@@ -437,7 +460,9 @@ def test_read_job_result_refuses_failed_or_missing_jobs(tmp_path):
         read_job_result(str(tmp_path / "none"))
     log_dir = tmp_path / "job" / "server" / "simulate_job"
     log_dir.mkdir(parents=True)
-    (log_dir / "log.txt").write_text("ERROR - Component 'nvflare_unlearn.fl.x.Y' at config path '' is not in allow_list\n")
+    (log_dir / "log.txt").write_text(
+        "ERROR - Component 'nvflare_unlearn.fl.x.Y' at config path '' is not in allow_list\n"
+    )
     with pytest.raises(RuntimeError, match="class_allow_list"):
         read_job_result(str(tmp_path / "job"))
     (log_dir / METRICS_FILE).write_text(json.dumps({"status": "failed", "error": "boom"}))

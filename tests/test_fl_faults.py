@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 import os
 
+import fault_executors
 import pytest
 from nvflare.recipe.sim_env import SimEnv
 
-import fault_executors
-from nvflare_unlearn.audit import sha256_file, verify_record
-from nvflare_unlearn.checkpoint import save_checkpoint
 from nvflare_unlearn.fl import UnlearningRecipe, authorize_site_config, quiet_log_config, read_job_result
 from nvflare_unlearn.fl import recipes as recipes_module
+from nvflare_unlearn.method.checkpoint import save_checkpoint
+from nvflare_unlearn.protect.audit import sha256_file, verify_record
+
+pytestmark = pytest.mark.sim  # real NVFlare simulator jobs
 
 N_SITES = 4
 TASK_TIMEOUT = 8  # < fault_executors.SLEEP_S: site-4 is cut off by the task timeout; well above a
@@ -50,10 +52,22 @@ def run_faulty_job(root, ckpt: str, monkeypatch) -> tuple:
     with open(allow, "w") as f:
         json.dump(resources, f)
     recipe = UnlearningRecipe(
-        name=name, model="small_cnn", num_classes=10, initial_ckpt=ckpt, forget_classes=[3], prune_ratio=0.2,
-        num_rounds=2, local_epochs=1, lr=0.01, n_clients=N_SITES, min_clients=1, task_timeout=TASK_TIMEOUT,
-        wait_time_after_min_received=WAIT_AFTER_MIN, tensorboard=False, **DP,
-    )  # fmt: skip
+        name=name,
+        model="small_cnn",
+        num_classes=10,
+        initial_ckpt=ckpt,
+        forget_classes=[3],
+        prune_ratio=0.2,
+        num_rounds=2,
+        local_epochs=1,
+        lr=0.01,
+        num_clients=N_SITES,
+        min_clients=1,
+        task_timeout=TASK_TIMEOUT,
+        wait_time_after_min_received=WAIT_AFTER_MIN,
+        tensorboard=False,
+        **DP,
+    )
     before = sha256_file(ckpt)
     env = SimEnv(
         num_clients=N_SITES, num_threads=N_SITES, workspace_root=str(root), log_config=quiet_log_config(str(root))
@@ -75,7 +89,7 @@ def faulty(tmp_path_factory):
 def test_activation_phase_goes_on_without_crashed_garbage_and_late_sites(faulty):
     result, record, _ckpt, _before = faulty
     m = result.metrics
-    assert m["status"] == "completed" and m["options"]["min_clients"] == 1
+    assert m["status"] == "completed" and m["options"]["federation"]["min_clients"] == 1
     (act,) = m["activation_rounds"]
     assert act["sites"] == ["site-1"]
     assert act["no_result"] == ["site-2", "site-4"]  # crashed (EXECUTION_EXCEPTION) and timed out
@@ -110,8 +124,9 @@ def test_original_checkpoint_byte_identical_and_record_verifies(faulty):
 def test_record_states_the_dp_parameters(faulty):
     result, record, _ckpt, _before = faulty
     params = record["request"]["parameters"]
-    assert params["dp_epsilon"] == DP["dp_epsilon"] and params["dp_delta"] == DP["dp_delta"]
-    assert params["clip_bound"] == DP["clip_bound"]
+    privacy = params["privacy"]
+    assert privacy["dp_epsilon"] == DP["dp_epsilon"] and privacy["dp_delta"] == DP["dp_delta"]
+    assert privacy["clip_bound"] == DP["clip_bound"]
     assert params["dp_per_pass"] == {"epsilon": 8.0, "delta": 1e-5, "passes": 1}
     (sigma,) = params["dp_sigma"]
     assert sigma > 0

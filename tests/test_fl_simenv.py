@@ -13,15 +13,16 @@ import os
 
 import numpy as np
 import pytest
-import torch
-from torch.utils.data import DataLoader
-
+from core_helpers import torch_threads
 from nvflare.recipe.sim_env import SimEnv
+from torch.utils.data import DataLoader
 
 from nvflare_unlearn import load_checkpoint
 from nvflare_unlearn.data import digits_dataset
+from nvflare_unlearn.evaluation import class_correct_total, u_r_accuracy
 from nvflare_unlearn.fl import PretrainRecipe, UnlearningRecipe, quiet_log_config, read_job_result
-from nvflare_unlearn.metrics import class_correct_total, u_r_accuracy
+
+pytestmark = pytest.mark.sim  # real NVFlare simulator jobs
 
 N_SITES = 2
 PRETRAIN_ROUNDS = 3
@@ -45,9 +46,9 @@ def _sha256(path: str) -> str:
 
 def _central_eval(model_path: str, forget: list[int]) -> tuple[list[int], list[int], dict]:
     """Rebuild the saved model from the factory + its plan alone and evaluate it on the whole digits test split."""
-    torch.set_num_threads(1)  # the sites evaluate with one thread; same kernels, same roundings
     model, plan, _meta = load_checkpoint(model_path)
-    correct, total = class_correct_total(model, DataLoader(digits_dataset("test"), batch_size=256), 10)
+    with torch_threads(1):  # the sites evaluate with one thread; same kernels, same roundings
+        correct, total = class_correct_total(model, DataLoader(digits_dataset("test"), batch_size=256), 10)
     return correct.tolist(), total.tolist(), u_r_accuracy(correct, total, forget)
 
 
@@ -60,9 +61,15 @@ def sim_root(tmp_path_factory):
 def pretrained(sim_root):
     """One real FedAvg pretraining job shared by the unlearning tests."""
     recipe = PretrainRecipe(
-        name="pretrain", model="small_cnn", num_classes=10, n_clients=N_SITES, num_rounds=PRETRAIN_ROUNDS,
-        local_epochs=2, lr=0.05, test_dataset="digits",
-    )  # fmt: skip
+        name="pretrain",
+        model="small_cnn",
+        num_classes=10,
+        num_clients=N_SITES,
+        num_rounds=PRETRAIN_ROUNDS,
+        local_epochs=2,
+        lr=0.05,
+        test_dataset="digits",
+    )
     result = read_job_result(recipe.execute(_env(sim_root)).get_result())
     assert result.metrics["job_kind"] == "pretrain"
     assert result.rounds == PRETRAIN_ROUNDS and len(result.metrics["per_round"]) == PRETRAIN_ROUNDS
@@ -74,9 +81,18 @@ def _unlearn(sim_root, pretrained, name: str, forget: list[int], ratio: float, r
     ckpt = pretrained.model_path
     before = _sha256(ckpt)
     recipe = UnlearningRecipe(
-        name=name, model="small_cnn", num_classes=10, initial_ckpt=ckpt, forget_classes=forget, prune_ratio=ratio,
-        num_rounds=rounds, local_epochs=1, lr=0.01, n_clients=N_SITES, test_dataset="digits",
-    )  # fmt: skip
+        name=name,
+        model="small_cnn",
+        num_classes=10,
+        initial_ckpt=ckpt,
+        forget_classes=forget,
+        prune_ratio=ratio,
+        num_rounds=rounds,
+        local_epochs=1,
+        lr=0.01,
+        num_clients=N_SITES,
+        test_dataset="digits",
+    )
     result = read_job_result(recipe.execute(_env(sim_root)).get_result())
     assert _sha256(ckpt) == before, "the original checkpoint was modified"
     return result
@@ -135,7 +151,7 @@ from torch.utils.data import DataLoader
 
 from nvflare_unlearn.fl import client_api as ua
 from nvflare_unlearn.fl.site_data import load_site_split
-from nvflare_unlearn.metrics import train_epochs
+from nvflare_unlearn.evaluation import train_epochs
 
 flare.init()
 site = flare.get_site_name()
@@ -165,9 +181,15 @@ def test_unlearn_with_a_users_client_api_script(sim_root, pretrained, tmp_path):
     script = tmp_path / "client.py"
     script.write_text(CLIENT_SCRIPT)
     recipe = UnlearningRecipe(
-        name="unlearn_script", initial_ckpt=pretrained.model_path, forget_classes=[3], prune_ratio=RATIO_ONE,
-        num_rounds=2, n_clients=N_SITES, train_script=str(script), test_dataset="digits",
-    )  # fmt: skip
+        name="unlearn_script",
+        initial_ckpt=pretrained.model_path,
+        forget_classes=[3],
+        prune_ratio=RATIO_ONE,
+        num_rounds=2,
+        num_clients=N_SITES,
+        train_script=str(script),
+        test_dataset="digits",
+    )
     m = read_job_result(recipe.execute(_env(sim_root)).get_result()).metrics
     assert m["rounds"] == 2 and m["params_after"] < m["params_before"]
     assert m["pruned"]["u_acc"] <= 0.05 and m["unlearned"]["u_acc"] <= 0.05

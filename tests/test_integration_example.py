@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from nvflare_unlearn import apply_pruning_plan, build_pruning_plan, load_checkpoint, save_checkpoint
+from nvflare_unlearn.method.graph import coupled_groups
 from nvflare_unlearn.models import build_model, check_model_name, example_input, input_shape, model_name_of, model_spec
-from nvflare_unlearn.plan import coupled_groups
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "docs" / "examples" / "own_model"
@@ -113,8 +113,9 @@ def test_plan_and_checkpoint_round_trip_through_the_import_path(example_on_path,
     assert meta["model_name"] == "my_net:build_net" and plan2.to_json() == plan.to_json()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     # an ordinary NVFlare FedAvg checkpoint ({"model": state_dict}) of the user's model loads by name too
-    torch.save({"model": build_model("my_net:build_net", 10).state_dict(), "train_conf": {}},
-               tmp_path / "FL_global_model.pt")  # fmt: skip
+    torch.save(
+        {"model": build_model("my_net:build_net", 10).state_dict(), "train_conf": {}}, tmp_path / "FL_global_model.pt"
+    )
     plain, no_plan, _ = load_checkpoint(tmp_path / "FL_global_model.pt", model_name="my_net:build_net", num_classes=10)
     assert no_plan is None and model_name_of(plain) == "my_net:build_net"
 
@@ -191,18 +192,18 @@ def test_missing_input_shape_is_a_clear_error(user_modules):
 
 # ---------------------------------------------------------------------------------------- recipes and export
 def test_recipes_take_the_factory_and_refuse_what_sites_cannot_rebuild(example_on_path, user_modules, tmp_path):
-    from nvflare_unlearn.fl import PretrainRecipe, UnlearningRecipe, resolve_model_name
+    from nvflare_unlearn.fl import PretrainRecipe, UnlearningRecipe
 
-    assert resolve_model_name(example_on_path.build_net) == "my_net:build_net"
-    assert resolve_model_name(build_model("my_net:build_net", 10)) == "my_net:build_net"
+    assert model_spec(example_on_path.build_net) == "my_net:build_net"
+    assert model_spec(build_model("my_net:build_net", 10)) == "my_net:build_net"
     with pytest.raises(ValueError, match="was not built by nvflare_unlearn.build_model"):
-        resolve_model_name(nn.Conv2d(1, 1, 1))
+        model_spec(nn.Conv2d(1, 1, 1))
     with pytest.raises(ValueError, match="a lambda cannot be rebuilt"):
-        PretrainRecipe(model=lambda num_classes=10: nn.Linear(1, num_classes), n_clients=2)
+        PretrainRecipe(model=lambda num_classes=10: nn.Linear(1, num_classes), num_clients=2)
     user_modules("shapeless_net", TINY_NET)
     with pytest.raises(ValueError, match="input shape of model 'shapeless_net:build' is unknown"):
-        PretrainRecipe(model="shapeless_net:build", n_clients=2)
-    recipe = PretrainRecipe(model="shapeless_net:build", input_shape=(1, 8, 8), n_clients=2, num_rounds=1)
+        PretrainRecipe(model="shapeless_net:build", num_clients=2)
+    recipe = PretrainRecipe(model="shapeless_net:build", input_shape=(1, 8, 8), num_clients=2, num_rounds=1)
     assert recipe.model_name == "shapeless_net:build@1x8x8"
     ckpt = save_checkpoint(tmp_path / "model.pt", build_model("my_net:build_net", 10), None, "my_net:build_net", 10)
     recipe = UnlearningRecipe(model=example_on_path.build_net, initial_ckpt=str(ckpt), forget_classes=[3])
@@ -213,34 +214,39 @@ def test_recipes_take_the_factory_and_refuse_what_sites_cannot_rebuild(example_o
 
 def test_a_package_module_ships_with_its_init_and_installed_code_does_not(user_modules, tmp_path):
     from nvflare_unlearn.fl import PretrainRecipe
-    from nvflare_unlearn.fl.recipes import _module_file_to_ship
+    from nvflare_unlearn.fl.job_utils import model_files_to_ship
 
     user_modules("their_pkg.__init__", "")  # their_pkg/__init__.py
     user_modules("their_pkg.nets", textwrap.dedent(TINY_NET) + "\nbuild.input_shape = (1, 8, 8)\n")
     (tmp_path / "their_pkg" / "notes.txt").write_text("not code: not shipped")
     sys.modules.pop("their_pkg", None)
-    recipe = PretrainRecipe(name="pkg_job", model="their_pkg.nets:build", n_clients=2, num_rounds=1)
+    recipe = PretrainRecipe(name="pkg_job", model="their_pkg.nets:build", num_clients=2, num_rounds=1)
     recipe.export(str(tmp_path / "jobs"))
     custom = tmp_path / "jobs" / "pkg_job" / "app" / "custom"
     assert sorted(p.relative_to(custom).as_posix() for p in custom.rglob("*.py")) == [
-        "their_pkg/__init__.py", "their_pkg/nets.py",
-    ]  # fmt: skip
+        "their_pkg/__init__.py",
+        "their_pkg/nets.py",
+    ]
     server = json.loads((tmp_path / "jobs" / "pkg_job" / "app" / "config" / "config_fed_server.json").read_text())
     assert server["workflows"][0]["args"]["model_name"] == "their_pkg.nets:build"
     # registry models and the plugin itself are referenced by name, never copied
-    assert _module_file_to_ship("small_cnn") is None
-    assert _module_file_to_ship("nvflare_unlearn.models.small_cnn:SmallCNN") is None
+    assert model_files_to_ship("small_cnn") is None
+    assert model_files_to_ship("nvflare_unlearn.models.small_cnn:SmallCNN") is None
     import sklearn.datasets  # noqa: F401  (an installed package: referenced, not shipped)
 
-    assert _module_file_to_ship("sklearn.datasets:load_digits") is None
+    assert model_files_to_ship("sklearn.datasets:load_digits") is None
 
 
 def _run_example(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, str(JOB_SCRIPT), *args], cwd=str(REPO), env=env, capture_output=True, text=True,
+        [sys.executable, str(JOB_SCRIPT), *args],
+        cwd=str(REPO),
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
-    )  # fmt: skip
+    )
 
 
 def test_example_exports_jobs_naming_the_users_factory_and_script(tmp_path):
@@ -256,7 +262,7 @@ def test_example_exports_jobs_naming_the_users_factory_and_script(tmp_path):
         server = json.loads((app / "config" / "config_fed_server.json").read_text())
         assert server["workflows"][0]["args"]["model_name"] == "my_net:build_net"
         persistor = next(c for c in server["components"] if c["id"] == "persistor")
-        assert persistor["path"] == "nvflare_unlearn.fl.persistor.UnlearnModelPersistor"
+        assert persistor["path"] == "nvflare_unlearn.fl.persistor.UnlearningModelPersistor"
         assert persistor["args"]["model_name"] == "my_net:build_net"
         client_text = (app / "config" / "config_fed_client.json").read_text()
         client = json.loads(client_text)
@@ -273,19 +279,33 @@ def test_example_exports_jobs_naming_the_users_factory_and_script(tmp_path):
         (tmp_path / "jobs" / "own_model_unlearn" / "app" / "config" / "config_fed_server.json").read_text()
     )
     assert unlearn_server["workflows"][0]["args"]["forget_classes"] == [3]
-    assert unlearn_server["workflows"][0]["args"]["prune_ratio"] == 0.3
+    assert unlearn_server["workflows"][0]["args"]["plan"]["prune_ratio"] == 0.3
 
 
 @pytest.mark.slow
+@pytest.mark.sim
+@pytest.mark.timeout(1200)  # above the subprocess's own 1100 s, so the subprocess timeout is what fires
 def test_example_pretrains_and_unlearns_the_users_model_in_the_simulator(tmp_path):
     """The example end to end: the user's script trains their model, then the unlearning job forgets digit 3."""
     summary_path = tmp_path / "summary.json"
     started = time.time()
     out = _run_example(
-        ["--workspace", str(tmp_path / "ws"), "--summary", str(summary_path), "--forget", "3", "--ratio", "0.3",
-         "--pretrain-rounds", "3", "--rounds", "3"],
-        timeout=900,
-    )  # fmt: skip
+        [
+            "--workspace",
+            str(tmp_path / "ws"),
+            "--summary",
+            str(summary_path),
+            "--forget-classes",
+            "3",
+            "--prune-ratio",
+            "0.3",
+            "--pretrain-rounds",
+            "3",
+            "--num-rounds",
+            "3",
+        ],
+        timeout=1100,
+    )
     elapsed = time.time() - started
     print(out.stdout[-1500:])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]
@@ -314,6 +334,7 @@ def test_example_pretrains_and_unlearns_the_users_model_in_the_simulator(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.sim
 def test_a_users_model_module_ships_to_the_server_and_sites_with_the_plugins_executor(tmp_path, monkeypatch):
     """No train_script: nothing else brings the user's module into the job. The recipe adds it to the job's custom
     code; the simulator's processes (which do not share this process's sys.path) import it from there."""
@@ -328,9 +349,15 @@ def test_a_users_model_module_ships_to_the_server_and_sites_with_the_plugins_exe
     monkeypatch.delitem(sys.modules, "shipped_user_net", raising=False)
     ws = tmp_path / "ws"
     recipe = PretrainRecipe(
-        name="shipped", model="shipped_user_net:build_net", num_classes=10, n_clients=2, num_rounds=1, local_epochs=2,
-        lr=0.05, dataset="digits",
-    )  # fmt: skip
+        name="shipped",
+        model="shipped_user_net:build_net",
+        num_classes=10,
+        num_clients=2,
+        num_rounds=1,
+        local_epochs=2,
+        lr=0.05,
+        dataset="digits",
+    )
     env = SimEnv(num_clients=2, num_threads=2, workspace_root=str(ws), log_config=quiet_log_config(str(ws)))
     result = read_job_result(recipe.execute(env).get_result())
     assert result.metrics["final"]["acc"] > 0.5

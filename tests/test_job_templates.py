@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from nvflare_unlearn.templates import TEMPLATE_CKPT, TEMPLATES, export_templates
+from nvflare_unlearn.cli.templates import TEMPLATE_CKPT, TEMPLATES, export_templates
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED = os.path.join(REPO, "job_templates")
@@ -25,9 +25,11 @@ def test_committed_templates_match_the_recipes(tmp_path):
     export_templates(str(tmp_path))
     fresh = _tree(str(tmp_path))
     committed = {k: v for k, v in _tree(COMMITTED).items() if k != "README.md"}
-    assert sorted(fresh) == sorted(committed), "job_templates/ differs from the recipes: run python -m nvflare_unlearn.templates job_templates"
+    assert sorted(fresh) == sorted(committed), (
+        "job_templates/ differs from the recipes: run python -m nvflare_unlearn.cli.templates job_templates"
+    )
     drifted = [k for k in fresh if fresh[k] != committed[k]]
-    assert not drifted, f"regenerate job_templates/ (python -m nvflare_unlearn.templates job_templates): {drifted}"
+    assert not drifted, f"regenerate job_templates/ (python -m nvflare_unlearn.cli.templates job_templates): {drifted}"
 
 
 def test_unlearning_template_chains_pruning_and_fine_tuning():
@@ -35,7 +37,7 @@ def test_unlearning_template_chains_pruning_and_fine_tuning():
         server = json.load(f)
     controller = next(w for w in server["workflows"] if w["id"] == "controller")
     assert controller["path"].endswith("UnlearningController")
-    assert controller["args"]["forget_classes"] == [3] and controller["args"]["num_rounds"] > 0
+    assert controller["args"]["forget_classes"] == [3] and controller["args"]["federation"]["num_rounds"] > 0
     persistor = next(c for c in server["components"] if c["id"] == "persistor")
     assert persistor["args"]["initial_ckpt"] == TEMPLATE_CKPT
     with open(os.path.join(COMMITTED, "unlearn_digits", "app", "config", "config_fed_client.json")) as f:

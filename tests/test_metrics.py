@@ -1,4 +1,4 @@
-"""nvflare_unlearn.metrics: per-class counts, U/R accuracy, KL, the training loop."""
+"""nvflare_unlearn.evaluation: per-class counts, U/R accuracy, KL, the training loop."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from nvflare_unlearn.metrics import (
+from nvflare_unlearn.evaluation import (
     class_correct_total,
     class_distribution_kl,
     evaluate_accuracy,

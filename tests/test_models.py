@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from core_helpers import class_accuracy, digits_tensors, train
 
 from nvflare_unlearn.models import MODEL_NAMES, build_model, example_input, input_shape, model_name_of
 
-from core_helpers import class_accuracy, digits_tensors, train
-
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -98,6 +97,11 @@ def test_package_exports_and_import_stays_light():
         "assert 'nvflare' not in sys.modules, 'importing nvflare_unlearn pulled in nvflare'"
     )
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(root)})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
     assert result.returncode == 0, result.stderr

@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nvflare_unlearn.activations import conv_channels
+from nvflare_unlearn.method.graph import conv_channels, coupled_groups
+from nvflare_unlearn.method.plan import PruningPlan
+from nvflare_unlearn.method.prune import apply_pruning_plan, plan_summary
+from nvflare_unlearn.method.selection import build_pruning_plan
+from nvflare_unlearn.method.tfidf import tfidf_scores
 from nvflare_unlearn.models import build_model
-from nvflare_unlearn.plan import PruningPlan, build_pruning_plan, coupled_groups
-from nvflare_unlearn.prune import apply_pruning_plan
-from nvflare_unlearn.tfidf import tfidf_scores
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _zeros(model):
@@ -46,9 +47,9 @@ def test_group_score_is_mean_of_members_and_global_ratio():
     model = build_model("resnet20", 10)
     scores = _zeros(model)
     # group 0 (16 channels): conv1 says channel 3 is important, layer1.0.conv2 says channel 5 more so.
-    scores["conv1"][3] = 4.0      # mean over 4 members = 1.0
+    scores["conv1"][3] = 4.0  # mean over 4 members = 1.0
     scores["layer1.0.conv2"][5] = 8.0  # mean = 2.0
-    scores["layer2.1.conv1"][7] = 1.5   # singleton group: mean = 1.5
+    scores["layer2.1.conv1"][7] = 1.5  # singleton group: mean = 1.5
     total = sum(w for g in coupled_groups(model) for w in [conv_channels(model)[g[0]]])
     plan = build_pruning_plan(model, scores, ratio=3 / total, forget_class=4)
     step = plan.steps[0]
@@ -111,7 +112,9 @@ def test_json_round_trip_and_compose():
     assert data["format"] == "nvflare_unlearn.pruning_plan" and data["model_name"] == "resnet20"
     back = PruningPlan.from_json(text)
     assert back == plan and back.to_json() == text
-    other = PruningPlan(convs=plan.convs, groups=plan.groups, steps=[{"forget_class": 1, "pruned": {"layer2.1.conv1": [0]}}])
+    other = PruningPlan(
+        convs=plan.convs, groups=plan.groups, steps=[{"forget_class": 1, "pruned": {"layer2.1.conv1": [0]}}]
+    )
     if 0 in plan.pruned_units()["layer2.1.conv1"]:
         with pytest.raises(ValueError, match="pruned twice"):
             plan.compose(other)
@@ -127,13 +130,13 @@ def test_summary_reports_layers_params_and_flops():
     model = build_model("vgg11", 10)
     rng = np.random.default_rng(3)
     plan = build_pruning_plan(model, {n: rng.random(c) for n, c in conv_channels(model).items()}, 0.2)
-    s = plan.summary(model)
+    s = plan_summary(plan, model)
     assert s["params_before"] == sum(p.numel() for p in model.parameters())
     assert s["params_after"] < s["params_before"] and s["flops_after"] < s["flops_before"]
     assert s["units_pruned"] == round(0.2 * s["units_total"])
     assert sum(v["pruned"] for v in s["layers"].values()) == s["units_pruned"]
     pruned = apply_pruning_plan(copy.deepcopy(model), plan)
-    assert plan.summary(pruned)["params_after"] == sum(p.numel() for p in pruned.parameters())
+    assert plan_summary(plan, pruned)["params_after"] == sum(p.numel() for p in pruned.parameters())
 
 
 @pytest.mark.parametrize("ratio", [0, 1, -0.1, 1.5, float("nan"), "0.1", True])
@@ -148,7 +151,11 @@ def test_bad_scores_and_options():
     good = _zeros(model)
     cases = [
         ({**good, "features.99": np.zeros(3)}, {}, r"layer\(s\) the model does not have.*features.99"),
-        ({k: v for k, v in good.items() if k != "features.3"}, {}, r"missing prunable conv layer\(s\) \['features.3'\]"),
+        (
+            {k: v for k, v in good.items() if k != "features.3"},
+            {},
+            r"missing prunable conv layer\(s\) \['features.3'\]",
+        ),
         ({**good, "features.3": np.zeros(31)}, {}, r"must have shape \(32,\)"),
         ({**good, "features.3": np.full(32, np.nan)}, {}, "NaN"),
         ({**good, "features.3": np.full(32, np.inf)}, {}, "infinite"),
@@ -164,8 +171,9 @@ def test_bad_scores_and_options():
         with pytest.raises(ValueError, match=match):
             build_pruning_plan(model, scores, **kwargs)
     with pytest.raises(ValueError, match="no nn.Conv2d"):
-        build_pruning_plan(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), {"x": np.zeros(2)}, 0.1,
-                           example_inputs=torch.rand(1, 4))
+        build_pruning_plan(
+            nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), {"x": np.zeros(2)}, 0.1, example_inputs=torch.rand(1, 4)
+        )
     with pytest.raises(ValueError, match="no nn.Conv2d"):
         coupled_groups(nn.Sequential(nn.Linear(4, 2)), example_inputs=torch.rand(1, 4))
 

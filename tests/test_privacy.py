@@ -1,4 +1,4 @@
-"""Min-count, clipping and the Gaussian mechanism on activation uploads (nvflare_unlearn.privacy)."""
+"""Min-count, clipping and the Gaussian mechanism on activation uploads (nvflare_unlearn.protect.privacy)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from nvflare_unlearn.activations import ClassActivationReport, validate_report
-from nvflare_unlearn.privacy import (
+from nvflare_unlearn.method.activations import ClassActivationReport, validate_report
+from nvflare_unlearn.protect.privacy import (
     analytic_gaussian_delta,
     apply_min_count,
     check_clip_bound,
@@ -121,9 +121,11 @@ def test_classic_sigma_formula_and_its_validity_range():
 def test_analytic_sigma_is_the_smallest_that_meets_delta(eps, delta):
     sens = 7.0
     sigma = gaussian_sigma(eps, delta, sens)
+
     # Balle & Wang (2018) Thm 8, evaluated independently with scipy
     def exact_delta(s):
         return norm.cdf(sens / (2 * s) - eps * s / sens) - math.exp(eps) * norm.cdf(-sens / (2 * s) - eps * s / sens)
+
     assert exact_delta(sigma) <= delta * (1 + 1e-6)
     assert exact_delta(sigma * 0.99) > delta  # tight: 1 % less noise breaks the guarantee
     assert analytic_gaussian_delta(sigma, eps, sens) == pytest.approx(exact_delta(sigma), rel=1e-6, abs=1e-15)

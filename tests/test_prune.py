@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nvflare_unlearn.activations import conv_channels
+from nvflare_unlearn.method.graph import conv_channels, coupled_groups
+from nvflare_unlearn.method.plan import PruningPlan
+from nvflare_unlearn.method.prune import apply_pruning_plan, enforce_masks, masked_plan, plan_summary
+from nvflare_unlearn.method.selection import build_pruning_plan
 from nvflare_unlearn.models import build_model, example_input
-from nvflare_unlearn.plan import PruningPlan, build_pruning_plan, coupled_groups
-from nvflare_unlearn.prune import apply_pruning_plan, enforce_masks, masked_plan
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -70,7 +71,7 @@ def test_vgg11_pruning_drops_params_and_flops():
     model = _randomize_bn(build_model("vgg11", 10))
     rng = np.random.default_rng(0)
     plan = build_pruning_plan(model, {n: rng.random(c) for n, c in conv_channels(model).items()}, 0.15)
-    summary = plan.summary(model)
+    summary = plan_summary(plan, model)
     apply_pruning_plan(model, plan)
     assert conv_channels(model) == plan.widths()
     assert model.classifier.in_features == plan.widths()["features.25"]
@@ -106,8 +107,9 @@ def test_applying_a_composed_plan_after_its_first_step():
     rng = np.random.default_rng(6)
     p1 = build_pruning_plan(model, {n: rng.random(c) for n, c in conv_channels(model).items()}, 0.1, forget_class=0)
     stepwise = apply_pruning_plan(copy.deepcopy(model), p1)
-    p2 = build_pruning_plan(stepwise, {n: rng.random(c) for n, c in conv_channels(stepwise).items()}, 0.1,
-                            forget_class=1, base_plan=p1)
+    p2 = build_pruning_plan(
+        stepwise, {n: rng.random(c) for n, c in conv_channels(stepwise).items()}, 0.1, forget_class=1, base_plan=p1
+    )
     apply_pruning_plan(stepwise, p2)  # detects that step 1 is done and applies step 2 only
     at_once = apply_pruning_plan(copy.deepcopy(model), p2)
     assert conv_channels(stepwise) == conv_channels(at_once) == p2.widths()
@@ -123,8 +125,9 @@ def test_bad_plans_raise_clear_errors():
     renamed = copy.deepcopy(data)
     renamed["convs"]["features.99"] = renamed["convs"].pop("features.3")
     renamed["groups"] = [["features.99"] if g == ["features.3"] else g for g in renamed["groups"]]
-    renamed["steps"][0]["pruned"] = {("features.99" if k == "features.3" else k): v for k, v in
-                                    renamed["steps"][0]["pruned"].items()}
+    renamed["steps"][0]["pruned"] = {
+        ("features.99" if k == "features.3" else k): v for k, v in renamed["steps"][0]["pruned"].items()
+    }
     with pytest.raises(ValueError, match=r"names layer\(s\) \['features.99'\]"):
         apply_pruning_plan(build_model("small_cnn", 10), json.dumps(renamed))
 
@@ -134,8 +137,12 @@ def test_bad_plans_raise_clear_errors():
         apply_pruning_plan(build_model("small_cnn", 10), json.dumps(wider))
 
     emptying = copy.deepcopy(data)
-    emptying["steps"].append({"forget_class": 1, "pruned": {"features.0": [
-        c for c in range(16) if c not in plan.pruned_units()["features.0"]]}})
+    emptying["steps"].append(
+        {
+            "forget_class": 1,
+            "pruned": {"features.0": [c for c in range(16) if c not in plan.pruned_units()["features.0"]]},
+        }
+    )
     with pytest.raises(ValueError, match="would empty layer"):
         apply_pruning_plan(build_model("small_cnn", 10), json.dumps(emptying))
 
@@ -168,7 +175,7 @@ def _masked_setup(name="resnet20", ratio=0.15, seed=7):
 
 
 def _masked_slices_are_zero(model) -> bool:
-    record = getattr(model, "_nvflare_unlearn_masks")
+    record = model._nvflare_unlearn_masks
     modules = dict(model.named_modules())
     return all(
         getattr(modules[m], p).index_select(d, torch.tensor(i)).abs().sum().item() == 0.0
@@ -189,11 +196,14 @@ def test_mask_zeroes_every_coupled_slice_and_matches_removal():
     assert masked_plan(masked) == plan
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4),
-    lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-4),
-    lambda p: torch.optim.AdamW(p, lr=1e-2),
-])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4),
+        lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-4),
+        lambda p: torch.optim.AdamW(p, lr=1e-2),
+    ],
+)
 def test_masks_stay_zero_through_training(make_opt):
     masked, _, _ = _masked_setup(seed=8)
     masked.train()
@@ -239,8 +249,9 @@ def test_mask_only_grows():
     rng = np.random.default_rng(10)
     p1 = build_pruning_plan(model, {n: rng.random(c) for n, c in conv_channels(model).items()}, 0.1)
     apply_pruning_plan(model, p1, mode="mask")
-    other = build_pruning_plan(build_model("small_cnn", 10),
-                               {n: -rng.random(c) for n, c in conv_channels(model).items()}, 0.1)
+    other = build_pruning_plan(
+        build_model("small_cnn", 10), {n: -rng.random(c) for n, c in conv_channels(model).items()}, 0.1
+    )
     if other.pruned_units() != p1.pruned_units():
         with pytest.raises(ValueError, match="already masked"):
             apply_pruning_plan(model, other, mode="mask")
@@ -248,7 +259,7 @@ def test_mask_only_grows():
 
 def test_masked_model_can_be_summarised_and_converted_to_removal():
     masked, removed, plan = _masked_setup(name="resnet20", ratio=0.1, seed=11)
-    summary = plan.summary(masked)  # works on a deep copy; the masked model is untouched
+    summary = plan_summary(plan, masked)  # works on a deep copy; the masked model is untouched
     assert summary["params_after"] == sum(p.numel() for p in removed.parameters())
     assert masked_plan(masked) == plan
     x = torch.rand(2, 3, 32, 32)

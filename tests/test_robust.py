@@ -1,12 +1,12 @@
-"""Robust aggregation of activation reports and per-site screening (nvflare_unlearn.robust)."""
+"""Robust aggregation of activation reports and per-site screening (nvflare_unlearn.protect.robust)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from nvflare_unlearn.activations import ClassActivationReport, merge_reports
-from nvflare_unlearn.robust import aggregate_class_means, screen_report
+from nvflare_unlearn.method.activations import ClassActivationReport, merge_reports
+from nvflare_unlearn.protect.robust import aggregate_class_means, screen_report
 
 EXPECTED = {"conv1": 3, "conv2": 2}
 K = 4
@@ -45,8 +45,13 @@ def test_mean_is_the_exact_count_weighted_mean():
 
 def test_median_and_trimmed_mean_hand_worked():
     # one layer, 2 classes x 2 channels, five sites; class means per site (counts differ: robust methods ignore them)
-    vals = [[[1.0, 10.0], [2.0, 0.0]], [[2.0, 20.0], [4.0, 0.0]], [[3.0, 30.0], [6.0, 0.0]],
-            [[4.0, 40.0], [8.0, 0.0]], [[100.0, 0.0], [10.0, 0.0]]]
+    vals = [
+        [[1.0, 10.0], [2.0, 0.0]],
+        [[2.0, 20.0], [4.0, 0.0]],
+        [[3.0, 30.0], [6.0, 0.0]],
+        [[4.0, 40.0], [8.0, 0.0]],
+        [[100.0, 0.0], [10.0, 0.0]],
+    ]
     counts = [[1, 1], [2, 3], [3, 1], [4, 2], [5, 9]]
     sites = [_report({"c": np.array(v)}, c) for v, c in zip(vals, counts)]
     med = aggregate_class_means(sites, "median")["c"]
@@ -127,8 +132,12 @@ def test_non_finite_report_is_refused_with_advice_to_screen():
 
 @pytest.mark.parametrize(
     "kwargs, msg",
-    [({"method": "mode"}, "unknown aggregation method"), ({"method": "trimmed_mean", "trim": 0.5}, "trim"),
-     ({"method": "trimmed_mean", "trim": -0.1}, "trim"), ({"method": "median", "trim": "x"}, "trim")],
+    [
+        ({"aggregation": "mode"}, "aggregation must be one of"),
+        ({"aggregation": "trimmed_mean", "trim": 0.5}, "trim"),
+        ({"aggregation": "trimmed_mean", "trim": -0.1}, "trim"),
+        ({"aggregation": "median", "trim": "x"}, "trim"),
+    ],
 )
 def test_bad_arguments_raise(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
@@ -164,8 +173,9 @@ def _bad_reports():
     nan = ClassActivationReport({n: s.copy() for n, s in good.sums.items()}, good.counts.copy(), "conv")
     nan.sums["conv2"][1, 1] = np.nan
     missing = ClassActivationReport({"conv1": good.sums["conv1"]}, good.counts.copy(), "conv")
-    wrong_shape = ClassActivationReport({"conv1": good.sums["conv1"][:, :2], "conv2": good.sums["conv2"]},
-                                        good.counts.copy(), "conv")
+    wrong_shape = ClassActivationReport(
+        {"conv1": good.sums["conv1"][:, :2], "conv2": good.sums["conv2"]}, good.counts.copy(), "conv"
+    )
     wrong_k = ClassActivationReport({n: s[:3] for n, s in good.sums.items()}, good.counts[:3], "conv")
     neg_count = ClassActivationReport(dict(good.sums), np.array([1, -2, 3, 4]), "conv")
     neg_sums = ClassActivationReport({n: -s for n, s in good.sums.items()}, good.counts.copy(), "conv")

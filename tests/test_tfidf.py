@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from nvflare_unlearn.activations import ClassActivationReport
-from nvflare_unlearn.tfidf import inverse_document_frequency, term_frequency, tfidf_scores
+from nvflare_unlearn.method.activations import ClassActivationReport
+from nvflare_unlearn.method.tfidf import inverse_document_frequency, term_frequency, tfidf_scores
 
 # 3 classes x 4 channels of class-mean activations.
 A = np.array(

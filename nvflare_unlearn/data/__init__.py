@@ -1,9 +1,10 @@
-"""Datasets, class splits and FL partitioners (pure torch/numpy; nothing here imports nvflare)."""
+"""Data: datasets (digits built in, CIFAR as .npz or torchvision), class splits and FL partitioners, all
+deterministic for a seed. Pure torch/numpy; may import ``options`` and ``_validation`` only."""
 
-from .classes import filter_classes, split_forget_retain
-from .dataset import LabelledDataset, check_class_ids
-from .partition import partition_biased, partition_dirichlet, partition_iid, site_class_counts
-from .sources import (
+from nvflare_unlearn.data.classes import filter_classes, split_forget_retain
+from nvflare_unlearn.data.dataset import LabelledDataset, check_class_ids
+from nvflare_unlearn.data.partition import partition_biased, partition_dirichlet, partition_iid, site_class_counts
+from nvflare_unlearn.data.sources import (
     DATA_ENV_VAR,
     DATASET_NAMES,
     default_data_root,
@@ -13,7 +14,7 @@ from .sources import (
     stratified_subset_indices,
     torchvision_cifar,
 )
-from .transforms import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, CifarTransform
+from nvflare_unlearn.data.transforms import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, CifarTransform
 
 __all__ = [
     "LabelledDataset",

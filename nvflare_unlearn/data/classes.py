@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .dataset import LabelledDataset, check_class_ids
+from nvflare_unlearn.data.dataset import LabelledDataset, check_class_ids
 
 __all__ = ["filter_classes", "split_forget_retain"]
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import LabelledDataset
-from .transforms import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, CifarTransform
+from nvflare_unlearn.data.dataset import LabelledDataset
+from nvflare_unlearn.data.transforms import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, CifarTransform
+from nvflare_unlearn.options import DATASET_NAMES
 
 __all__ = [
     "DATA_ENV_VAR",
@@ -27,7 +28,6 @@ __all__ = [
 ]
 
 DATA_ENV_VAR = "NVFLARE_UNLEARN_DATA"
-DATASET_NAMES = ("digits", "cifar10", "cifar100")
 _SPLITS = ("train", "test")
 _NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 
@@ -61,9 +61,7 @@ def digits_dataset(split: str = "train", test_fraction: float = 0.25, seed: int 
     bunch = load_digits()
     x = (bunch.images.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
     y = bunch.target.astype(np.int64)
-    idx_train, idx_test = train_test_split(
-        np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=y
-    )
+    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=y)
     idx = np.sort(idx_train if split == "train" else idx_test)
     return LabelledDataset(np.ascontiguousarray(x[idx]), y[idx], [str(i) for i in range(10)])
 
@@ -128,8 +126,9 @@ def torchvision_cifar(
         ) from None
     mean, std = (CIFAR100_MEAN, CIFAR100_STD) if name == "cifar100" else (CIFAR10_MEAN, CIFAR10_STD)
     x = np.ascontiguousarray(np.asarray(tv.data).transpose(0, 3, 1, 2))
-    return LabelledDataset(x, np.asarray(tv.targets, dtype=np.int64), list(tv.classes),
-                           CifarTransform(mean, std, augment=augment))
+    return LabelledDataset(
+        x, np.asarray(tv.targets, dtype=np.int64), list(tv.classes), CifarTransform(mean, std, augment=augment)
+    )
 
 
 def stratified_subset_indices(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import as_tensors
+from nvflare_unlearn.evaluation.data import as_tensors
 
 __all__ = ["membership_inference", "model_outputs", "ATTACKS"]
 
@@ -117,8 +117,10 @@ def membership_inference(
         "n_power_eval": int(mb.size + nb.size),
         "n_forget_eval": int(ft_all.size + fe_all.size),
         "mean_loss": {
-            "members": float(l_m.mean()), "nonmembers": float(l_n.mean()),
-            "forget_train": float(l_ft.mean()), "forget_test": float(l_fe.mean()),
+            "members": float(l_m.mean()),
+            "nonmembers": float(l_n.mean()),
+            "forget_train": float(l_ft.mean()),
+            "forget_test": float(l_fe.mean()),
         },
     }
     if "loss" in attacks:
@@ -131,8 +133,10 @@ def membership_inference(
         out["loss"] = {
             "reference": "Yeom et al. 2018 loss-threshold attack",
             "threshold_loss": float(-t),
-            "power_accuracy": power["accuracy"], "power_auc": power["auc"],
-            "forget_accuracy": ctrl["accuracy"], "forget_auc": ctrl["auc"],
+            "power_accuracy": power["accuracy"],
+            "power_auc": power["auc"],
+            "forget_accuracy": ctrl["accuracy"],
+            "forget_auc": ctrl["auc"],
             "forget_train_member_rate": float(np.mean(s_ft[ft_all] >= t)),
             "forget_test_member_rate": float(np.mean(s_fe[fe_all] >= t)),
             "forget_selfcal_accuracy": selfcal["accuracy"],
@@ -149,8 +153,10 @@ def membership_inference(
         ctrl = _score_eval(sft >= 0.5, sfe >= 0.5, sft, sfe)
         out["mlp"] = {
             "reference": "MLP on sorted softmax outputs (the paper's released-code attack, after Shokri et al. 2017)",
-            "power_accuracy": power["accuracy"], "power_auc": power["auc"],
-            "forget_accuracy": ctrl["accuracy"], "forget_auc": ctrl["auc"],
+            "power_accuracy": power["accuracy"],
+            "power_auc": power["auc"],
+            "forget_accuracy": ctrl["accuracy"],
+            "forget_auc": ctrl["auc"],
             "forget_train_member_rate": float(np.mean(sft >= 0.5)),
             "forget_test_member_rate": float(np.mean(sfe >= 0.5)),
         }

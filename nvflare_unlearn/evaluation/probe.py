@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import as_tensors
+from nvflare_unlearn.evaluation.data import as_tensors
 
 __all__ = ["penultimate_features", "linear_probe", "final_linear_name"]
 
@@ -84,7 +84,9 @@ def linear_probe(
     weaker feature extractor (heavy pruning, short fine-tuning) lowers every class's AUC; forgetting lowers the
     forget class's alone. `control_auc_mean` and `auc_minus_control` let a reader tell the two apart.
     """
-    forget = [int(forget_classes)] if isinstance(forget_classes, (int, np.integer)) else [int(c) for c in forget_classes]
+    forget = (
+        [int(forget_classes)] if isinstance(forget_classes, (int, np.integer)) else [int(c) for c in forget_classes]
+    )
     if not forget:
         raise ValueError("forget_classes must name at least one class")
     controls = [int(c) for c in control_classes] if control_classes is not None else []
@@ -102,8 +104,16 @@ def linear_probe(
     return out
 
 
-def _one_vs_rest(f_tr: np.ndarray, y_tr: np.ndarray, f_te: np.ndarray, y_te: np.ndarray, positive: list[int],
-                 C: float, max_iter: int, seed: int) -> dict[str, float]:
+def _one_vs_rest(
+    f_tr: np.ndarray,
+    y_tr: np.ndarray,
+    f_te: np.ndarray,
+    y_te: np.ndarray,
+    positive: list[int],
+    C: float,
+    max_iter: int,
+    seed: int,
+) -> dict[str, float]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
     from sklearn.pipeline import make_pipeline

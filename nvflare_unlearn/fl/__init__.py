@@ -1,13 +1,13 @@
-"""The NVFlare layer: the only part of nvflare_unlearn that imports nvflare.
+"""The NVFlare layer, thin: every nvflare import of the package is here (and in ``cli``).
 
-Client: ``UnlearningExecutor`` (or ``client_api`` helpers for your own Client API script).
-Server: ``UnlearningController`` / ``FedAvgEvalController``, ``ActivationAggregator``, ``UnlearnModelPersistor``.
-Jobs: ``UnlearningRecipe``, ``PretrainRecipe``, ``RetrainRecipe``; outputs via ``read_job_result``.
+Client: ``UnlearningExecutor`` (or the ``client_api`` helpers for your own Client API script).
+Server: ``UnlearningController`` / ``FedAvgEvalController`` (one per file), ``ActivationAggregator``,
+``UnlearningModelPersistor``. Jobs: ``UnlearningRecipe``, ``PretrainRecipe``, ``RetrainRecipe`` (``recipes``) and what
+they need around them (``job_utils``); outputs via ``read_job_result``. May import anything in the package but ``cli``.
 """
 
-from .aggregator import ActivationAggregator
-from .controller import FedAvgEvalController, UnlearningController
-from .defs import (
+from nvflare_unlearn.fl.aggregator import ActivationAggregator
+from nvflare_unlearn.fl.defs import (
     FINAL_MODEL_FILE,
     GLOBAL_MODEL_FILE,
     METRICS_FILE,
@@ -18,19 +18,18 @@ from .defs import (
     TASK_TRAIN,
     TASK_VALIDATE,
 )
-from .executor import UnlearningExecutor
-from .persistor import UnlearnModelPersistor
-from .recipes import (
+from nvflare_unlearn.fl.executor import UnlearningExecutor
+from nvflare_unlearn.fl.fedavg_eval_controller import FedAvgEvalController
+from nvflare_unlearn.fl.job_utils import (
     ALLOW_LIST_ENTRY,
-    PretrainRecipe,
-    RetrainRecipe,
-    UnlearningRecipe,
     authorize_poc_workspace,
     authorize_site_config,
     quiet_log_config,
-    resolve_model_name,
 )
-from .results import JobResult, read_job_result
+from nvflare_unlearn.fl.persistor import UnlearningModelPersistor, UnlearnModelPersistor
+from nvflare_unlearn.fl.recipes import PretrainRecipe, RetrainRecipe, UnlearningRecipe
+from nvflare_unlearn.fl.results import JobResult, read_job_result
+from nvflare_unlearn.fl.unlearning_controller import UnlearningController
 
 __all__ = [
     "ALLOW_LIST_ENTRY",
@@ -51,10 +50,10 @@ __all__ = [
     "UnlearnModelPersistor",
     "UnlearningController",
     "UnlearningExecutor",
+    "UnlearningModelPersistor",
     "UnlearningRecipe",
     "authorize_poc_workspace",
     "authorize_site_config",
     "quiet_log_config",
     "read_job_result",
-    "resolve_model_name",
 ]

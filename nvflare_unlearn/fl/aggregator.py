@@ -3,42 +3,47 @@
 A ``ModelAggregator`` in NVFlare's FLModel style (``accept_model`` / ``aggregate_model`` / ``reset_stats``). Each
 report is screened against the current model's conv layers and shapes before it counts; a bad report is rejected
 with its reason logged and recorded, and the rest go on. The math (validation, exact or robust means) lives in
-``nvflare_unlearn.activations`` / ``nvflare_unlearn.robust``.
+``nvflare_unlearn.method.activations`` / ``nvflare_unlearn.protect.robust``.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping, Optional
 
 import numpy as np
-
 from nvflare.apis.fl_component import FLComponent
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
+from nvflare.app_common.app_constant import AppConstants
 
-from ..activations import ClassActivationReport, merge_reports, validate_report
-from ..robust import METHODS, aggregate_class_means, screen_report
+from nvflare_unlearn._validation import check_num_classes
+from nvflare_unlearn.method.activations import ClassActivationReport, merge_reports, validate_report
+from nvflare_unlearn.options import ScoringOptions
+from nvflare_unlearn.protect.robust import aggregate_class_means, screen_report
 
 
 def _site(model: FLModel) -> str:
     meta = model.meta or {}
-    return str(meta.get("client_name") or meta.get("site_name") or "unknown site")
+    return str(meta.get("client_name") or meta.get("site_name") or AppConstants.CLIENT_UNKNOWN)
 
 
 class ActivationAggregator(ModelAggregator):
     def __init__(
         self,
         num_classes: int,
-        method: str = "mean",
+        aggregation: str = "mean",
         trim: float = 0.1,
         clip_bound: Optional[float] = None,
         allow_negative: bool = False,
+        **deprecated,
     ):
         """
         Args:
             num_classes: label space of the model (every report must have one row per class).
-            method: "mean" (exact count-weighted mean, the paper), or "median" / "trimmed_mean" (robust to a
-                minority of faulty sites, see ``nvflare_unlearn.robust`` for the bounds and their costs).
+            aggregation: "mean" (exact count-weighted mean, the paper), or "median" / "trimmed_mean" (robust to a
+                minority of faulty sites, see ``nvflare_unlearn.protect.robust`` for the bounds and their costs).
+                ``method`` is its deprecated name.
             trim: fraction trimmed at each end for "trimmed_mean".
             clip_bound: when sites clip each activation to [0, B], reject reports whose sums exceed B * count.
             allow_negative: accept negative sums (sites add Gaussian noise, DP on); the other checks still apply
@@ -47,11 +52,17 @@ class ActivationAggregator(ModelAggregator):
         """
         FLComponent.__init__(self)  # ModelAggregator.__init__ skips it (no logger otherwise)
         ModelAggregator.__init__(self)
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-        self.num_classes = num_classes
-        self.method = method
-        self.trim = trim
+        if "method" in deprecated:  # version 0.1's name
+            warnings.warn(
+                "ActivationAggregator: 'method' is deprecated, use 'aggregation'", FutureWarning, stacklevel=2
+            )
+            aggregation = deprecated.pop("method")
+        if deprecated:
+            raise TypeError(f"ActivationAggregator() got unexpected keyword argument(s) {sorted(deprecated)}")
+        opts = ScoringOptions(aggregation=aggregation, trim=trim)  # the one check of both
+        self.num_classes = check_num_classes(num_classes)
+        self.aggregation = opts.aggregation
+        self.trim = opts.trim
         self.clip_bound = clip_bound
         self.allow_negative = bool(allow_negative)
         self._expected: dict[str, int] = {}
@@ -101,9 +112,7 @@ class ActivationAggregator(ModelAggregator):
             for name, sums in report.sums.items():
                 # privacy.gaussian_noise clips noisy sums to [0, B * count]; the slack only covers float32 rounding
                 if np.any(np.asarray(sums) > self.clip_bound * counts * (1 + 1e-6) + 1e-12):
-                    return (
-                        f"layer {name!r}: sums above clip_bound * count; the site did not clip or the report was altered"
-                    )
+                    return f"layer {name!r}: sums above clip_bound * count; the site did not clip or altered the report"
         return None
 
     def site_counts(self) -> dict[str, list[int]]:
@@ -119,7 +128,7 @@ class ActivationAggregator(ModelAggregator):
         if not self._reports:
             raise RuntimeError(f"no valid activation report to aggregate (rejected: {self.rejected or 'none'})")
         reports = [self._reports[s] for s in sorted(self._reports)]
-        means = aggregate_class_means(reports, method=self.method, trim=self.trim)
+        means = aggregate_class_means(reports, self.aggregation, self.trim)
         merged = merge_reports(reports)
         return FLModel(
             params_type=ParamsType.FULL,
@@ -130,7 +139,7 @@ class ActivationAggregator(ModelAggregator):
                 "sites": self.accepted_sites,
                 "site_counts": self.site_counts(),
                 "rejected": dict(self.rejected),
-                "method": self.method,
+                "aggregation": self.aggregation,
             },
         )
 

@@ -26,13 +26,11 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from torch import nn
-
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from torch import nn
 
-from ..activations import WIRE_SUMS_DTYPE
-from .defs import (
+from nvflare_unlearn.fl.defs import (
     META_FORGET,
     META_HOOK_POINT,
     META_PLAN,
@@ -43,7 +41,8 @@ from .defs import (
     TASK_TRAIN,
     TASK_VALIDATE,
 )
-from .model_state import load_numpy_state, rebuild_model, state_to_numpy
+from nvflare_unlearn.fl.model_state import load_numpy_state, rebuild_model, state_to_numpy
+from nvflare_unlearn.method.activations import WIRE_SUMS_DTYPE
 
 __all__ = [
     "TASK_ACTIVATIONS",
@@ -76,13 +75,13 @@ def forget_classes_of(fl_model: FLModel) -> list[int]:
 
 
 def prune_mode_of(fl_model: FLModel) -> str:
-    """"remove" or "mask"; in mask mode call ``nvflare_unlearn.enforce_masks(model)`` after optimizer steps."""
+    """ "remove" or "mask"; in mask mode call ``nvflare_unlearn.enforce_masks(model)`` after optimizer steps."""
     return str((fl_model.meta or {}).get(META_PRUNE_MODE, "remove"))
 
 
 def retained(dataset, fl_model: FLModel):
     """``dataset`` (a ``LabelledDataset``) without the forget classes of this task."""
-    from ..data import filter_classes
+    from nvflare_unlearn.data import filter_classes
 
     forget = forget_classes_of(fl_model)
     return filter_classes(dataset, drop=forget) if forget else dataset
@@ -97,7 +96,7 @@ def activation_result(
     max_batches: Optional[int] = None,
 ) -> FLModel:
     """Answer the activation task: per-class sums and counts on local training data (statistics only)."""
-    from ..activations import collect_class_activations
+    from nvflare_unlearn.method.activations import collect_class_activations
 
     if fl_model is not None:
         hook_point = (fl_model.meta or {}).get(META_HOOK_POINT, hook_point)
@@ -122,7 +121,7 @@ def weights_result(model: nn.Module, num_samples: int) -> FLModel:
 
 def validation_result(model: nn.Module, loader: Iterable, num_classes: int) -> FLModel:
     """Answer the validate task: per-class correct/total counts on local validation data."""
-    from ..metrics import class_correct_total
+    from nvflare_unlearn.evaluation import class_correct_total
 
     correct, total = class_correct_total(model, loader, num_classes)
     return FLModel(

@@ -17,6 +17,8 @@ META_FORGET = "forget_classes"  # list[int]: sites drop these classes from their
 META_HOOK_POINT = "hook_point"  # where activations are read ("conv" = raw conv output, the paper's choice)
 META_MODEL_NAME = "model_name"
 META_NUM_CLASSES = "num_classes"
+META_ORIGINAL_CKPT = "original_ckpt"  # persistor -> controller: {"path", "sha256"} of the checkpoint it loaded
+META_OUTPUT_FILE = "output_file"  # persistor -> controller: the file name it saves the global model under
 META_DP_SIGMA = "dp_sigma"  # DXO meta of an activation report: std of the Gaussian noise the site added (0 = none)
 
 # Keys of the per-class evaluation metrics a site returns for TASK_VALIDATE (counts only, never samples).
@@ -28,8 +30,5 @@ METRICS_FILE = "unlearning_metrics.json"
 FINAL_MODEL_FILE = "unlearned_model.pt"
 PRUNED_MODEL_FILE = "pruned_model.pt"
 PLAN_FILE = "pruning_plan.json"
-RECORD_FILE = "unlearning_record.json"  # audit record (nvflare_unlearn.audit), unlearning jobs only
+RECORD_FILE = "unlearning_record.json"  # audit record (nvflare_unlearn.protect.audit), unlearning jobs only
 GLOBAL_MODEL_FILE = "global_model.pt"  # pretraining / retraining output
-
-PRUNE_MODES = ("remove", "mask")
-PARTITIONS = ("iid", "dirichlet", "biased", "none")

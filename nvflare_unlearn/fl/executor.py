@@ -13,13 +13,10 @@ round), loads the numpy weights, and works on this site's own data:
 
 from __future__ import annotations
 
-import math
 import zlib
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader
-
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
@@ -29,9 +26,10 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.security.logging import secure_format_exception
+from torch.utils.data import DataLoader
 
-from ..activations import WIRE_SUMS_DTYPE
-from .defs import (
+from nvflare_unlearn._validation import check_num_classes, normalize_forget_classes
+from nvflare_unlearn.fl.defs import (
     META_DP_SIGMA,
     META_FORGET,
     META_HOOK_POINT,
@@ -43,27 +41,18 @@ from .defs import (
     TASK_TRAIN,
     TASK_VALIDATE,
 )
-from .model_state import load_numpy_state, rebuild_model, state_to_numpy
-from .site_data import check_data_spec, load_site_split
+from nvflare_unlearn.fl.model_state import load_numpy_state, rebuild_model, state_to_numpy
+from nvflare_unlearn.fl.site_data import load_site_split
+from nvflare_unlearn.method.activations import WIRE_SUMS_DTYPE
+from nvflare_unlearn.options import (
+    PrivacyOptions,
+    ScoringOptions,
+    SiteDataOptions,
+    TrainingOptions,
+    fold_legacy,
+)
 
-
-def check_dp_options(clip_bound, dp_epsilon, dp_delta) -> None:
-    """Clip bound and (epsilon, delta) as the sites will use them; a clear ValueError before any job starts."""
-    from ..privacy import validate_clip_bound
-
-    if clip_bound is not None:
-        validate_clip_bound(clip_bound)
-    if (dp_epsilon is None) != (dp_delta is None):
-        raise ValueError("give dp_epsilon and dp_delta together (Gaussian noise needs both), or neither")
-    if dp_epsilon is None:
-        return
-    if clip_bound is None:
-        raise ValueError("dp_epsilon needs clip_bound: the noise is calibrated to activations clipped to [0, B]")
-    for name, value in (("dp_epsilon", dp_epsilon), ("dp_delta", dp_delta)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    if not dp_delta < 1:
-        raise ValueError(f"dp_delta must be < 1, got {dp_delta!r}")
+_GROUPS = (SiteDataOptions, TrainingOptions, ScoringOptions, PrivacyOptions)
 
 
 class UnlearningExecutor(Executor):
@@ -71,93 +60,60 @@ class UnlearningExecutor(Executor):
         self,
         model_name: str,
         num_classes: int,
-        dataset: str = "digits",
-        data_root: Optional[str] = None,
-        partition: str = "iid",
-        n_sites: int = 1,
-        alpha: float = 0.5,
-        q: float = 0.5,
-        data_seed: int = 0,
-        train_subset: Optional[int] = None,
-        batch_size: int = 64,
-        local_epochs: int = 1,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
+        site_data: Optional[dict] = None,
+        training: Optional[dict] = None,
+        scoring: Optional[dict] = None,
+        privacy: Optional[dict] = None,
         forget_classes: Optional[Sequence[int]] = None,
-        hook_point: str = "conv",
-        max_activation_batches: Optional[int] = None,
-        min_count: int = 0,
-        clip_bound: Optional[float] = None,
-        dp_epsilon: Optional[float] = None,
-        dp_delta: Optional[float] = None,
         in_channels: Optional[int] = None,
-        seed: int = 0,
         torch_threads: int = 1,
         activations_task: str = TASK_ACTIVATIONS,
         train_task: str = TASK_TRAIN,
         validate_task: str = TASK_VALIDATE,
+        **legacy: Any,
     ):
-        """Plain arguments only, so FedJob can export the executor into a job config.
+        """Plain arguments only (the option groups as dicts), so FedJob can export the executor into a job config.
 
         Args:
-            model_name / num_classes / in_channels: the registry architecture (``nvflare_unlearn.build_model``).
-            dataset, data_root, partition, n_sites, alpha, q, data_seed, train_subset: where this site's data
-                comes from (see ``site_data.load_site_split``); ``data_root`` may contain ``{site_name}``.
-            batch_size, local_epochs, lr, momentum, weight_decay: local SGD per ``train`` task.
+            model_name / num_classes / in_channels: the architecture (``nvflare_unlearn.build_model``).
+            site_data: ``SiteDataOptions``: where this site's data comes from (``data_root`` may contain
+                ``{site_name}``).
+            training: ``TrainingOptions``: local SGD per ``train`` task; its seed varies the batch order.
+            scoring: ``ScoringOptions``: the activation hook when the task does not say, and the pass's batch cap.
+            privacy: ``PrivacyOptions``: min-count, per-image clipping and Gaussian noise on this site's upload.
+                ``dp_epsilon`` / ``dp_delta`` are the whole request's budget: each activation pass (one per forget
+                class named in the task) spends an equal share (basic composition). The noise is drawn from fresh
+                OS entropy: the server must not be able to reproduce and subtract it.
             forget_classes: classes this site never trains on (the server also sends them in each task's meta;
                 the union is dropped). Used alone by retraining from scratch.
-            hook_point: default activation hook when the task does not say ("conv" = raw conv output).
-            max_activation_batches: cap on the activation pass (None = all local training data).
-            min_count: a class with fewer local images is not reported (sums and count zeroed), in the spirit of
-                NVFlare's MinCountCleanser (``nvflare_unlearn.privacy.apply_min_count``).
-            clip_bound: clip each image's pooled activation to [0, B] before summing (bounds one image's effect).
-            dp_epsilon / dp_delta: add Gaussian noise to the per-class sums, (epsilon, delta)-DP per activation
-                pass for one added/removed image (``privacy.gaussian_noise``; needs ``clip_bound``). The noise is
-                drawn from fresh OS entropy: the server must not be able to reproduce and subtract it.
-            seed: base seed for shuffling; the round number and site name vary it.
             torch_threads: torch intra-op threads in this client process (1 keeps simulated sites from fighting).
+            legacy: version 0.1's flat keywords (``dataset=..., lr=...``), accepted with a FutureWarning.
         """
         super().__init__()
-        check_data_spec(dataset, partition, n_sites, alpha, q)
-        if isinstance(local_epochs, bool) or not isinstance(local_epochs, int) or local_epochs < 0:
-            raise ValueError(f"local_epochs must be an integer >= 0, got {local_epochs!r}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if legacy:
+            folded = fold_legacy(
+                dict(site_data=site_data, training=training, scoring=scoring, privacy=privacy),
+                legacy,
+                _GROUPS,
+                "UnlearningExecutor",
+            )
+            site_data, training, scoring, privacy = (folded[g.GROUP] for g in _GROUPS)
         self.model_name = model_name
-        self.num_classes = num_classes
-        self.dataset = dataset
-        self.data_root = data_root
-        self.partition = partition
-        self.n_sites = n_sites
-        self.alpha = alpha
-        self.q = q
-        self.data_seed = data_seed
-        self.train_subset = train_subset
-        self.batch_size = batch_size
-        self.local_epochs = local_epochs
-        self.lr = lr
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.forget_classes = [int(c) for c in forget_classes] if forget_classes else None
-        self.hook_point = hook_point
-        self.max_activation_batches = max_activation_batches
-        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
-            raise ValueError(f"min_count must be an integer >= 0, got {min_count!r}")
-        self.min_count = min_count
-        check_dp_options(clip_bound, dp_epsilon, dp_delta)
-        self.clip_bound = clip_bound
-        self.dp_epsilon = dp_epsilon
-        self.dp_delta = dp_delta
+        self.num_classes = check_num_classes(num_classes)
+        self.site_data = SiteDataOptions.from_dict(site_data).to_dict()
+        self.training = TrainingOptions.from_dict(training).to_dict()
+        self.scoring = ScoringOptions.from_dict(scoring).to_dict()
+        self.privacy = PrivacyOptions.from_dict(privacy).to_dict()
+        self.forget_classes = normalize_forget_classes(forget_classes, self.num_classes, required=False)
         self.in_channels = in_channels
-        self.seed = seed
         self.torch_threads = torch_threads
         self.activations_task = activations_task
         self.train_task = train_task
         self.validate_task = validate_task
 
+        self._training = TrainingOptions.from_dict(self.training)
+        self._scoring = ScoringOptions.from_dict(self.scoring)
+        self._privacy = PrivacyOptions.from_dict(self.privacy)
         self._site_name = None
         self._train_data = None
         self._val_data = None
@@ -168,7 +124,7 @@ class UnlearningExecutor(Executor):
         if event_type == EventType.START_RUN:
             if self.torch_threads:
                 torch.set_num_threads(int(self.torch_threads))
-            from ..metrics import pick_device
+            from nvflare_unlearn.evaluation import pick_device
 
             self._device = pick_device()
             self._site_name = fl_ctx.get_identity_name()
@@ -176,22 +132,16 @@ class UnlearningExecutor(Executor):
     def _data(self, split: str):
         """This site's train or validation split, loaded once per job."""
         if split == "train" and self._train_data is None:
-            self._train_data = load_site_split(
-                self._site_name, "train", self.dataset, self.data_root, self.partition, self.n_sites,
-                self.data_seed, self.alpha, self.q, subset=self.train_subset,
-            )  # fmt: skip
+            self._train_data = load_site_split(self._site_name, "train", self.site_data)
         if split == "test" and self._val_data is None:
-            self._val_data = load_site_split(
-                self._site_name, "test", self.dataset, self.data_root, self.partition, self.n_sites,
-                self.data_seed, self.alpha, self.q,
-            )  # fmt: skip
+            self._val_data = load_site_split(self._site_name, "test", self.site_data)
         return self._train_data if split == "train" else self._val_data
 
     # ------------------------------------------------------------------ dispatch
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if self._site_name is None:  # START_RUN not seen (e.g. a unit test driving execute directly)
             self._site_name = fl_ctx.get_identity_name()
-            from ..metrics import pick_device
+            from nvflare_unlearn.evaluation import pick_device
 
             self._device = pick_device()
         handlers = {
@@ -233,36 +183,45 @@ class UnlearningExecutor(Executor):
         generator = None
         if shuffle:
             generator = torch.Generator()
-            generator.manual_seed(zlib.crc32(f"{self.seed}:{self._site_name}:{round_num or 0}".encode()))
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, generator=generator, num_workers=0)
+            generator.manual_seed(zlib.crc32(f"{self._training.seed}:{self._site_name}:{round_num or 0}".encode()))
+        return DataLoader(
+            data, batch_size=self._training.batch_size, shuffle=shuffle, generator=generator, num_workers=0
+        )
 
     def _class_activations(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
-        from ..activations import collect_class_activations
+        from nvflare_unlearn.method.activations import collect_class_activations
 
         data = self._data("train")
         report = collect_class_activations(
             model,
             self._loader(data, shuffle=False, round_num=None),
             self.num_classes,
-            hook_point=meta.get(META_HOOK_POINT, self.hook_point),
+            hook_point=meta.get(META_HOOK_POINT, self._scoring.hook_point),
             device=self._device,
-            max_batches=self.max_activation_batches,
-            clip=self.clip_bound,
+            max_batches=self._scoring.max_activation_batches,
+            clip=self._privacy.clip_bound,
         )
-        if self.min_count > 1:
-            from ..privacy import apply_min_count
+        if self._privacy.min_count > 1:
+            from nvflare_unlearn.protect.privacy import apply_min_count
 
-            report = apply_min_count(report, self.min_count)
+            report = apply_min_count(report, self._privacy.min_count)
         sigma = 0.0
-        if self.dp_epsilon is not None:  # after min-count: counts are public, a dropped class stays at zero
+        if self._privacy.dp:  # after min-count: counts are public, a dropped class stays at zero
             import numpy as np
 
-            from ..privacy import gaussian_noise, gaussian_sigma, sensitivity, total_channels
-
-            report = gaussian_noise(report, self.dp_epsilon, self.dp_delta, self.clip_bound, np.random.default_rng())
-            sigma = gaussian_sigma(
-                self.dp_epsilon, self.dp_delta, sensitivity(total_channels(report), self.clip_bound)
+            from nvflare_unlearn.protect.privacy import (
+                gaussian_noise,
+                gaussian_sigma,
+                sensitivity,
+                split_budget,
+                total_channels,
             )
+
+            passes = max(1, len(meta.get(META_FORGET) or []))  # one pass per forget class of this request
+            eps, delta = split_budget(self._privacy.dp_epsilon, self._privacy.dp_delta, passes)
+            bound = self._privacy.clip_bound
+            report = gaussian_noise(report, eps, delta, bound, np.random.default_rng())
+            sigma = gaussian_sigma(eps, delta, sensitivity(total_channels(report), bound))
         counts = [int(c) for c in report.counts]
         self.log_info(
             fl_ctx,
@@ -276,20 +235,20 @@ class UnlearningExecutor(Executor):
         )
 
     def _forget_set(self, meta) -> list[int]:
-        forget = set(self.forget_classes or [])
+        forget = set(self.forget_classes)
         forget.update(int(c) for c in (meta.get(META_FORGET) or []))
         return sorted(forget)
 
     def _train(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
-        from ..data import filter_classes
-        from ..metrics import train_epochs
+        from nvflare_unlearn.data import filter_classes
+        from nvflare_unlearn.evaluation import train_epochs
 
         forget = self._forget_set(meta)
         data = self._data("train")
         if forget:
             data = filter_classes(data, drop=forget)
         n = len(data)
-        if n == 0 or self.local_epochs == 0:
+        if n == 0 or self._training.local_epochs == 0:
             # Nothing to learn from: hand the global weights back with zero weight so aggregation skips this site.
             self.log_info(fl_ctx, f"no retained training data (forget classes {forget}): zero-weight result")
             return DXO(
@@ -299,20 +258,22 @@ class UnlearningExecutor(Executor):
             )
         after_step = None
         if meta.get(META_PLAN) and meta.get(META_PRUNE_MODE) == "mask":
-            from ..prune import enforce_masks
+            from nvflare_unlearn.method.prune import enforce_masks
 
             after_step = enforce_masks  # pruned channels must stay at zero through training
         steps = train_epochs(
             model,
             self._loader(data, shuffle=True, round_num=fl_model.current_round),
-            epochs=self.local_epochs,
-            lr=self.lr,
+            epochs=self._training.local_epochs,
+            lr=self._training.lr,
             device=self._device,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
+            momentum=self._training.momentum,
+            weight_decay=self._training.weight_decay,
             after_step=after_step,
         )
-        self.log_info(fl_ctx, f"trained {self.local_epochs} epoch(s), {steps} steps on {n} samples (dropped {forget})")
+        self.log_info(
+            fl_ctx, f"trained {self._training.local_epochs} epoch(s), {steps} steps on {n} samples (dropped {forget})"
+        )
         return DXO(
             data_kind=DataKind.WEIGHTS,
             data=state_to_numpy(model),
@@ -320,7 +281,7 @@ class UnlearningExecutor(Executor):
         )
 
     def _validate(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
-        from ..metrics import class_correct_total
+        from nvflare_unlearn.evaluation import class_correct_total
 
         data = self._data("test")
         correct, total = class_correct_total(

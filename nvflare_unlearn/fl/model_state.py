@@ -13,15 +13,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models import build_model
-from .defs import PRUNE_MODES
+from nvflare_unlearn.models import build_model
+from nvflare_unlearn.options import PRUNE_MODES
 
 
 def parse_plan(plan_json: Optional[str]):
     """``PruningPlan`` from its JSON text (None stays None); a malformed plan is a ValueError, not a stack trace."""
     if plan_json is None or plan_json == "":
         return None
-    from ..plan import PruningPlan
+    from nvflare_unlearn.method.plan import PruningPlan
 
     if not isinstance(plan_json, str):
         raise ValueError(f"pruning plan must be JSON text, got {type(plan_json).__name__}")
@@ -47,7 +47,7 @@ def rebuild_model(
     model = build_model(model_name, num_classes, in_channels=in_channels)
     plan = parse_plan(plan_json)
     if plan is not None:
-        from ..prune import apply_pruning_plan
+        from nvflare_unlearn.method.prune import apply_pruning_plan
 
         model = apply_pruning_plan(model, plan, mode=mode)
     return model
@@ -88,14 +88,9 @@ def load_numpy_state(model: nn.Module, params: Mapping[str, object]) -> nn.Modul
             value = torch.round(value.to(torch.float64))
         new_state[key] = value.to(dtype=target.dtype)
     model.load_state_dict(new_state, strict=True)
-    from ..prune import enforce_masks
+    from nvflare_unlearn.method.prune import enforce_masks
 
     return enforce_masks(model)  # mask mode: pruned channels read zero even if the sender's were not
-
-
-def conv_channels(model: nn.Module) -> dict[str, int]:
-    """Conv layer name -> output channels: the shape every activation report for this model must have."""
-    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
 def count_params(model: nn.Module) -> int:

@@ -3,7 +3,7 @@
 NVFlare's ``PTFileModelPersistor`` keeps the first model's shapes and rejects a pruned model ("Incoming model
 parameter shape mismatch"). This persistor never assumes a shape: the architecture is the registry name plus the
 pruning plan carried in the model's meta, and every save writes weights + plan together
-(``nvflare_unlearn.checkpoint``), so a checkpoint always rebuilds from the model factory alone.
+(``nvflare_unlearn.method.checkpoint``), so a checkpoint always rebuilds from the model factory alone.
 
 Loads (via ``load_checkpoint``): our checkpoint (weights + plan), a plain ``state_dict`` ``.pt``, or NVFlare's
 ``FL_global_model.pt`` (``{"model": state_dict, ...}``) from an ordinary FedAvg job; without ``initial_ckpt``
@@ -17,20 +17,20 @@ import os
 from typing import Optional
 
 import torch
-
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 
-from .defs import FINAL_MODEL_FILE, META_PLAN, META_PRUNE_MODE, PRUNE_MODES
-from .model_state import load_numpy_state, rebuild_model, state_to_numpy
+from nvflare_unlearn.fl.defs import FINAL_MODEL_FILE, META_ORIGINAL_CKPT, META_OUTPUT_FILE, META_PLAN, META_PRUNE_MODE
+from nvflare_unlearn.fl.model_state import load_numpy_state, parse_plan, rebuild_model, state_to_numpy
+from nvflare_unlearn.options import PRUNE_MODES
 
 
 def load_initial_model(
     path: str, model_name: str, num_classes: int, in_channels: Optional[int] = None, prune_mode: str = "remove"
 ):
     """(model, plan or None) from any supported checkpoint file; a clear ValueError for anything else."""
-    from ..checkpoint import load_checkpoint
+    from nvflare_unlearn.method.checkpoint import load_checkpoint
 
     if not os.path.isfile(path):
         raise ValueError(f"initial checkpoint {path!r} does not exist (give the path as seen by the server)")
@@ -44,7 +44,7 @@ def load_initial_model(
     return model, plan
 
 
-class UnlearnModelPersistor(ModelPersistor):
+class UnlearningModelPersistor(ModelPersistor):
     def __init__(
         self,
         model_name: str,
@@ -85,11 +85,16 @@ class UnlearnModelPersistor(ModelPersistor):
             self.log_info(fl_ctx, f"loaded initial model from {self.initial_ckpt} (plan: {'yes' if plan else 'no'})")
         else:
             torch.manual_seed(self.seed)
-            from ..models import build_model
+            from nvflare_unlearn.models import build_model
 
             model = build_model(self.model_name, self.num_classes, in_channels=self.in_channels)
             self.log_info(fl_ctx, f"initialised a fresh {self.model_name} (seed {self.seed})")
-        meta = {META_PRUNE_MODE: self.prune_mode}
+        meta = {META_PRUNE_MODE: self.prune_mode, META_OUTPUT_FILE: self.output_file}
+        if self.initial_ckpt:
+            from nvflare_unlearn.protect.audit import sha256_file
+
+            path = os.path.abspath(self.initial_ckpt)
+            meta[META_ORIGINAL_CKPT] = {"path": path, "sha256": sha256_file(path)}
         if plan is not None:
             meta[META_PLAN] = plan.to_json()
         return make_model_learnable(weights=state_to_numpy(model), meta_props=meta)
@@ -101,8 +106,7 @@ class UnlearnModelPersistor(ModelPersistor):
 
     def save_to(self, path: str, model_learnable: ModelLearnable) -> str:
         """Write weights + plan to ``path`` atomically (replacing an earlier round's file, never the original)."""
-        from ..checkpoint import save_checkpoint
-        from .model_state import parse_plan
+        from nvflare_unlearn.method.checkpoint import save_checkpoint
 
         if self.initial_ckpt and os.path.abspath(path) == os.path.abspath(self.initial_ckpt):
             raise ValueError(f"refusing to overwrite the original checkpoint {self.initial_ckpt!r}")
@@ -117,3 +121,13 @@ class UnlearnModelPersistor(ModelPersistor):
         save_checkpoint(tmp, model, parse_plan(plan_json), self.model_name, self.num_classes)
         os.replace(tmp, path)
         return path
+
+
+class UnlearnModelPersistor(UnlearningModelPersistor):
+    """Deprecated name of ``UnlearningModelPersistor`` (kept for job configs of version 0.1)."""
+
+    def __init__(self, *args, **kwargs):
+        import warnings
+
+        warnings.warn("UnlearnModelPersistor is deprecated, use UnlearningModelPersistor", FutureWarning, stacklevel=2)
+        super().__init__(*args, **kwargs)

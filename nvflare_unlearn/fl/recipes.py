@@ -5,217 +5,59 @@
 - ``RetrainRecipe``: FedAvg from scratch without the forget classes (the gold standard to compare against).
 
 Each is a small ``Recipe`` around a ``FedJob``; run it with ``recipe.execute(SimEnv(...))`` / ``PocEnv`` /
-``ProdEnv``, or export it with ``recipe.export(job_dir)`` (``python job.py --export``). Components are referenced
-by import path (``nvflare_unlearn`` is pip-installed on every site), so sites must allow ``nvflare_unlearn.fl`` in
-their ``class_allow_list``: the recipes do that for ``SimEnv`` and ``PocEnv`` workspaces; production site admins
-add it themselves, or build the job with ``bundle_code=True`` (a BYOC job). Read a finished job's outputs with
-``read_job_result(run.get_result())``.
+``ProdEnv``, or export it with ``recipe.export(job_dir)``. Options come in the typed groups of
+``nvflare_unlearn.options`` (``plan={"prune_ratio": 0.2}``) or flat (``prune_ratio=0.2``): the same names in the
+recipes, the CLI flags, the exported JSON and the metrics record, each validated once, when the recipe is built.
+Components are created by ``_create_persistor`` / ``_create_controller`` / ``_create_executor`` (override them to
+swap one); client apps are prepared late, so ``set_per_site_config`` can change any site-side option per site.
+Components are referenced by import path (``nvflare_unlearn`` installed on every site), so sites must allow
+``nvflare_unlearn.fl`` in their ``class_allow_list``: the recipes do that for ``SimEnv``; ``PocEnv`` jobs bundle the
+code; production site admins allow the package, or build the job with ``bundle_code=True``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Sequence, Union
 
-from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
-from nvflare.app_common.widgets.component_path_authorizer import CLASS_ALLOW_LIST
 from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import ExecEnv, Recipe
 
-from .aggregator import ActivationAggregator
-from .controller import FedAvgEvalController, UnlearningController
-from .defs import GLOBAL_MODEL_FILE, FINAL_MODEL_FILE, PRUNE_MODES, TASK_ACTIVATIONS, TASK_TRAIN, TASK_VALIDATE
-from .executor import UnlearningExecutor
-from .persistor import UnlearnModelPersistor, load_initial_model
-from .results import JobResult, read_job_result
-from .site_data import check_data_spec
+from nvflare_unlearn._validation import check_num_classes, normalize_forget_classes
+from nvflare_unlearn.fl.aggregator import ActivationAggregator
+from nvflare_unlearn.fl.defs import FINAL_MODEL_FILE, GLOBAL_MODEL_FILE, TASK_ACTIVATIONS, TASK_TRAIN, TASK_VALIDATE
+from nvflare_unlearn.fl.executor import UnlearningExecutor
+from nvflare_unlearn.fl.fedavg_eval_controller import FedAvgEvalController
+from nvflare_unlearn.fl.job_utils import authorize_site_config, model_files_to_ship, script_runner
+from nvflare_unlearn.fl.persistor import UnlearningModelPersistor, load_initial_model
+from nvflare_unlearn.fl.unlearning_controller import UnlearningController
+from nvflare_unlearn.models import model_spec
+from nvflare_unlearn.options import (
+    FederationOptions,
+    OptionGroup,
+    PlanOptions,
+    PrivacyOptions,
+    ScoringOptions,
+    SiteDataOptions,
+    TrainingOptions,
+    split_options,
+)
 
-#: What a site's ``class_allow_list`` must contain to run these jobs without bundling code (non-BYOC).
-ALLOW_LIST_ENTRY = "nvflare_unlearn.fl"
+__all__ = ["PretrainRecipe", "RetrainRecipe", "UnlearningRecipe"]
 
-__all__ = [
-    "ALLOW_LIST_ENTRY",
-    "PretrainRecipe",
-    "RetrainRecipe",
-    "UnlearningRecipe",
-    "JobResult",
-    "read_job_result",
-    "authorize_site_config",
-    "quiet_log_config",
-    "resolve_model_name",
-]
-
-
-# ---------------------------------------------------------------------------------------------- validation
-def resolve_model_name(model: Union[str, Any, Callable[..., Any]], input_shape: Optional[Sequence[int]] = None) -> str:
-    """The string every machine rebuilds the model from: a registry name, or your own model's import path.
-
-    ``model`` may be a registry name (``"small_cnn"``), an import path ``"package.module:factory"`` (a callable
-    ``factory(num_classes=K) -> nn.Module`` importable on the server and every site), the factory itself (a
-    module-level function or nn.Module class; lambdas and local functions are refused), or a module built by
-    ``build_model``. ``input_shape=(C, H, W)`` gives the input size of an import-path model whose factory does not
-    carry an ``input_shape`` attribute; it is written into the name (``"package.module:factory@CxHxW"``), so the
-    exported job holds strings only. An arbitrary ``nn.Module`` instance is refused: the sites could not rebuild it.
-    """
-    from torch import nn
-
-    from ..models import MODEL_NAMES, model_name_of, model_spec
-
-    if isinstance(model, nn.Module):
-        name = model_name_of(model)
-        if name is None:
-            raise ValueError(
-                f"{type(model).__name__} was not built by nvflare_unlearn.build_model: every site must rebuild the "
-                f"same architecture from a name; give a registry name ({', '.join(MODEL_NAMES)}) or your model's "
-                "factory as an import path 'package.module:factory'"
-            )
-        return model_spec(name, input_shape)
-    return model_spec(model, input_shape)
+#: option groups the sites use: what ``set_per_site_config`` may set per site
+SITE_GROUPS = (SiteDataOptions, TrainingOptions, ScoringOptions, PrivacyOptions)
+_SCRIPT_KEYS = ("train_script", "train_args")
 
 
-def _module_file_to_ship(model_name: str) -> Optional[list[str]]:
-    """Source files of an import-path model that the job must carry (None when the module is pip-installed).
+class _JobRecipe(Recipe):
+    """Shared construction: one server workflow + persistor (+ TensorBoard receiver), one executor per site."""
 
-    The server (persistor, controller) and every site import the factory. A module installed in site-packages is
-    referenced by name; a module from the user's own folder is added to the job's ``custom`` code on both sides
-    (FedJob ``to_server`` / ``to_clients``), with the ``__init__.py`` of every package above it.
-    """
-    import sys
-    import sysconfig
-
-    from ..models import is_import_path
-
-    if not is_import_path(model_name):
-        return None
-    module_name = model_name.split(":", 1)[0]
-    top = module_name.split(".", 1)[0]
-    if top in ("nvflare", "nvflare_unlearn", "torch", "torchvision"):
-        return None
-    module = sys.modules.get(module_name)
-    source = getattr(module, "__file__", None)
-    if not source:
-        return None
-    source = os.path.realpath(source)
-    installed = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
-    if any(part in ("site-packages", "dist-packages") for part in source.split(os.sep)) or any(
-        source.startswith(os.path.realpath(p) + os.sep) for p in installed
-    ):
-        return None
-    files = [source]
-    parent = module_name.rsplit(".", 1)[0] if "." in module_name else None
-    while parent:
-        init = getattr(sys.modules.get(parent), "__file__", None)
-        if init:
-            files.append(os.path.realpath(init))
-        parent = parent.rsplit(".", 1)[0] if "." in parent else None
-    return files
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_forget(forget_classes: Any, num_classes: int, required: bool) -> list[int]:
-    if forget_classes is None:
-        forget_classes = []
-    if isinstance(forget_classes, int) and not isinstance(forget_classes, bool):
-        forget_classes = [forget_classes]
-    out = []
-    for c in forget_classes:
-        if isinstance(c, bool) or not isinstance(c, int):
-            raise ValueError(f"forget class ids must be integers, got {c!r}")
-        if not 0 <= c < num_classes:
-            raise ValueError(f"forget class {c} is not a class of this model: valid ids are 0..{num_classes - 1}")
-        if c in out:
-            raise ValueError(f"forget class {c} is listed twice")
-        out.append(c)
-    if required and not out:
-        raise ValueError("forget_classes must name at least one class to forget")
-    if len(out) >= num_classes:
-        raise ValueError(f"cannot forget all {num_classes} classes: at least one class must be retained")
-    return out
-
-
-def _check_lr(lr: Any) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    return float(lr)
-
-
-# ---------------------------------------------------------------------------------------------- authorization
-def authorize_site_config(local_dir: str) -> str:
-    """Add ``nvflare_unlearn.fl`` to the ``class_allow_list`` of a site's ``local/`` folder; returns the file.
-
-    Without it a non-BYOC job using these components fails with ComponentNotAuthorized ("... is not in
-    allow_list"). Starts from NVFlare's default allow list when the site has none, so nothing else is loosened.
-    """
-    os.makedirs(local_dir, exist_ok=True)
-    target = os.path.join(local_dir, "resources.json")
-    if not os.path.exists(target):
-        target = os.path.join(local_dir, "resources.json.default")
-    resources: dict = {"format_version": 2}
-    if os.path.exists(target):
-        with open(target) as f:
-            resources = json.load(f)
-        if not isinstance(resources, dict):
-            raise ValueError(f"{target} must hold a JSON object")
-    allow = resources.get(CLASS_ALLOW_LIST)
-    if allow is None:
-        allow = list(DEFAULT_CLASS_ALLOW_LIST)
-    if "*" not in allow and ALLOW_LIST_ENTRY not in allow:
-        allow.append(ALLOW_LIST_ENTRY)
-    resources[CLASS_ALLOW_LIST] = allow
-    with open(target, "w") as f:
-        json.dump(resources, f, indent=4)
-    return target
-
-
-def authorize_poc_workspace(poc_workspace: str) -> list[str]:
-    """Allow our components on every site of a prepared POC workspace (``<ws>/<project>/prod_NN/<site>/local``).
-
-    For scripts that run ``nvflare poc prepare`` themselves, between ``prepare`` and ``start``. Returns the files.
-    """
-    done = []
-    for project in sorted(os.listdir(poc_workspace)) if os.path.isdir(poc_workspace) else []:
-        pdir = os.path.join(poc_workspace, project)
-        for prod in sorted(os.listdir(pdir)) if os.path.isdir(pdir) else []:
-            if not prod.startswith("prod_"):
-                continue
-            for site in sorted(os.listdir(os.path.join(pdir, prod))):
-                sdir = os.path.join(pdir, prod, site)
-                if os.path.isdir(os.path.join(sdir, "local")) and os.path.isdir(os.path.join(sdir, "startup")):
-                    done.append(authorize_site_config(os.path.join(sdir, "local")))
-    return done
-
-
-def quiet_log_config(directory: str, console_level: str = "WARNING") -> str:
-    """Write a simulator log config that prints only ``console_level`` and above to the console; returns its path.
-
-    Pass it as ``SimEnv(log_config=...)``. The sites' ``log.txt`` files keep full INFO logs (``read_job_result``
-    reads them to explain a failure); only NVFlare's console chatter goes.
-    """
-    import copy
-
-    from nvflare.fuel.utils.log_utils import concise_log_dict
-
-    config = copy.deepcopy(concise_log_dict)
-    config["handlers"]["consoleHandler"]["level"] = console_level
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(os.path.abspath(directory), "quiet_log_config.json")
-    if " " in path:
-        raise ValueError(f"the simulator passes the log config on a command line: use a path without spaces ({path!r})")
-    with open(path, "w") as f:
-        json.dump(config, f, indent=2)
-    return path
-
-
-# ---------------------------------------------------------------------------------------------- recipes
-class _UnlearnBaseRecipe(Recipe):
-    """Shared construction: one server workflow + persistor (+ TensorBoard receiver), one executor on all sites."""
+    GROUPS: ClassVar[tuple[type[OptionGroup], ...]] = (SiteDataOptions, TrainingOptions, FederationOptions)
+    DEFAULTS: ClassVar[dict[str, Any]] = {}  # this job's defaults for option fields (e.g. a larger pretraining lr)
+    JOB_KIND: ClassVar[str] = "train"
+    OUTPUT_FILE: ClassVar[str] = GLOBAL_MODEL_FILE
 
     def __init__(
         self,
@@ -223,34 +65,132 @@ class _UnlearnBaseRecipe(Recipe):
         name: str,
         model: Union[str, Any],
         num_classes: int,
-        n_clients: int,
-        min_clients: Optional[int],
-        controller_factory: Callable[[str, int], Any],
-        persistor: UnlearnModelPersistor,
-        executor: UnlearningExecutor,
+        forget_classes: Optional[Union[int, Sequence[int]]],
+        initial_ckpt: Optional[str],
+        in_channels: Optional[int],
+        input_shape: Optional[Sequence[int]],
+        test_dataset: Optional[str],
+        test_data_root: Optional[str],
         tensorboard: bool,
         bundle_code: bool,
-        train_script: Optional[str] = None,
-        train_args: str = "",
+        train_script: Optional[str],
+        train_args: str,
+        groups: dict[str, Any],
+        options: dict[str, Any],
     ):
-        job = FedJob(name=name, min_clients=min_clients)
+        where = type(self).__name__
+        flat = {**{k: v for k, v in self.DEFAULTS.items() if not _given(k, options, groups)}, **options}
+        parsed, rest = split_options(flat, self.GROUPS, where, given=groups)
+        if rest:
+            raise TypeError(f"{where}() got unexpected keyword argument(s) {sorted(rest)}")
+        if "min_clients" not in options and not (groups.get("federation") or {}).get("min_clients"):
+            parsed["federation"] = FederationOptions.from_dict(
+                {**parsed["federation"].to_dict(), "min_clients": parsed["site_data"].num_clients}
+            )  # default quorum: every site
+        self.options: dict[str, OptionGroup] = parsed
+        self.model_name = model_spec(model, input_shape)
+        self.num_classes = check_num_classes(num_classes)
+        self.forget_classes = normalize_forget_classes(forget_classes, self.num_classes, required=False)
+        self.num_clients = parsed["site_data"].num_clients
+        self.min_clients = parsed["federation"].min_clients
+        if self.min_clients > self.num_clients:
+            raise ValueError(f"min_clients={self.min_clients} exceeds num_clients={self.num_clients}")
+        self.num_rounds = parsed["federation"].num_rounds
+        self.initial_ckpt = initial_ckpt
+        self.in_channels = in_channels
+        self.test_dataset = test_dataset
+        self.test_data_root = test_data_root
+        self.bundle_code = bundle_code
+        self.train_script = train_script
+        self.train_args = train_args
+        if train_script is not None and not os.path.isfile(train_script):
+            raise ValueError(f"train_script {train_script!r} does not exist")
+        self._per_site: dict[str, dict] = {}
+
+        job = FedJob(name=name, min_clients=self.min_clients)
         if not bundle_code:
             job.set_app_packages(["nvflare_unlearn"])  # installed on every site: reference by import path
-        persistor_id = job.to_server(persistor, id="persistor")
-        job.to_server(controller_factory(persistor_id), id="controller")
+        persistor_id = job.to_server(self._create_persistor(), id="persistor")
+        job.to_server(self._create_controller(persistor_id), id="controller")
+        self._add_server_components(job)
         if tensorboard:
             job.to_server(TBAnalyticsReceiver(), id="tb_receiver")
-        tasks = [TASK_ACTIVATIONS, TASK_TRAIN, TASK_VALIDATE]
-        job.to_clients(_client_component(executor, train_script, train_args), tasks=tasks)
-        self.model_name = resolve_model_name(model)
-        for source in _module_file_to_ship(self.model_name) or []:  # the user's model module, when not installed
+        for source in model_files_to_ship(self.model_name) or []:  # the user's model module, when not installed
             job.to_server(source)
-            job.to_clients(source)
-        self.num_classes = num_classes
-        self.n_clients = n_clients
-        self.min_clients = min_clients
-        self.bundle_code = bundle_code
         super().__init__(job)
+
+    # -- hooks (override to swap a component) ------------------------------------------------------------------
+    def _create_persistor(self) -> UnlearningModelPersistor:
+        return UnlearningModelPersistor(
+            self.model_name,
+            self.num_classes,
+            initial_ckpt=self.initial_ckpt,
+            output_file=self.OUTPUT_FILE,
+            prune_mode=self._group("plan", PlanOptions).prune_mode,
+            in_channels=self.in_channels,
+            seed=self.options["training"].seed,
+        )
+
+    def _create_controller(self, persistor_id: str) -> FedAvgEvalController:
+        return FedAvgEvalController(
+            model_name=self.model_name,
+            num_classes=self.num_classes,
+            forget_classes=self.forget_classes,
+            federation=self.options["federation"].to_dict(),
+            in_channels=self.in_channels,
+            test_dataset=self.test_dataset,
+            test_data_root=self.test_data_root,
+            persistor_id=persistor_id,
+            job_kind=self.JOB_KIND,
+        )
+
+    def _create_executor(self, site_config: dict) -> Any:
+        """The client component of one site (``site_config``: its ``set_per_site_config`` entry, maybe empty)."""
+        script = site_config.get("train_script", self.train_script)
+        if script is not None:
+            return script_runner(script, site_config.get("train_args", self.train_args))
+        groups, _ = split_options(
+            {k: v for k, v in site_config.items() if k not in _SCRIPT_KEYS},
+            SITE_GROUPS,
+            f"{type(self).__name__} site config",
+            given=self._site_groups(),
+        )
+        return UnlearningExecutor(
+            self.model_name,
+            self.num_classes,
+            **{g: o.to_dict() for g, o in groups.items()},
+            forget_classes=self.forget_classes or None,
+            in_channels=self.in_channels,
+        )
+
+    def _add_server_components(self, job: FedJob) -> None:
+        """Extra server components (the unlearning job adds its activation aggregator)."""
+
+    # -- NVFlare recipe protocol -------------------------------------------------------------------------------
+    def _apply_per_site_config(self, config: dict[str, dict]) -> None:
+        """Per-site values of any site-side option (``data_root``, ``lr``, ``min_count``...) or script; checked now."""
+        allowed = {n for g in SITE_GROUPS for n in g.names()} | set(_SCRIPT_KEYS)
+        for site, cfg in config.items():
+            unknown = sorted(set(cfg) - allowed)
+            if unknown:
+                raise ValueError(
+                    f"per-site config for {site!r}: unknown option(s) {unknown}; per-site options are {sorted(allowed)}"
+                )
+            self._create_executor(cfg)  # validates the values
+        self._per_site = config
+
+    def _prepare_client_apps(self) -> None:
+        tasks = [TASK_ACTIVATIONS, TASK_TRAIN, TASK_VALIDATE]
+        sources = model_files_to_ship(self.model_name) or []
+        if not self._per_site:
+            self._job.to_clients(self._create_executor({}), tasks=tasks)
+            for source in sources:
+                self._job.to_clients(source)
+            return
+        for site, cfg in self._per_site.items():
+            self._job.to(self._create_executor(cfg), site, tasks=tasks)
+            for source in sources:
+                self._job.to(source, site)
 
     def process_env(self, env: ExecEnv):
         """Make the components loadable where the recipe can arrange it.
@@ -271,50 +211,32 @@ class _UnlearnBaseRecipe(Recipe):
             self._job.set_app_packages([])
             self.bundle_code = True
 
+    # -- helpers -----------------------------------------------------------------------------------------------
+    def _group(self, name: str, kind: type[OptionGroup]) -> Any:
+        return self.options.get(name) or kind()
 
-def _client_component(executor: UnlearningExecutor, train_script: Optional[str], train_args: str):
-    """The plugin's executor, or the user's Client API script (see ``client_api``) run with NUMPY exchange.
+    def _site_groups(self) -> dict[str, Any]:
+        return {g.GROUP: self._group(g.GROUP, g) for g in SITE_GROUPS}
 
-    NUMPY on both ends: the PyTorch exchange reshapes received weights to the previous round's shapes, which a
-    pruned model no longer has, and drops numpy arrays (the activation reports).
-    """
-    if train_script is None:
-        return executor
-    from nvflare.client.config import ExchangeFormat
-    from nvflare.fuel.utils.constants import FrameworkType
-    from nvflare.job_config.script_runner import ScriptRunner
 
-    if not os.path.isfile(train_script):
-        raise ValueError(f"train_script {train_script!r} does not exist")
-    return ScriptRunner(
-        script=train_script,
-        script_args=train_args,
-        framework=FrameworkType.NUMPY,
-        server_expected_format=ExchangeFormat.NUMPY,
+def _given(name: str, options: dict, groups: dict) -> bool:
+    return name in options or any(
+        name in (g.to_dict() if isinstance(g, OptionGroup) else (g or {})) for g in groups.values()
     )
 
 
-def _common_checks(model, num_classes, n_clients, min_clients, num_rounds, local_epochs, lr, dataset, partition,
-                   alpha, q, batch_size) -> tuple[str, int]:  # fmt: skip
-    name = resolve_model_name(model)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    _check_int("n_clients", n_clients, 1)
-    min_clients = n_clients if min_clients is None else _check_int("min_clients", min_clients, 1)
-    if min_clients > n_clients:
-        raise ValueError(f"min_clients={min_clients} exceeds n_clients={n_clients}")
-    _check_int("num_rounds", num_rounds, 0)
-    _check_int("local_epochs", local_epochs, 0)
-    _check_int("batch_size", batch_size, 1)
-    _check_lr(lr)
-    check_data_spec(dataset, partition, n_clients, alpha, q)
-    return name, min_clients
-
-
-class PretrainRecipe(_UnlearnBaseRecipe):
+class PretrainRecipe(_JobRecipe):
     """FedAvg on all classes with the plugin's executor; writes ``global_model.pt`` (weights + empty plan) and
     ``unlearning_metrics.json`` (per-round accuracy) into the server's run directory. Pass the model file as
-    ``initial_ckpt`` of an ``UnlearningRecipe``."""
+    ``initial_ckpt`` of an ``UnlearningRecipe``.
+
+    Options (flat or as groups, see ``nvflare_unlearn.options``): ``site_data`` (dataset, data_root, partition,
+    num_clients, ...), ``training`` (local_epochs, lr, batch_size, seed, ...), ``federation`` (num_rounds,
+    min_clients, task_timeout, stop_cond, ...). Defaults here: ``lr=0.05``, ``num_rounds=5``.
+    """
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {"lr": 0.05, "num_rounds": 5}
+    JOB_KIND: ClassVar[str] = "pretrain"
 
     def __init__(
         self,
@@ -322,73 +244,39 @@ class PretrainRecipe(_UnlearnBaseRecipe):
         name: str = "pretrain",
         model: Union[str, Any] = "small_cnn",
         num_classes: int = 10,
-        n_clients: int = 2,
-        min_clients: Optional[int] = None,
-        num_rounds: int = 5,
-        local_epochs: int = 1,
-        lr: float = 0.05,
-        batch_size: int = 32,
-        dataset: str = "digits",
-        data_root: Optional[str] = None,
-        partition: str = "iid",
-        alpha: float = 0.5,
-        q: float = 0.5,
-        data_seed: int = 0,
-        train_subset: Optional[int] = None,
         initial_ckpt: Optional[str] = None,
         forget_classes: Optional[Sequence[int]] = None,
-        test_dataset: Optional[str] = None,
-        test_data_root: Optional[str] = None,
         in_channels: Optional[int] = None,
         input_shape: Optional[Sequence[int]] = None,
-        seed: int = 0,
-        output_file: str = GLOBAL_MODEL_FILE,
+        test_dataset: Optional[str] = None,
+        test_data_root: Optional[str] = None,
         tensorboard: bool = True,
         bundle_code: bool = False,
         train_script: Optional[str] = None,
         train_args: str = "",
-        _job_kind: str = "pretrain",
+        site_data: Optional[dict] = None,
+        training: Optional[dict] = None,
+        federation: Optional[dict] = None,
+        **options: Any,
     ):
-        model = resolve_model_name(model, input_shape)
-        model_name, min_clients = _common_checks(
-            model, num_classes, n_clients, min_clients, num_rounds, local_epochs, lr, dataset, partition, alpha, q,
-            batch_size,
-        )  # fmt: skip
-        forget = _check_forget(forget_classes, num_classes, required=False)
         if initial_ckpt is not None and not os.path.isfile(initial_ckpt):
             raise ValueError(f"initial_ckpt {initial_ckpt!r} does not exist")
-        initial_ckpt = os.path.abspath(initial_ckpt) if initial_ckpt else None
-        self.num_rounds = num_rounds
-        self.forget_classes = forget
-        self.initial_ckpt = initial_ckpt
-
-        def controller(persistor_id: str):
-            return FedAvgEvalController(
-                model_name=model_name, num_classes=num_classes, num_rounds=num_rounds, forget_classes=forget or None,
-                min_clients=min_clients, in_channels=in_channels, test_dataset=test_dataset,
-                test_data_root=test_data_root, persistor_id=persistor_id, job_kind=_job_kind,
-            )  # fmt: skip
-
         super().__init__(
             name=name,
-            model=model_name,
+            model=model,
             num_classes=num_classes,
-            n_clients=n_clients,
-            min_clients=min_clients,
-            controller_factory=controller,
-            persistor=UnlearnModelPersistor(
-                model_name, num_classes, initial_ckpt=initial_ckpt, output_file=output_file, in_channels=in_channels,
-                seed=seed,
-            ),  # fmt: skip
-            executor=UnlearningExecutor(
-                model_name, num_classes, dataset=dataset, data_root=data_root, partition=partition, n_sites=n_clients,
-                alpha=alpha, q=q, data_seed=data_seed, train_subset=train_subset, batch_size=batch_size,
-                local_epochs=local_epochs, lr=lr, forget_classes=forget or None, in_channels=in_channels, seed=seed,
-            ),  # fmt: skip
+            forget_classes=forget_classes,
+            initial_ckpt=os.path.abspath(initial_ckpt) if initial_ckpt else None,
+            in_channels=in_channels,
+            input_shape=input_shape,
+            test_dataset=test_dataset,
+            test_data_root=test_data_root,
             tensorboard=tensorboard,
             bundle_code=bundle_code,
             train_script=train_script,
             train_args=train_args,
+            groups=dict(site_data=site_data, training=training, federation=federation),
+            options=options,
         )
 
 
@@ -396,20 +284,50 @@ class RetrainRecipe(PretrainRecipe):
     """FedAvg from scratch on the retained classes only (sites drop ``forget_classes``): the gold standard an
     unlearned model is compared with. Reports U/R accuracy per round like the unlearning job."""
 
+    JOB_KIND: ClassVar[str] = "retrain"
+
     def __init__(self, *, name: str = "retrain", forget_classes: Sequence[int], num_classes: int = 10, **kwargs):
-        _check_forget(forget_classes, num_classes, required=True)
+        normalize_forget_classes(forget_classes, num_classes)
         if kwargs.get("initial_ckpt") is not None:
             raise ValueError("retraining starts from scratch: do not pass initial_ckpt")
-        super().__init__(name=name, num_classes=num_classes, forget_classes=forget_classes, _job_kind="retrain",
-                         **kwargs)  # fmt: skip
+        super().__init__(name=name, num_classes=num_classes, forget_classes=forget_classes, **kwargs)
 
 
-class UnlearningRecipe(_UnlearnBaseRecipe):
+class UnlearningRecipe(_JobRecipe):
     """Federated class unlearning of a trained model (Wang et al., WWW 2022), end to end in one job.
 
     Outputs in the server's run directory: ``pruned_model.pt`` (after pruning), ``pruning_plan.json``,
-    ``unlearned_model.pt`` (after fine-tuning; weights + plan) and ``unlearning_metrics.json``.
+    ``unlearned_model.pt`` (after fine-tuning; weights + plan), ``unlearning_metrics.json`` and the audit record
+    ``unlearning_record.json``.
+
+    Args:
+        model / num_classes / in_channels / input_shape: the trained model's architecture: a registry name, your
+            own model as an import path ``"package.module:factory"``, or the factory itself (``models.model_spec``).
+        initial_ckpt: the trained model (our checkpoint, a state_dict .pt, or NVFlare's FL_global_model.pt), as a
+            path on this machine (checked here) or, with ``check_ckpt=False``, an absolute path as seen by the
+            server. Never modified.
+        forget_classes: class id(s) to forget; one statistics + pruning pass per class.
+        scoring / plan / privacy / site_data / training / federation: the option groups
+            (``nvflare_unlearn.options``), as dicts or group objects; any field may also be given flat
+            (``prune_ratio=0.2``). Defaults here: ``num_rounds=3``, ``lr=0.01``.
+        test_dataset / test_data_root: optional server-side test set evaluated centrally at every stage.
+        tensorboard: add NVFlare's TensorBoard receiver (U/R accuracy by round under the run's tb_events/).
+        bundle_code: copy the plugin's code into the job (BYOC) instead of referencing the installed package.
+        train_script / train_args: run your own Client API script on the sites instead of the plugin's executor
+            (it must answer the three tasks, see ``nvflare_unlearn.fl.client_api``); the site_data options are
+            then unused, the script loads its own data.
     """
+
+    GROUPS: ClassVar[tuple[type[OptionGroup], ...]] = (
+        ScoringOptions,
+        PlanOptions,
+        PrivacyOptions,
+        SiteDataOptions,
+        TrainingOptions,
+        FederationOptions,
+    )
+    JOB_KIND: ClassVar[str] = "unlearn"
+    OUTPUT_FILE: ClassVar[str] = FINAL_MODEL_FILE
 
     def __init__(
         self,
@@ -419,100 +337,23 @@ class UnlearningRecipe(_UnlearnBaseRecipe):
         num_classes: int = 10,
         initial_ckpt: str,
         forget_classes: Union[int, Sequence[int]],
-        prune_ratio: float = 0.1,
-        num_rounds: int = 3,
-        local_epochs: int = 1,
-        lr: float = 0.01,
-        batch_size: int = 32,
-        n_clients: int = 2,
-        min_clients: Optional[int] = None,
-        dataset: str = "digits",
-        data_root: Optional[str] = None,
-        partition: str = "iid",
-        alpha: float = 0.5,
-        q: float = 0.5,
-        data_seed: int = 0,
-        train_subset: Optional[int] = None,
-        scope: str = "global",
-        direction: str = "highest",
-        idf: str = "paper",
-        tf_norm: str = "share",
-        coe: Optional[float] = None,
-        min_channels: int = 1,
-        prune_mode: str = "remove",
-        hook_point: str = "conv",
-        max_activation_batches: Optional[int] = None,
-        min_count: int = 0,
-        target_r_acc: Optional[float] = None,
-        aggregation: str = "mean",
-        trim: float = 0.1,
-        clip_bound: Optional[float] = None,
-        dp_epsilon: Optional[float] = None,
-        dp_delta: Optional[float] = None,
-        test_dataset: Optional[str] = None,
-        test_data_root: Optional[str] = None,
-        task_timeout: int = 0,
-        wait_time_after_min_received: int = 10,
         in_channels: Optional[int] = None,
         input_shape: Optional[Sequence[int]] = None,
-        seed: int = 0,
+        test_dataset: Optional[str] = None,
+        test_data_root: Optional[str] = None,
         tensorboard: bool = True,
         bundle_code: bool = False,
         train_script: Optional[str] = None,
-        check_ckpt: bool = True,
         train_args: str = "",
+        check_ckpt: bool = True,
+        scoring: Optional[dict] = None,
+        plan: Optional[dict] = None,
+        privacy: Optional[dict] = None,
+        site_data: Optional[dict] = None,
+        training: Optional[dict] = None,
+        federation: Optional[dict] = None,
+        **options: Any,
     ):
-        """
-        Args:
-            model / num_classes / in_channels: architecture of the trained model: a registry name, or your own model
-                as an import path ``"package.module:factory"`` (or the factory function itself), see
-                ``resolve_model_name`` and docs/integration.md.
-            input_shape: (C, H, W) of an import-path model whose factory has no ``input_shape`` attribute.
-            initial_ckpt: the trained model (our checkpoint, a state_dict .pt, or NVFlare's FL_global_model.pt);
-                an absolute path as seen by the server. Never modified.
-            forget_classes: class id(s) to forget; one statistics + pruning pass per class.
-            prune_ratio: fraction of all conv channels pruned per class, in (0, 1).
-            num_rounds: FedAvg fine-tuning rounds on the retained classes (0 = prune only).
-            local_epochs / lr / batch_size: local SGD per fine-tuning round.
-            n_clients / min_clients: federation size (data slices) and the fewest sites a task needs.
-            dataset / data_root / partition / alpha / q / data_seed / train_subset: how each site finds its data
-                (``data_root`` may contain ``{site_name}`` for per-site folders with ``partition="none"``).
-            scope / direction / idf / tf_norm / coe / min_channels: TF-IDF and plan options (paper defaults).
-            prune_mode: "remove" (physical removal, smaller model) or "mask" (shapes kept, channels held at zero).
-            hook_point: "conv" (raw conv output, the paper) or "bn" (after BatchNorm).
-            max_activation_batches: cap on each site's activation pass (None = all local training data).
-            min_count: sites do not report a class they hold fewer images of (privacy; see ``privacy.py``).
-            target_r_acc: stop fine-tuning early once federated retained-class accuracy reaches it (0..1).
-            aggregation / trim: activation-report aggregation ("mean" exact, "median", "trimmed_mean").
-            clip_bound: sites clip each image's pooled activation to [0, B] before summing; the server rejects a
-                report whose sums exceed B * count.
-            dp_epsilon / dp_delta: Gaussian noise on the sites' per-class sums, (epsilon, delta)-DP for the whole
-                request per added/removed image (split evenly over the activation passes, one per forget class);
-                needs ``clip_bound``. The server then accepts noisy reports and clamps class means at 0. A plan
-                built on noisy reports is NOT reproducible on resubmission (fresh noise each time, by design).
-            test_dataset / test_data_root: optional server-side test set evaluated centrally at every stage.
-            task_timeout: seconds a site may take per task (0 = no limit); a site past it is left out of that task.
-            wait_time_after_min_received: seconds to wait for the other sites once ``min_clients`` results are in.
-            tensorboard: add NVFlare's TensorBoard receiver (U/R accuracy by round under the run's tb_events/).
-            bundle_code: copy the plugin's code into the job (BYOC) instead of referencing the installed package.
-            check_ckpt: check here that ``initial_ckpt`` exists (default). Set False when exporting a job whose
-                checkpoint lives on the server machine (ProdEnv, job folders); the server's persistor checks then.
-            train_script / train_args: run your own Client API script on the sites instead of the plugin's executor
-                (it must answer the three tasks, see ``nvflare_unlearn.fl.client_api``); the data options are then
-                unused, the script loads its own data.
-        """
-        model = resolve_model_name(model, input_shape)
-        model_name, min_clients = _common_checks(
-            model, num_classes, n_clients, min_clients, num_rounds, local_epochs, lr, dataset, partition, alpha, q,
-            batch_size,
-        )  # fmt: skip
-        forget = _check_forget(forget_classes, num_classes, required=True)
-        if isinstance(prune_ratio, bool) or not isinstance(prune_ratio, (int, float)) or not 0 < prune_ratio < 1:
-            raise ValueError(f"prune_ratio must be a fraction in (0, 1), got {prune_ratio!r}")
-        if prune_mode not in PRUNE_MODES:
-            raise ValueError(f"prune_mode must be one of {list(PRUNE_MODES)}, got {prune_mode!r}")
-        if target_r_acc is not None and not (isinstance(target_r_acc, (int, float)) and 0 < target_r_acc <= 1):
-            raise ValueError(f"target_r_acc is a fraction in (0, 1], got {target_r_acc!r}")
         if not initial_ckpt or not isinstance(initial_ckpt, str):
             raise ValueError("initial_ckpt must name the trained model's checkpoint file")
         if check_ckpt and not os.path.isfile(initial_ckpt):
@@ -523,83 +364,63 @@ class UnlearningRecipe(_UnlearnBaseRecipe):
             )
         if not check_ckpt and not os.path.isabs(initial_ckpt):
             raise ValueError(f"initial_ckpt {initial_ckpt!r} must be an absolute path as seen by the server")
-        _check_plan_options(scope, direction, idf, tf_norm, coe, hook_point, min_channels)
-        initial_ckpt = os.path.abspath(initial_ckpt)
-        if check_ckpt:  # corrupt file or wrong architecture: say so now, not from inside the server's run
-            load_initial_model(initial_ckpt, model_name, num_classes, in_channels, prune_mode)
-        self.initial_ckpt = initial_ckpt
-        self.forget_classes = forget
-        self.prune_ratio = float(prune_ratio)
-        self.num_rounds = num_rounds
-
-        from .executor import check_dp_options
-
-        check_dp_options(clip_bound, dp_epsilon, dp_delta)
-        _check_int("task_timeout", task_timeout, 0)
-        _check_int("wait_time_after_min_received", wait_time_after_min_received, 0)
-        pass_epsilon = pass_delta = None
-        if dp_epsilon is not None:  # one Gaussian release per activation pass; basic composition over the passes
-            from ..privacy import split_budget
-
-            pass_epsilon, pass_delta = split_budget(float(dp_epsilon), float(dp_delta), len(forget))
-        self.dp_epsilon, self.dp_delta, self.clip_bound = dp_epsilon, dp_delta, clip_bound
-        aggregator = ActivationAggregator(
-            num_classes, method=aggregation, trim=trim, clip_bound=clip_bound, allow_negative=dp_epsilon is not None
-        )
-
-        def controller(persistor_id: str):
-            return UnlearningController(
-                model_name=model_name, num_classes=num_classes, forget_classes=forget, prune_ratio=float(prune_ratio),
-                num_rounds=num_rounds, scope=scope, direction=direction, idf=idf, tf_norm=tf_norm, coe=coe,
-                min_channels=min_channels, prune_mode=prune_mode, hook_point=hook_point, min_clients=min_clients,
-                target_r_acc=target_r_acc, aggregator=aggregator, in_channels=in_channels, test_dataset=test_dataset,
-                test_data_root=test_data_root, task_timeout=task_timeout,
-                wait_time_after_min_received=wait_time_after_min_received, persistor_id=persistor_id,
-                min_count=min_count, clip_bound=clip_bound, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
-            )  # fmt: skip
-
+        normalize_forget_classes(forget_classes, num_classes)
         super().__init__(
             name=name,
-            model=model_name,
+            model=model,
             num_classes=num_classes,
-            n_clients=n_clients,
-            min_clients=min_clients,
-            controller_factory=controller,
-            persistor=UnlearnModelPersistor(
-                model_name, num_classes, initial_ckpt=initial_ckpt, output_file=FINAL_MODEL_FILE,
-                prune_mode=prune_mode, in_channels=in_channels, seed=seed,
-            ),  # fmt: skip
-            executor=UnlearningExecutor(
-                model_name, num_classes, dataset=dataset, data_root=data_root, partition=partition, n_sites=n_clients,
-                alpha=alpha, q=q, data_seed=data_seed, train_subset=train_subset, batch_size=batch_size,
-                local_epochs=local_epochs, lr=lr, hook_point=hook_point, max_activation_batches=max_activation_batches,
-                min_count=min_count, clip_bound=clip_bound, dp_epsilon=pass_epsilon, dp_delta=pass_delta,
-                in_channels=in_channels, seed=seed,
-            ),  # fmt: skip
+            forget_classes=forget_classes,
+            initial_ckpt=os.path.abspath(initial_ckpt),
+            in_channels=in_channels,
+            input_shape=input_shape,
+            test_dataset=test_dataset,
+            test_data_root=test_data_root,
             tensorboard=tensorboard,
             bundle_code=bundle_code,
             train_script=train_script,
             train_args=train_args,
+            groups=dict(
+                scoring=scoring,
+                plan=plan,
+                privacy=privacy,
+                site_data=site_data,
+                training=training,
+                federation=federation,
+            ),
+            options=options,
+        )
+        self.prune_ratio = self.options["plan"].prune_ratio
+        if check_ckpt:  # corrupt file or wrong architecture: say so now, not from inside the server's run
+            load_initial_model(
+                self.initial_ckpt, self.model_name, self.num_classes, self.in_channels, self.options["plan"].prune_mode
+            )
+
+    def _create_controller(self, persistor_id: str) -> UnlearningController:
+        o = self.options
+        return UnlearningController(
+            model_name=self.model_name,
+            num_classes=self.num_classes,
+            forget_classes=self.forget_classes,
+            scoring=o["scoring"].to_dict(),
+            plan=o["plan"].to_dict(),
+            privacy=o["privacy"].to_dict(),
+            federation=o["federation"].to_dict(),
+            in_channels=self.in_channels,
+            test_dataset=self.test_dataset,
+            test_data_root=self.test_data_root,
+            persistor_id=persistor_id,
+            aggregator_id="activation_aggregator",
         )
 
-
-def _check_plan_options(scope, direction, idf, tf_norm, coe, hook_point, min_channels) -> None:
-    """The core's option names, checked here so a typo fails when the recipe is built, not mid-job on the server."""
-    from ..activations import HOOK_POINTS
-    from ..plan import DIRECTIONS, SCOPES
-    from ..tfidf import IDF_VARIANTS, TF_NORMS
-
-    for label, value, choices in (
-        ("scope", scope, SCOPES),
-        ("direction", direction, DIRECTIONS),
-        ("idf", idf, IDF_VARIANTS),
-        ("tf_norm", tf_norm, TF_NORMS),
-        ("hook_point", hook_point, HOOK_POINTS),
-    ):
-        if value not in choices:
-            raise ValueError(f"{label} must be one of {list(choices)}, got {value!r}")
-    if tf_norm == "balance" and (coe is None or not coe > 0):
-        raise ValueError("tf_norm='balance' needs a positive coe")
-    if tf_norm != "balance" and coe is not None:
-        raise ValueError("coe is only used with tf_norm='balance'")
-    _check_int("min_channels", min_channels, 1)
+    def _add_server_components(self, job: FedJob) -> None:
+        scoring, privacy = self.options["scoring"], self.options["privacy"]
+        job.to_server(
+            ActivationAggregator(
+                self.num_classes,
+                aggregation=scoring.aggregation,
+                trim=scoring.trim,
+                clip_bound=privacy.clip_bound,
+                allow_negative=privacy.dp,
+            ),
+            id="activation_aggregator",
+        )

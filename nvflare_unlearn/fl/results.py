@@ -15,7 +15,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .defs import FINAL_MODEL_FILE, GLOBAL_MODEL_FILE, METRICS_FILE, PLAN_FILE, PRUNED_MODEL_FILE, RECORD_FILE
+from nvflare_unlearn.fl.defs import (
+    FINAL_MODEL_FILE,
+    GLOBAL_MODEL_FILE,
+    METRICS_FILE,
+    PLAN_FILE,
+    PRUNED_MODEL_FILE,
+    RECORD_FILE,
+)
 
 _AUTH_PATTERN = re.compile(r"not in allow_list|ComponentNotAuthorized|UnsafeComponentError")
 

@@ -10,15 +10,14 @@ Two ways, both deterministic so every run of a job sees the same data:
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 import numpy as np
 
-from ..data import LabelledDataset, load_dataset, partition_biased, partition_dirichlet, partition_iid
-from .defs import PARTITIONS
+from nvflare_unlearn.data import LabelledDataset, load_dataset, partition_biased, partition_dirichlet, partition_iid
+from nvflare_unlearn.options import SiteDataOptions
 
 
-def site_index(site_name: str, n_sites: int) -> int:
+def site_index(site_name: str, num_clients: int) -> int:
     """0-based slice index from the trailing number of a site name (``site-3`` -> 2)."""
     match = re.search(r"(\d+)$", site_name or "")
     if not match:
@@ -28,58 +27,32 @@ def site_index(site_name: str, n_sites: int) -> int:
             "and partition='none'"
         )
     index = int(match.group(1)) - 1
-    if not 0 <= index < n_sites:
+    if not 0 <= index < num_clients:
         raise ValueError(
-            f"site {site_name!r} maps to slice {index + 1} but the data is split into n_sites={n_sites} slices; "
-            "set n_sites to the number of sites in the federation"
+            f"site {site_name!r} maps to slice {index + 1} but the data is split into num_clients={num_clients} "
+            "slices; set num_clients to the number of sites in the federation"
         )
     return index
 
 
-def check_data_spec(dataset: str, partition: str, n_sites: int, alpha: float, q: float) -> None:
-    """Boundary checks for the data arguments a recipe writes into the job (fail at recipe time, not on a site)."""
-    from ..data import DATASET_NAMES
-
-    if dataset not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {dataset!r}: use one of {list(DATASET_NAMES)}")
-    if partition not in PARTITIONS:
-        raise ValueError(f"partition must be one of {list(PARTITIONS)}, got {partition!r}")
-    if isinstance(n_sites, bool) or not isinstance(n_sites, int) or n_sites < 1:
-        raise ValueError(f"n_sites must be an integer >= 1, got {n_sites!r}")
-    if partition == "dirichlet" and not alpha > 0:
-        raise ValueError(f"dirichlet partition needs alpha > 0, got {alpha}")
-    if partition == "biased" and not 0.0 <= q <= 1.0:
-        raise ValueError(f"biased partition needs q in [0, 1], got {q}")
-
-
-def load_site_split(
-    site_name: str,
-    split: str,
-    dataset: str = "digits",
-    data_root: Optional[str] = None,
-    partition: str = "iid",
-    n_sites: int = 1,
-    seed: int = 0,
-    alpha: float = 0.5,
-    q: float = 0.5,
-    subset: Optional[int] = None,
-) -> LabelledDataset:
-    """This site's part of ``split`` ("train" or "test"); the same arguments give the same samples everywhere.
+def load_site_split(site_name: str, split: str, data: SiteDataOptions | dict | None = None) -> LabelledDataset:
+    """This site's part of ``split`` ("train" or "test"); the same options give the same samples everywhere.
 
     The test split is always cut IID (seeded), so federated evaluation over all sites covers the whole test set
     exactly once, whatever the training partition.
     """
-    check_data_spec(dataset, partition, n_sites, alpha, q)
-    root = data_root.replace("{site_name}", site_name) if data_root else None
-    full = load_dataset(dataset, root=root, split=split, subset=subset, seed=seed)
-    if partition == "none" or n_sites == 1:
+    opts = SiteDataOptions.from_dict(data)
+    root = opts.data_root.replace("{site_name}", site_name) if opts.data_root else None
+    subset = opts.train_subset if split == "train" else None
+    full = load_dataset(opts.dataset, root=root, split=split, subset=subset, seed=opts.data_seed)
+    if opts.partition == "none" or opts.num_clients == 1:
         return full
-    index = site_index(site_name, n_sites)
+    index = site_index(site_name, opts.num_clients)
     labels = np.asarray(full.targets)
-    if split != "train" or partition == "iid":
-        parts = partition_iid(labels, n_sites, seed=seed)
-    elif partition == "dirichlet":
-        parts = partition_dirichlet(labels, n_sites, alpha=alpha, seed=seed)
+    if split != "train" or opts.partition == "iid":
+        parts = partition_iid(labels, opts.num_clients, seed=opts.data_seed)
+    elif opts.partition == "dirichlet":
+        parts = partition_dirichlet(labels, opts.num_clients, alpha=opts.alpha, seed=opts.data_seed)
     else:
-        parts = partition_biased(labels, n_sites, q=q, seed=seed)
+        parts = partition_biased(labels, opts.num_clients, q=opts.q, seed=opts.data_seed)
     return full.subset(parts[index])

@@ -1,7 +1,8 @@
-"""Models the unlearning engine knows how to trace and prune (CIFAR ResNets with option-B shortcuts, VGG-BN, small CNN),
-plus any model of your own named by import path ``"package.module:factory"`` (see ``registry``)."""
+"""Models: the registry the unlearning engine knows how to trace and prune (CIFAR ResNets with option-B shortcuts,
+VGG-BN, small CNN), plus any model of your own named by import path ``"package.module:factory"`` (``registry``):
+every machine rebuilds a model from its name. May import ``options`` and ``_validation`` only."""
 
-from .registry import (
+from nvflare_unlearn.models.registry import (
     MODEL_NAMES,
     build_model,
     check_model_name,

@@ -23,10 +23,10 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .._validation import check_num_classes
-from .resnet import RESNET_DEPTHS, CifarResNet
-from .small_cnn import SmallCNN
-from .vgg import VGG_CONFIGS, CifarVGG
+from nvflare_unlearn._validation import check_num_classes
+from nvflare_unlearn.models.resnet import RESNET_DEPTHS, CifarResNet
+from nvflare_unlearn.models.small_cnn import SmallCNN
+from nvflare_unlearn.models.vgg import VGG_CONFIGS, CifarVGG
 
 #: Attribute names stamped on every model built here; ``example_input(model)`` and plans read them back.
 NAME_ATTR = "nvflare_unlearn_name"
@@ -75,8 +75,11 @@ def _check_name(name: object) -> str:
 
 def _check_shape(shape: Any, where: str) -> tuple[int, int, int]:
     """A (C, H, W) of three positive integers."""
-    if isinstance(shape, str) or not isinstance(shape, Sequence) or len(shape) != 3 or any(
-        isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in shape
+    if (
+        isinstance(shape, str)
+        or not isinstance(shape, Sequence)
+        or len(shape) != 3
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in shape)
     ):
         raise ValueError(f"{where} must be (C, H, W): three positive integers, got {shape!r}")
     return tuple(int(v) for v in shape)  # type: ignore[return-value]
@@ -123,8 +126,10 @@ def _import_factory(module_name: str, attr: str) -> Callable[..., Any]:
         params = inspect.signature(obj).parameters
     except (TypeError, ValueError):
         params = None
-    if params is not None and "num_classes" not in params and not any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    if (
+        params is not None
+        and "num_classes" not in params
+        and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     ):
         raise ValueError(f"model factory {path!r} must accept a num_classes= keyword argument")
     return obj
@@ -197,14 +202,24 @@ def model_spec(model: str | Callable[..., Any], input_shape: Sequence[int] | Non
     """The canonical string naming a model on every machine: a registry name, or ``"package.module:factory"``
     (plus ``"@CxHxW"`` when the input shape is not ``factory.input_shape``).
 
-    ``model`` is a registry name, an import path, or the factory itself (a module-level function or nn.Module
+    ``model`` is a registry name, an import path, the factory itself (a module-level function or nn.Module
     class; lambdas, local functions and functions defined in ``__main__`` are refused: other machines could not
-    import them). The import path is imported here, so a typo fails now, not on a site.
+    import them), or a module made by ``build_model`` (an arbitrary module instance is refused: the sites could not
+    rebuild it). The import path is imported here, so a typo fails now, not on a site.
     """
     if input_shape is not None:
         input_shape = _check_shape(input_shape, "input_shape")
+    if isinstance(model, nn.Module):
+        built = model_name_of(model)
+        if built is None:
+            raise ValueError(
+                f"{type(model).__name__} was not built by nvflare_unlearn.build_model: every site must rebuild the "
+                f"same architecture from a name; give a registry name ({', '.join(MODEL_NAMES)}) or your model's "
+                "factory as an import path 'package.module:factory'"
+            )
+        model = built
     if not isinstance(model, str):
-        if isinstance(model, nn.Module) or not callable(model):
+        if not callable(model):
             raise ValueError(
                 f"model must be a registry name, an import path 'package.module:factory' or the factory function; "
                 f"got {type(model).__name__}"

@@ -16,10 +16,16 @@ class SmallCNN(nn.Module):
         super().__init__()
         w1, w2, w3 = width, 2 * width, 4 * width
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, w1, 3, padding=1, bias=False), nn.BatchNorm2d(w1), nn.ReLU(inplace=True),
-            nn.Conv2d(w1, w2, 3, padding=1, bias=False), nn.BatchNorm2d(w2), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, w1, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(w1, w2, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w2),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Conv2d(w2, w3, 3, padding=1, bias=False), nn.BatchNorm2d(w3), nn.ReLU(inplace=True),
+            nn.Conv2d(w2, w3, 3, padding=1, bias=False),
+            nn.BatchNorm2d(w3),
+            nn.ReLU(inplace=True),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(w3, num_classes)

@@ -36,13 +36,15 @@ NUM_CLASSES = 10
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workspace", default="/tmp/own_model_unlearn", help="simulator workspace")
-    p.add_argument("--sites", type=int, default=2)
-    p.add_argument("--forget", type=int, nargs="+", default=[3], help="class id(s) to forget")
+    p.add_argument("--num-clients", type=int, default=2)
+    p.add_argument("--forget-classes", type=int, nargs="+", default=[3], help="class id(s) to forget")
     p.add_argument("--pretrain-rounds", type=int, default=3)
     p.add_argument("--pretrain-epochs", type=int, default=3)
     p.add_argument("--pretrain-lr", type=float, default=0.05)
-    p.add_argument("--ratio", type=float, default=0.3, help="fraction of conv channels pruned per forgotten class")
-    p.add_argument("--rounds", type=int, default=3, help="fine-tuning rounds after pruning")
+    p.add_argument(
+        "--prune-ratio", type=float, default=0.3, help="fraction of conv channels pruned per forgotten class"
+    )
+    p.add_argument("--num-rounds", type=int, default=3, help="fine-tuning rounds after pruning")
     p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
     p.add_argument("--initial-ckpt", help="unlearn this trained model (e.g. FL_global_model.pt) instead of pretraining")
     p.add_argument("--export-jobs", help="export both jobs into this folder instead of running them")
@@ -59,10 +61,10 @@ def pretrain_recipe(a):
         name="own_model_pretrain",
         model=build_net,  # the factory itself: recorded as its import path, "my_net:build_net"
         num_classes=NUM_CLASSES,
-        n_clients=a.sites,
+        num_clients=a.num_clients,
         num_rounds=a.pretrain_rounds,
         train_script=TRAIN_SCRIPT,
-        train_args=f"--n_sites {a.sites} --epochs {a.pretrain_epochs} --lr {a.pretrain_lr}",
+        train_args=f"--n_sites {a.num_clients} --epochs {a.pretrain_epochs} --lr {a.pretrain_lr}",
     )
 
 
@@ -75,12 +77,12 @@ def unlearning_recipe(a, initial_ckpt: str, check_ckpt: bool = True):
         num_classes=NUM_CLASSES,
         initial_ckpt=initial_ckpt,
         check_ckpt=check_ckpt,
-        forget_classes=a.forget,
-        prune_ratio=a.ratio,
-        num_rounds=a.rounds,
-        n_clients=a.sites,
+        forget_classes=a.forget_classes,
+        prune_ratio=a.prune_ratio,
+        num_rounds=a.num_rounds,
+        num_clients=a.num_clients,
         train_script=TRAIN_SCRIPT,
-        train_args=f"--n_sites {a.sites} --epochs 1 --lr {a.lr}",
+        train_args=f"--n_sites {a.num_clients} --epochs 1 --lr {a.lr}",
     )
 
 
@@ -102,18 +104,22 @@ def main(argv=None) -> int:
     from nvflare_unlearn.fl import quiet_log_config, read_job_result
 
     env = SimEnv(
-        num_clients=a.sites, num_threads=a.sites, workspace_root=a.workspace,
+        num_clients=a.num_clients,
+        num_threads=a.num_clients,
+        workspace_root=a.workspace,
         log_config=quiet_log_config(a.workspace),
-    )  # fmt: skip
-    summary: dict = {"forget_classes": a.forget, "ratio": a.ratio}
+    )
+    summary: dict = {"forget_classes": a.forget_classes, "ratio": a.prune_ratio}
     ckpt = a.initial_ckpt
     if ckpt is None:
         started = time.time()
         trained = read_job_result(pretrain_recipe(a).execute(env).get_result())
         ckpt = trained.model_path
         summary["pretrain"] = {"acc": trained.metrics["final"]["acc"], "seconds": round(time.time() - started, 1)}
-        print(f"pretrained {a.pretrain_rounds} rounds: accuracy {trained.metrics['final']['acc']:.3f} "
-              f"({summary['pretrain']['seconds']} s) -> {ckpt}")  # fmt: skip
+        print(
+            f"pretrained {a.pretrain_rounds} rounds: accuracy {trained.metrics['final']['acc']:.3f} "
+            f"({summary['pretrain']['seconds']} s) -> {ckpt}"
+        )
 
     started = time.time()
     result = read_job_result(unlearning_recipe(a, ckpt).execute(env).get_result())
@@ -123,11 +129,16 @@ def main(argv=None) -> int:
         original={"u_acc": orig["u_acc"], "r_acc": orig["r_acc"]},
         pruned={"u_acc": pruned["u_acc"], "r_acc": pruned["r_acc"]},
         unlearned={"u_acc": final["u_acc"], "r_acc": final["r_acc"]},
-        params_before=m["params_before"], params_after=m["params_after"], rounds=m["rounds"],
-        seconds=round(time.time() - started, 1), model_path=result.model_path,
-    )  # fmt: skip
-    print(f"unlearned classes {a.forget} at ratio {a.ratio}, {m['rounds']} fine-tuning rounds "
-          f"({summary['seconds']} s)")  # fmt: skip
+        params_before=m["params_before"],
+        params_after=m["params_after"],
+        rounds=m["rounds"],
+        seconds=round(time.time() - started, 1),
+        model_path=result.model_path,
+    )
+    print(
+        f"unlearned classes {a.forget_classes} at ratio {a.prune_ratio}, {m['rounds']} fine-tuning rounds "
+        f"({summary['seconds']} s)"
+    )
     for stage, acc in (("original", orig), ("pruned", pruned), ("unlearned", final)):
         print(f"  {stage:>9}: U (forgotten) {acc['u_acc']:.3f}   R (retained) {acc['r_acc']:.3f}")
     print(f"  parameters: {m['params_before']:,} -> {m['params_after']:,}")

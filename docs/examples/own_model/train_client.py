@@ -19,14 +19,13 @@ import zlib
 
 import nvflare.client as flare
 import torch
+from my_data import NUM_CLASSES, load_site_data, without_classes
+from my_net import build_net
 from torch import nn
 from torch.utils.data import DataLoader
 
 from nvflare_unlearn import enforce_masks
 from nvflare_unlearn.fl import client_api as ua
-
-from my_data import NUM_CLASSES, load_site_data, without_classes
-from my_net import build_net
 
 
 def parse_args():

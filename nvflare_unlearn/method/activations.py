@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._validation import check_choice, check_num_classes
+from nvflare_unlearn._validation import check_choice, check_num_classes
+from nvflare_unlearn.options import HOOK_POINTS
 
-HOOK_POINTS = ("conv", "bn")
 _FORMAT = "nvflare_unlearn.class_activations"
 _FORMAT_VERSION = 1
 
@@ -131,11 +131,6 @@ def _check_internal_consistency(report: ClassActivationReport, allow_negative: b
             )
 
 
-def conv_channels(model: nn.Module) -> dict[str, int]:
-    """Output channels of every Conv2d by ``named_modules()`` name: the shapes a valid report must have."""
-    return {name: int(m.out_channels) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-
-
 def validate_report(
     report: ClassActivationReport | Mapping[str, Any],
     expected_channels: Mapping[str, int],
@@ -164,8 +159,12 @@ def validate_report(
         shape = np.shape(report.sums[name])
         if shape != (num_classes, int(c)):
             raise ValueError(f"layer {name!r}: expected sums of shape ({num_classes}, {c}), got {shape}")
-    report = ClassActivationReport(sums=report.sums, counts=counts.astype(np.int64), hook_point=report.hook_point,
-                                   layer_order=list(report.layer_order))
+    report = ClassActivationReport(
+        sums=report.sums,
+        counts=counts.astype(np.int64),
+        hook_point=report.hook_point,
+        layer_order=list(report.layer_order),
+    )
     _check_internal_consistency(report, allow_negative)
     return report
 
@@ -188,7 +187,9 @@ def merge_reports(reports: Sequence[ClassActivationReport]) -> ClassActivationRe
                 raise ValueError(f"report {i}, layer {name!r}: shape {r.sums[name].shape} != {first.sums[name].shape}")
     sums = {name: np.sum([r.sums[name] for r in reports], axis=0, dtype=np.float64) for name in first.layer_order}
     counts = np.sum([r.counts for r in reports], axis=0, dtype=np.int64)
-    return ClassActivationReport(sums=sums, counts=counts, hook_point=first.hook_point, layer_order=list(first.layer_order))
+    return ClassActivationReport(
+        sums=sums, counts=counts, hook_point=first.hook_point, layer_order=list(first.layer_order)
+    )
 
 
 def _split_batch(batch: Any) -> tuple[Any, Any]:
@@ -218,7 +219,8 @@ def collect_class_activations(
     """Stream ``loader`` through ``model`` and accumulate per-class sums of ReLU + global-average-pooled outputs.
 
     ``clip=B`` clips every image's pooled activation to ``[0, B]`` BEFORE it is summed: the per-image bound the
-    Gaussian noise of ``nvflare_unlearn.privacy`` is calibrated to (a sum cannot be clipped per image afterwards).
+    Gaussian noise of ``nvflare_unlearn.protect.privacy`` is calibrated to (a sum cannot be clipped per image
+    afterwards).
 
     ``hook_point="conv"`` (the paper's) hooks the raw Conv2d output; ``"bn"`` hooks the BatchNorm2d that directly
     consumes each conv (found at run time by tensor identity, not by name). Memory is O(layers x K x C),
@@ -263,6 +265,7 @@ def collect_class_activations(
                 accumulate(name, out)
             else:
                 pending[name] = out
+
         return hook
 
     def bn_hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:

@@ -12,15 +12,18 @@ weight decay, Adam) leave them at zero, and a forward pre-hook re-zeroes them if
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torch_pruning as tp
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .plan import PruningPlan, build_dependency_graph, conv_modules, group_members, resolve_example_inputs
+from nvflare_unlearn.method.graph import build_dependency_graph, conv_modules, group_members, resolve_example_inputs
+from nvflare_unlearn.method.plan import PruningPlan
+from nvflare_unlearn.options import PRUNE_MODES
 
-MODES = ("remove", "mask")
 MASK_ATTR = "_nvflare_unlearn_masks"  # on the root model: the plan (JSON) and every masked slice
 SLICES_ATTR = "_nvflare_unlearn_mask_slices"  # on each masked module: what its forward pre-hook re-zeroes
 
@@ -83,8 +86,6 @@ def _checked_group(dg: Any, model: nn.Module, plan: PruningPlan, key: str, idxs:
 
 
 def _prune_out_fn():
-    import torch_pruning as tp
-
     return tp.prune_conv_out_channels
 
 
@@ -103,8 +104,8 @@ def apply_pruning_plan(
     not match, a coupling that differs from the plan, or a plan that would empty a layer.
     """
     plan = _as_plan(plan)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if mode not in PRUNE_MODES:
+        raise ValueError(f"mode must be one of {list(PRUNE_MODES)}, got {mode!r}")
     done = _applied_steps(model, plan)
     if mode == "mask":
         if done != 0:
@@ -177,6 +178,7 @@ class _Slice:
 def _zero_grad_slice(sl: _Slice):
     def hook(grad: torch.Tensor) -> torch.Tensor | None:
         return grad.index_fill(sl.dim, sl.idx(grad.device), 0.0) if sl.active else None
+
     return hook
 
 
@@ -243,7 +245,9 @@ def _apply_masks(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tens
         for key, idxs in units.items():
             entries += _slices_of(dg, _checked_group(dg, model, plan, key, idxs), names)
     merged = _merge(entries)
-    setattr(model, MASK_ATTR, {"plan": plan.to_json(), "entries": [(m, p, d, sorted(i)) for (m, p, d), i in merged.items()]})
+    setattr(
+        model, MASK_ATTR, {"plan": plan.to_json(), "entries": [(m, p, d, sorted(i)) for (m, p, d), i in merged.items()]}
+    )
     modules = dict(model.named_modules())
     per_module: dict[str, list[_Slice]] = {}
     for (mname, pname, dim), idx in merged.items():
@@ -281,3 +285,31 @@ def masked_plan(model: nn.Module) -> PruningPlan | None:
     """The plan a model was masked with (mask mode), or None."""
     record = getattr(model, MASK_ATTR, None)
     return PruningPlan.from_json(record["plan"]) if record else None
+
+
+def plan_summary(
+    plan: PruningPlan | str, model: nn.Module, example_inputs: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """Channels pruned per layer, and params/FLOPs before and after, for ``model`` (pruned by ``plan`` or not).
+
+    ``model`` is not modified: the "after" figures come from a copy with the plan's remaining steps applied.
+    """
+    plan = _as_plan(plan)
+    x = resolve_example_inputs(model, example_inputs, plan)
+    after_model = apply_pruning_plan(copy.deepcopy(model), plan, mode="remove", example_inputs=x)
+    flops_after, params_after = tp.utils.count_ops_and_params(after_model, x)
+    pruned = plan.pruned_channels()
+    return {
+        "model_name": plan.model_name,
+        "forget_classes": plan.forget_classes,
+        "layers": {
+            n: {"original": plan.convs[n], "pruned": len(pruned[n]), "kept": plan.convs[n] - len(pruned[n])}
+            for n in pruned
+        },
+        "units_total": sum(plan.convs[k] for k in plan.group_keys),
+        "units_pruned": sum(len(v) for v in plan.pruned_units().values()),
+        "params_before": plan.original_params,
+        "params_after": int(params_after),
+        "flops_before": plan.original_flops,
+        "flops_after": int(flops_after),
+    }

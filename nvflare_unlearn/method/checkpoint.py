@@ -13,12 +13,13 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from ._validation import check_num_classes
-from .models.registry import INPUT_SHAPE_ATTR, MODEL_NAMES, build_model, check_model_name, is_import_path
-from .plan import PruningPlan, conv_modules
-from .prune import apply_pruning_plan, enforce_masks, masked_plan
+from nvflare_unlearn._validation import check_num_classes
+from nvflare_unlearn.method.graph import conv_modules
+from nvflare_unlearn.method.plan import PruningPlan
+from nvflare_unlearn.method.prune import apply_pruning_plan, enforce_masks, masked_plan
+from nvflare_unlearn.models.registry import INPUT_SHAPE_ATTR, MODEL_NAMES, build_model, check_model_name, is_import_path
 
-_FORMAT = "nvflare_unlearn.checkpoint"
+_FORMAT = "nvflare_unlearn.method.checkpoint"
 _VERSION = 1
 
 
@@ -121,11 +122,17 @@ def _read(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many types (UnpicklingError, IndexError, ...) on garbage
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ValueError(f"{path} is not a readable checkpoint (corrupt, truncated or not a torch file): {reason}") from None
+        raise ValueError(
+            f"{path} is not a readable checkpoint (corrupt, truncated or not a torch file): {reason}"
+        ) from None
 
 
 def _state_dict_of(obj: Any) -> dict[str, torch.Tensor] | None:
-    if isinstance(obj, Mapping) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+    if (
+        isinstance(obj, Mapping)
+        and obj
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    ):
         return dict(obj)
     return None
 
@@ -180,13 +187,19 @@ def load_checkpoint(
         first = str(exc).strip().splitlines()
         detail = "; ".join(line.strip() for line in first[1:4]) or first[0]
         raise ValueError(
-            f"{path}: the weights do not fit {name!r}" + (" pruned by the stored plan" if plan is not None else "")
+            f"{path}: the weights do not fit {name!r}"
+            + (" pruned by the stored plan" if plan is not None else "")
             + f" ({detail})"
         ) from None
     if mode == "mask":
         enforce_masks(model)
-    meta = {"model_name": name, "num_classes": int(k), "in_channels": getattr(model, INPUT_SHAPE_ATTR)[0],
-            "prune_mode": mode, "extra": extra}
+    meta = {
+        "model_name": name,
+        "num_classes": int(k),
+        "in_channels": getattr(model, INPUT_SHAPE_ATTR)[0],
+        "prune_mode": mode,
+        "extra": extra,
+    }
     return model, plan, meta
 
 

@@ -11,10 +11,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ._validation import check_choice, check_class_id, check_finite
-
-IDF_VARIANTS = ("paper", "reference")
-TF_NORMS = ("share", "width", "balance")
+from nvflare_unlearn._validation import check_choice, check_class_id, check_finite
+from nvflare_unlearn.options import IDF_VARIANTS, TF_NORMS
 
 # ``A[k, j] >= mean`` is decided with this relative slack so a row of equal values (whose float mean can land one
 # ulp above them) still counts every channel as "at least the mean", as exact arithmetic would.
@@ -99,9 +97,13 @@ def tfidf_scores(
     forget_class = check_class_id(forget_class, num_classes)
     if tf_norm == "balance":
         if not isinstance(coe, numbers.Real) or isinstance(coe, bool) or not np.isfinite(float(coe)) or coe <= 0:
-            raise ValueError(f"tf_norm='balance' needs a positive coe (the released code's balance constant), got {coe!r}")
+            raise ValueError(
+                f"tf_norm='balance' needs a positive coe (the released code's balance constant), got {coe!r}"
+            )
     elif coe is not None:
-        raise ValueError(f"coe is only used with tf_norm='balance' (got tf_norm={tf_norm!r}); drop coe or change tf_norm")
+        raise ValueError(
+            f"coe is only used with tf_norm='balance' (got tf_norm={tf_norm!r}); drop coe or change tf_norm"
+        )
 
     scores: dict[str, np.ndarray] = {}
     for name, a in means.items():

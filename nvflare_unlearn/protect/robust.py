@@ -1,7 +1,7 @@
 """Robust aggregation and screening of per-site class-activation reports.
 
 The server forms class means ``[K, C]`` per conv layer from the sites' reports and scores channels on them. With the
-exact count-weighted mean (``method="mean"``, the paper's aggregation), a single site can move any class mean
+exact count-weighted mean (``aggregation="mean"``, the paper's aggregation), a single site can move any class mean
 arbitrarily far: its sums are added unchecked. The robust methods here work coordinate-wise over the *sites' own
 class means*, so a minority of bad sites cannot drag a coordinate outside the range spanned by the honest sites.
 
@@ -29,10 +29,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from nvflare_unlearn._validation import check_num_classes
-from nvflare_unlearn.activations import ClassActivationReport, merge_reports, validate_report
-from nvflare_unlearn.privacy import check_clip_bound, validate_clip_bound
-
-METHODS = ("mean", "median", "trimmed_mean")
+from nvflare_unlearn.method.activations import ClassActivationReport, merge_reports, validate_report
+from nvflare_unlearn.options import AGGREGATIONS
+from nvflare_unlearn.protect.privacy import check_clip_bound, validate_clip_bound
 
 
 def _check_finite_reports(reports: Sequence[ClassActivationReport]) -> None:
@@ -63,7 +62,7 @@ def _trimmed_mean(values: np.ndarray, trim: float) -> np.ndarray:
 
 
 def aggregate_class_means(
-    reports: Sequence[ClassActivationReport], method: str = "mean", trim: float = 0.1
+    reports: Sequence[ClassActivationReport], aggregation: str = "mean", trim: float = 0.1
 ) -> dict[str, np.ndarray]:
     """Class means ``{layer: [K, C]}`` from per-site reports, exact (``"mean"``) or robust.
 
@@ -74,14 +73,14 @@ def aggregate_class_means(
     See the module docstring for the breakdown points. Non-finite or inconsistent reports raise ``ValueError``:
     screen them with :func:`screen_report` first.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown aggregation method {method!r}; choose one of {METHODS}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {list(AGGREGATIONS)}, got {aggregation!r}")
     if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0.0 <= float(trim) < 0.5:
         raise ValueError(f"trim must be a fraction in [0, 0.5) trimmed from each end; got {trim!r}")
     reports = list(reports)
     _check_finite_reports(reports)
     exact = merge_reports(reports).means()  # raises on mismatched layers, shapes, class counts, hook points
-    if method == "mean":
+    if aggregation == "mean":
         return exact
     counts = np.stack([np.asarray(r.counts, dtype=np.int64) for r in reports])  # [S, K]
     out: dict[str, np.ndarray] = {}
@@ -94,7 +93,7 @@ def aggregate_class_means(
             site_means = np.stack(
                 [np.asarray(reports[s].sums[name][cls], dtype=np.float64) / counts[s, cls] for s in sites]
             )  # [n_k, C]
-            if method == "median":
+            if aggregation == "median":
                 result[cls] = np.median(site_means, axis=0)
             else:
                 result[cls] = _trimmed_mean(site_means, float(trim))

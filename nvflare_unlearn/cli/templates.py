@@ -2,7 +2,7 @@
 
 Config-driven users submit these folders with ``nvflare job submit -j job_templates/<name>`` (after editing the
 ``args`` in ``app/config/*.json``); ``poc/run_poc.sh`` runs them in a local POC system. The folders are generated,
-never hand-edited: ``python -m nvflare_unlearn.templates job_templates`` rewrites them, and a test regenerates them
+never hand-edited: ``python -m nvflare_unlearn.cli.templates job_templates`` rewrites them, and a test regenerates them
 into a temporary folder and fails when the committed copies drifted from the recipes.
 """
 
@@ -18,29 +18,36 @@ from typing import Any, Callable
 #: pretraining job's result there; in production, edit ``initial_ckpt`` in the server config.
 TEMPLATE_CKPT = "/tmp/nvflare_unlearn/pretrained_model.pt"
 
-_DIGITS = dict(model="small_cnn", num_classes=10, in_channels=1, dataset="digits", n_clients=2)
+_DIGITS = dict(model="small_cnn", num_classes=10, in_channels=1, dataset="digits", num_clients=2)
 
 
 def _pretrain() -> Any:
-    from .fl import PretrainRecipe
+    from nvflare_unlearn.fl import PretrainRecipe
 
     return PretrainRecipe(name="pretrain_digits", num_rounds=5, lr=0.05, **_DIGITS)
 
 
 def _unlearn(mode: str) -> Callable[[], Any]:
     def build() -> Any:
-        from .fl import UnlearningRecipe
+        from nvflare_unlearn.fl import UnlearningRecipe
 
         return UnlearningRecipe(
-            name=f"unlearn_digits{'_mask' if mode == 'mask' else ''}", initial_ckpt=TEMPLATE_CKPT, check_ckpt=False,
-            forget_classes=[3], prune_ratio=0.3, num_rounds=3, lr=0.01, prune_mode=mode, **_DIGITS,
-        )  # fmt: skip
+            name=f"unlearn_digits{'_mask' if mode == 'mask' else ''}",
+            initial_ckpt=TEMPLATE_CKPT,
+            check_ckpt=False,
+            forget_classes=[3],
+            prune_ratio=0.3,
+            num_rounds=3,
+            lr=0.01,
+            prune_mode=mode,
+            **_DIGITS,
+        )
 
     return build
 
 
 def _retrain() -> Any:
-    from .fl import RetrainRecipe
+    from nvflare_unlearn.fl import RetrainRecipe
 
     return RetrainRecipe(name="retrain_digits", forget_classes=[3], num_rounds=5, lr=0.05, **_DIGITS)
 

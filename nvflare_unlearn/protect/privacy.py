@@ -38,10 +38,12 @@ from typing import Callable
 
 import numpy as np
 
-from nvflare_unlearn.activations import ClassActivationReport
+from nvflare_unlearn.method.activations import ClassActivationReport
 
 
-def _copy_report(report: ClassActivationReport, sums: dict[str, np.ndarray], counts: np.ndarray) -> ClassActivationReport:
+def _copy_report(
+    report: ClassActivationReport, sums: dict[str, np.ndarray], counts: np.ndarray
+) -> ClassActivationReport:
     return ClassActivationReport(
         sums=sums, counts=counts, hook_point=report.hook_point, layer_order=list(report.layer_order)
     )
@@ -124,7 +126,7 @@ def total_channels(report: ClassActivationReport) -> int:
 
 
 def sensitivity(num_channels: int, clip_bound: float, noise_counts: bool = False) -> float:
-    """L2 sensitivity of one upload to adding/removing one image: ``B*sqrt(C_total)``, ``+1`` inside if counts noised."""
+    """L2 sensitivity of one upload to adding/removing one image: ``B*sqrt(C_total)`` (``+1`` inside: noised counts)."""
     if isinstance(num_channels, bool) or not isinstance(num_channels, (int, np.integer)) or num_channels < 1:
         raise ValueError(f"num_channels must be a positive integer; got {num_channels!r}")
     bound = validate_clip_bound(clip_bound)
@@ -220,14 +222,17 @@ def gaussian_noise(
 
     Requires the report's activations to have been clipped per image to ``[0, clip_bound]`` (checked as far as a
     report allows, see :func:`check_clip_bound`). Noise ``N(0, sigma^2)`` is added to every entry of every class row
-    of every layer, with sigma from :func:`gaussian_sigma` at sensitivity :func:`sensitivity`. Counts are public unless ``noise_counts``.
+    of every layer, with sigma from :func:`gaussian_sigma` at sensitivity :func:`sensitivity`. Counts are public
+    unless ``noise_counts``.
     Post-processing, which keeps the guarantee: noised counts are rounded and clipped at 0, and noised sums are
     clipped to ``[0, clip_bound * count]`` so the result is still a valid report. Apply :func:`apply_min_count`
     before this call when counts are public, after it when counts are noised (so the policy sees only noised counts).
     """
     _require_report(report)
     if not isinstance(rng, np.random.Generator):
-        raise ValueError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)); got {type(rng).__name__}")
+        raise ValueError(
+            f"rng must be a numpy.random.Generator (np.random.default_rng(seed)); got {type(rng).__name__}"
+        )
     bound = validate_clip_bound(clip_bound)
     check_clip_bound(report, bound)
     counts = np.asarray(report.counts, dtype=np.int64).copy()

@@ -21,6 +21,7 @@ the benchmark compares only what the prepare step does. Pure torch/numpy: nothin
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -32,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .activations import WIRE_SUMS_DTYPE
-from .fedsim import CostMeter, Federation, federated_activation_report
-from .plan import PruningPlan, build_pruning_plan
-from .prune import MASK_ATTR, apply_pruning_plan
-from .tfidf import tfidf_scores
+from nvflare_unlearn.evaluation.fedsim import CostMeter, Federation, federated_activation_report
+from nvflare_unlearn.method.activations import WIRE_SUMS_DTYPE
+from nvflare_unlearn.method.plan import PruningPlan
+from nvflare_unlearn.method.prune import MASK_ATTR, apply_pruning_plan
+from nvflare_unlearn.method.unlearning import unlearning_step
+from nvflare_unlearn.options import PlanOptions, ScoringOptions
 
 __all__ = [
     "METHODS",
@@ -47,7 +49,6 @@ __all__ = [
     "fisher_noise",
     "federated_pruning_plan",
     "reinitialise_channels",
-    "deep_layers",
     "prepare_method",
     "PreparedModel",
 ]
@@ -188,37 +189,14 @@ def fisher_noise(
 # ------------------------------------------------------------------------------------------------ pruning
 @dataclass
 class PruneOptions:
-    """Every knob of the paper's method the benchmark sweeps."""
+    """The paper's method as the benchmark runs it: the job's option groups, plus the images behind the statistics."""
 
-    ratio: float = 0.05
-    scope: str = "global"
-    tf_norm: str = "share"
-    idf: str = "paper"
-    direction: str = "highest"
-    hook_point: str = "conv"
-    images_per_site: int | None = None  # number of images behind the statistics, per participating site
-    coe: float | None = None
-    mode: str = "remove"
-    deep_fraction: float | None = None  # restrict to the deepest fraction of conv layers (prune_deep)
+    plan: PlanOptions = field(default_factory=PlanOptions)
+    scoring: ScoringOptions = field(default_factory=ScoringOptions)
+    images_per_site: int | None = None  # images behind the statistics, per participating site (None = all)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def deep_layers(model: nn.Module, fraction: float) -> list[str]:
-    """The last ``fraction`` of Conv2d layers in module order (at least one): the "deep" part of the network."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"deep_fraction must be in (0, 1], got {fraction}")
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    k = max(1, int(round(fraction * len(convs))))
-    return convs[-k:]
-
-
-def _restrict_scores(scores: dict[str, np.ndarray], keep: set[str], direction: str) -> dict[str, np.ndarray]:
-    """Push the scores of layers outside ``keep`` to the far end so the selection never picks them."""
-    finite = np.concatenate([v for v in scores.values()])
-    far = (float(finite.min()) - 1e6) if direction == "highest" else (float(finite.max()) + 1e6)
-    return {n: (v if n in keep else np.full_like(v, far)) for n, v in scores.items()}
+        return {"plan": self.plan.to_dict(), "scoring": self.scoring.to_dict(), "images_per_site": self.images_per_site}
 
 
 def federated_pruning_plan(
@@ -231,47 +209,48 @@ def federated_pruning_plan(
     meter: CostMeter | None = None,
     apply: bool = True,
 ) -> tuple[nn.Module, PruningPlan, list[dict[str, Any]]]:
-    """The paper's server procedure on federated statistics, one pass per forget class (plans composed).
+    """The paper's server procedure on federated statistics, one ``unlearning_step`` per forget class.
 
-    For each class: the sites' activation reports on the CURRENT model are merged, scored with TF-IDF and
-    turned into one plan step; with ``apply`` the step is applied (remove mode) before the next class, as in
-    the paper. Returns (model, composed plan, per-step info). ``model`` is modified in place when applying.
+    For each class: the sites' activation reports on the CURRENT model are merged, and the step is built from their
+    class means; with ``apply`` it is applied (in ``opts.plan.prune_mode``) before the next class, as in the paper.
+    Returns (model, composed plan, per-step info). ``model`` is modified in place when applying.
     """
     forget = _forget_list(forget_classes)
-    if opts.scope == "per_layer" and opts.deep_fraction is not None:
-        raise ValueError("deep_fraction restricts a global ranking; use scope='global' with it")
-    if opts.mode == "mask" and len(forget) > 1:
-        raise ValueError("mask mode supports one forget class per plan here; use mode='remove' for several")
     plan: PruningPlan | None = None
     info: list[dict[str, Any]] = []
     cur = model
     for c in forget:
-        report = federated_activation_report(cur, fed, sites, opts.hook_point, opts.images_per_site, seed=seed,
-                                             meter=meter)
-        if report.counts[c] == 0:
-            raise ValueError(f"no participating site holds forget class {c}: its channels cannot be scored "
-                             f"(class counts: {report.counts.tolist()}); sample more sites")
+        report = federated_activation_report(
+            cur, fed, sites, opts.scoring.hook_point, opts.images_per_site, seed=seed, meter=meter
+        )
         t0 = time.perf_counter()
-        scores = tfidf_scores(report, c, idf=opts.idf, tf_norm=opts.tf_norm, coe=opts.coe)
-        if opts.deep_fraction is not None:
-            scores = _restrict_scores(scores, set(deep_layers(cur, opts.deep_fraction)), opts.direction)
-        plan = build_pruning_plan(cur, scores, opts.ratio, scope=opts.scope, direction=opts.direction,
-                                  forget_class=c, base_plan=plan)
-        plan.steps[-1]["scoring"] = {"idf": opts.idf, "tf_norm": opts.tf_norm, "coe": opts.coe,
-                                     "hook_point": opts.hook_point, "federated_sites": [int(s) for s in sites],
-                                     "class_counts": report.counts.astype(int).tolist()}
-        if apply and opts.mode == "remove":
-            cur = apply_pruning_plan(cur, plan, mode="remove")
+        plan = unlearning_step(
+            cur,
+            report.means(),
+            c,
+            opts.scoring,
+            opts.plan,
+            plan,
+            class_counts=report.counts,
+            record={"federated_sites": [int(s) for s in sites]},
+        )
+        if apply:
+            cur = apply_pruning_plan(cur, plan, mode=opts.plan.prune_mode)
         if meter is not None:
             meter.add_time("scoring", time.perf_counter() - t0)
             meter.bytes_down += len(plan.to_json().encode()) * len(sites)
-        wire = int(sum(a.size for a in report.sums.values()) * np.dtype(WIRE_SUMS_DTYPE).itemsize
-                   + report.counts.nbytes)
-        info.append({"forget_class": c, "report_bytes_per_site": wire, "images": int(report.counts.sum()),
-                     "units": plan.steps[-1]["options"]["units"]})
+        wire = int(
+            sum(a.size for a in report.sums.values()) * np.dtype(WIRE_SUMS_DTYPE).itemsize + report.counts.nbytes
+        )
+        info.append(
+            {
+                "forget_class": c,
+                "report_bytes_per_site": wire,
+                "images": int(report.counts.sum()),
+                "units": plan.steps[-1]["options"]["units"],
+            }
+        )
     assert plan is not None
-    if apply and opts.mode == "mask":
-        cur = apply_pruning_plan(cur, plan, mode="mask")
     return cur, plan, info
 
 
@@ -284,8 +263,11 @@ def _bn_after_convs(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
         if isinstance(m, nn.Conv2d):
             handles.append(m.register_forward_hook(lambda _m, _i, o, n=n: outputs.__setitem__(id(o), n)))
         elif isinstance(m, nn.BatchNorm2d):
-            handles.append(m.register_forward_pre_hook(
-                lambda _m, i, n=n: found.__setitem__(outputs[id(i[0])], n) if id(i[0]) in outputs else None))
+            handles.append(
+                m.register_forward_pre_hook(
+                    lambda _m, i, n=n: found.__setitem__(outputs[id(i[0])], n) if id(i[0]) in outputs else None
+                )
+            )
     was_training = model.training
     model.eval()
     try:
@@ -306,7 +288,7 @@ def reinitialise_channels(model: nn.Module, plan: PruningPlan, seed: int = 0) ->
     from a mask-mode application of the plan). The model keeps its width, so fine-tuning can grow NEW features
     there, while what the old filters encoded about the forget class is gone.
     """
-    from .models import example_input
+    from nvflare_unlearn.models import example_input
 
     masked = apply_pruning_plan(copy.deepcopy(model), plan, mode="mask")
     entries = getattr(masked, MASK_ATTR)["entries"]
@@ -386,20 +368,23 @@ def prepare_method(
         t0 = time.perf_counter()
         fisher_noise(model, fisher, alpha=fisher_alpha, seed=seed)
         meter.add_time("prepare", time.perf_counter() - t0)
-        return PreparedModel(model, {"alpha": fisher_alpha, "fisher_mean": float(
-            torch.cat([v.flatten() for v in fisher.values()]).mean())})
+        return PreparedModel(
+            model,
+            {"alpha": fisher_alpha, "fisher_mean": float(torch.cat([v.flatten() for v in fisher.values()]).mean())},
+        )
     opts = copy.deepcopy(prune_opts) if prune_opts is not None else PruneOptions()
-    if method == "prune_deep" and opts.deep_fraction is None:
-        opts.deep_fraction = 1.0 / 3.0
+    if method == "prune_deep" and opts.plan.deep_fraction is None:
+        opts.plan = dataclasses.replace(opts.plan, deep_fraction=1.0 / 3.0)
     if method == "prune_reinit":
-        if opts.mode != "remove":
+        if opts.plan.prune_mode != "remove":
             raise ValueError("prune_reinit re-initialises instead of removing; leave mode='remove'")
         # Score on the unpruned model; every class's step chosen before anything changes (no removal between).
         plan = None
         info: list[dict[str, Any]] = []
         for c in forget:
-            _, step_plan, step_info = federated_pruning_plan(model, fed, participants, [c], opts, seed, meter,
-                                                             apply=False)
+            _, step_plan, step_info = federated_pruning_plan(
+                model, fed, participants, [c], opts, seed, meter, apply=False
+            )
             plan = step_plan if plan is None else _merge_unpruned(plan, step_plan)
             info += step_info
         t0 = time.perf_counter()
@@ -415,6 +400,12 @@ def _merge_unpruned(a: PruningPlan, b: PruningPlan) -> PruningPlan:
     taken = a.pruned_units()
     extra = {k: [i for i in v if i not in set(taken.get(k, []))] for k, v in b.steps[-1]["pruned"].items()}
     step = {**b.steps[-1], "pruned": {k: v for k, v in extra.items() if v}}
-    return PruningPlan(convs=dict(a.convs), groups=[list(g) for g in a.groups], steps=a.steps + [step],
-                       model_name=a.model_name, input_shape=a.input_shape, original_params=a.original_params,
-                       original_flops=a.original_flops)
+    return PruningPlan(
+        convs=dict(a.convs),
+        groups=[list(g) for g in a.groups],
+        steps=a.steps + [step],
+        model_name=a.model_name,
+        input_shape=a.input_shape,
+        original_params=a.original_params,
+        original_flops=a.original_flops,
+    )

@@ -26,9 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .activations import WIRE_SUMS_DTYPE, ClassActivationReport, collect_class_activations, merge_reports
-from .evaluation.data import TensorBatches
-from .metrics import train_epochs
+from nvflare_unlearn.evaluation.data import TensorBatches
+from nvflare_unlearn.evaluation.training import train_epochs
+from nvflare_unlearn.method.activations import (
+    WIRE_SUMS_DTYPE,
+    ClassActivationReport,
+    collect_class_activations,
+    merge_reports,
+)
 
 __all__ = [
     "FedConfig",
@@ -136,8 +141,9 @@ class Federation:
     def num_sites(self) -> int:
         return len(self.sites)
 
-    def site_indices(self, site: int, drop_classes: Iterable[int] = (), max_images: int | None = None,
-                     seed: int = 0) -> np.ndarray:
+    def site_indices(
+        self, site: int, drop_classes: Iterable[int] = (), max_images: int | None = None, seed: int = 0
+    ) -> np.ndarray:
         """A site's sample indices without `drop_classes` (sites filter forget classes themselves)."""
         idx = self.sites[site]
         drop = list(drop_classes)
@@ -147,8 +153,9 @@ class Federation:
             idx = np.sort(np.random.default_rng([seed, site]).choice(idx, size=max_images, replace=False))
         return idx
 
-    def site_tensors(self, site: int, drop_classes: Iterable[int] = (), max_images: int | None = None,
-                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def site_tensors(
+        self, site: int, drop_classes: Iterable[int] = (), max_images: int | None = None, seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(self.site_indices(site, drop_classes, max_images, seed), device=self.device)
         return self.x[idx], self.y[idx]
 
@@ -214,10 +221,19 @@ def run_fedavg(
             if xs.shape[0] == 0:
                 continue  # a site holding only forget classes has nothing to fine-tune on
             local.load_state_dict(global_state)
-            batches = TensorBatches(xs, ys, cfg.batch_size, shuffle=True,
-                                    seed=hash((cfg.seed, r, s)) & 0x7FFFFFFF, augment=cfg.augment)
-            train_epochs(local, batches, cfg.local_epochs, lr, momentum=cfg.momentum,
-                         weight_decay=cfg.weight_decay, after_step=after_step, precision=cfg.precision)
+            batches = TensorBatches(
+                xs, ys, cfg.batch_size, shuffle=True, seed=hash((cfg.seed, r, s)) & 0x7FFFFFFF, augment=cfg.augment
+            )
+            train_epochs(
+                local,
+                batches,
+                cfg.local_epochs,
+                lr,
+                momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay,
+                after_step=after_step,
+                precision=cfg.precision,
+            )
             states.append({k: v.detach().clone() for k, v in local.state_dict().items()})
             weights.append(float(xs.shape[0]))
             meter.bytes_up += nbytes
@@ -262,8 +278,9 @@ def federated_activation_report(
         xs, ys = fed.site_tensors(s, (), images_per_site, seed)
         if xs.shape[0] == 0:
             continue
-        local = collect_class_activations(model, TensorBatches(xs, ys, batch_size), fed.num_classes,
-                                          hook_point=hook_point, device=fed.device)
+        local = collect_class_activations(
+            model, TensorBatches(xs, ys, batch_size), fed.num_classes, hook_point=hook_point, device=fed.device
+        )
         # what the NVFlare executor sends: sums cast to the wire dtype, counts as int64
         wire = local.to_dict(sums_dtype=WIRE_SUMS_DTYPE)
         reports.append(ClassActivationReport.from_dict(wire))

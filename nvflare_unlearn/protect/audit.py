@@ -71,7 +71,7 @@ def plan_sha256(plan: Any) -> str:
 def _pruned_channels(plan: Any) -> dict[str, list[int]]:
     """``{layer: sorted original channel indices}`` from the plan's own ``pruned_channels()``."""
     if not hasattr(plan, "pruned_channels"):
-        from nvflare_unlearn.plan import PruningPlan
+        from nvflare_unlearn.method.plan import PruningPlan
 
         plan = PruningPlan.from_json(json.dumps(_plan_obj(plan)))
     return {str(k): sorted(int(i) for i in v) for k, v in plan.pruned_channels().items()}
@@ -303,8 +303,11 @@ def verify_record(
             bad.append(f"{name}: {why}")
 
     digest = record_digest(record)
-    check("record content digest", record.get("content_sha256") == digest,
-          f"the record was edited after it was written (stored {record.get('content_sha256')}, computed {digest})")
+    check(
+        "record content digest",
+        record.get("content_sha256") == digest,
+        f"the record was edited after it was written (stored {record.get('content_sha256')}, computed {digest})",
+    )
     actual = sha256_file(model)
     want = record["models"]["final"]["sha256"]
     why = f"{str(model)!r} has SHA-256 {actual}, the record's final model {want}"
@@ -313,7 +316,7 @@ def verify_record(
     check("final model SHA-256", actual == want, why)
 
     try:
-        from nvflare_unlearn.checkpoint import load_checkpoint
+        from nvflare_unlearn.method.checkpoint import load_checkpoint
 
         _, embedded, _ = load_checkpoint(model)
     except Exception as exc:  # any failure to load is a verification failure, reported, not raised
@@ -323,14 +326,23 @@ def verify_record(
             check("embedded plan SHA-256", False, "the checkpoint carries no pruning plan")
         else:
             got = plan_sha256(embedded)
-            check("embedded plan SHA-256", got == record["plan"]["sha256"],
-                  f"the checkpoint's plan hashes to {got}, the record's plan to {record['plan']['sha256']}")
+            check(
+                "embedded plan SHA-256",
+                got == record["plan"]["sha256"],
+                f"the checkpoint's plan hashes to {got}, the record's plan to {record['plan']['sha256']}",
+            )
             channels = _pruned_channels(embedded)
-            check("pruned channels", channels == record["plan"]["pruned_channels"],
-                  "the record's pruned channels per layer differ from the checkpoint's plan")
+            check(
+                "pruned channels",
+                channels == record["plan"]["pruned_channels"],
+                "the record's pruned channels per layer differ from the checkpoint's plan",
+            )
 
     if original_model_path is not None:
         orig = sha256_file(original_model_path)
-        check("original model unchanged", orig == record["models"]["original"]["sha256"],
-              f"{str(original_model_path)!r} has SHA-256 {orig}, recorded {record['models']['original']['sha256']}")
+        check(
+            "original model unchanged",
+            orig == record["models"]["original"]["sha256"],
+            f"{str(original_model_path)!r} has SHA-256 {orig}, recorded {record['models']['original']['sha256']}",
+        )
     return VerificationResult(ok=not bad, mismatches=bad, checks=checks)

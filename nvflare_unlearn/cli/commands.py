@@ -1,0 +1,275 @@
+"""The commands: each builds a recipe from the parsed flags, runs it where ``--env`` says, and writes into a NEW
+``--out`` folder (an existing non-empty one is refused, so no run overwrites another). Success is judged from the
+job's own result record, never from the simulator's exit code (it can exit 0 after a failed job)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+from nvflare_unlearn.cli.parser import TRAINING_GROUPS, UNLEARNING_GROUPS, option_values
+from nvflare_unlearn.cli.report import collect_unlearning_outputs, pct, print_report
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class CLIError(Exception):
+    """A problem the user can fix: printed as one line, exit code 2."""
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def new_out_dir(path: str) -> str:
+    """Create ``path`` for this run's outputs; refuse a non-empty folder so no earlier run is overwritten."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise CLIError(f"--out {path} already exists and is not empty: every run writes to a new folder")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def existing_file(path: str, what: str) -> str:
+    if not path or not os.path.isfile(path):
+        raise CLIError(f"{what} {path!r} does not exist")
+    return os.path.abspath(path)
+
+
+class _QuietNVFlare:
+    """Silence NVFlare's console logging (kept in the workspace's log files) unless --verbose."""
+
+    def __init__(self, verbose: bool):
+        self.verbose = verbose
+        self._saved: list[tuple[logging.Logger, int]] = []
+
+    def __enter__(self):
+        if not self.verbose:
+            for name in ("nvflare", "root", ""):
+                logger = logging.getLogger(name or None)
+                self._saved.append((logger, logger.level))
+                logger.setLevel(logging.ERROR)
+        return self
+
+    def __exit__(self, *exc):
+        for logger, level in self._saved:
+            logger.setLevel(level)
+
+
+def run_recipe(recipe: Any, args: argparse.Namespace, workspace: str, label: str):
+    """Execute a recipe in SimEnv (workspace under the run's folder) or PocEnv; return its checked JobResult."""
+    from nvflare_unlearn.fl import read_job_result
+
+    if args.env == "poc":
+        from nvflare.recipe import PocEnv
+
+        env = PocEnv(num_clients=recipe.num_clients)
+    else:
+        from nvflare.recipe import SimEnv
+
+        from nvflare_unlearn.fl.job_utils import quiet_log_config
+
+        env = SimEnv(
+            num_clients=recipe.num_clients,
+            num_threads=args.threads or recipe.num_clients,
+            workspace_root=workspace,
+            log_config=None if args.verbose else quiet_log_config(workspace, "ERROR"),
+        )
+    where = "POC" if args.env == "poc" else "simulated"
+    say(f"{label}: running job '{recipe.name}' on {recipe.num_clients} {where} site(s)")
+    started = time.time()
+    with _QuietNVFlare(args.verbose):
+        run = recipe.execute(env)
+        result_dir = run.get_result()
+    try:
+        result = read_job_result(result_dir)
+    except RuntimeError as e:
+        raise RuntimeError(f"{label} failed: {e}") from None
+    say(f"{label}: done in {time.time() - started:.0f} s ({result.rounds} round(s))")
+    return result
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict:
+    return dict(model=args.model, num_classes=args.num_classes, in_channels=args.in_channels)
+
+
+def _run_training_job(args: argparse.Namespace, recipe: Any, label: str) -> dict:
+    """Pretraining / retraining: run the FedAvg job, copy its model into ``--out``; returns the final metrics."""
+    out = new_out_dir(args.out)
+    result = run_recipe(recipe, args, os.path.join(out, "workspace"), label)
+    dst = os.path.join(out, "global_model.pt")
+    shutil.copy2(result.model_path, dst)
+    final = result.metrics.get("final", {})
+    say(
+        f"model: {dst} (federated test accuracy {pct(final.get('acc')).strip()}, "
+        f"U-set {pct(final.get('u_acc')).strip()}, R-set {pct(final.get('r_acc')).strip()})"
+    )
+    return final
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from nvflare_unlearn.fl import PretrainRecipe
+
+    recipe = PretrainRecipe(name=args.name or "pretrain", **_model_kwargs(args), **option_values(args, args.groups))
+    _run_training_job(args, recipe, "pretraining")
+    return EXIT_OK
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from nvflare_unlearn.fl import RetrainRecipe
+
+    recipe = RetrainRecipe(
+        name=args.name or "retrain",
+        forget_classes=args.forget_classes,
+        **_model_kwargs(args),
+        **option_values(args, args.groups),
+    )
+    _run_training_job(args, recipe, "retraining from scratch")
+    return EXIT_OK
+
+
+def _finish_unlearning(result, out: str) -> None:
+    report = collect_unlearning_outputs(result, out)
+    print_report(report)
+    say(
+        f"outputs: {out} (report.json, unlearned_model.pt, pruning_plan.json, unlearning_record.json, u_r_accuracy.png)"
+    )
+
+
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    from nvflare_unlearn.fl import UnlearningRecipe
+
+    ckpt = existing_file(args.ckpt, "--ckpt")
+    out = new_out_dir(args.out)
+    recipe = UnlearningRecipe(
+        name=args.name or "unlearn",
+        initial_ckpt=ckpt,
+        forget_classes=args.forget_classes,
+        **_model_kwargs(args),
+        **option_values(args, args.groups),
+    )
+    result = run_recipe(recipe, args, os.path.join(out, "workspace"), f"unlearning class(es) {args.forget_classes}")
+    _finish_unlearning(result, out)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Pretrain small_cnn on the built-in digits with FedAvg, forget one class, fine-tune, evaluate."""
+    from nvflare_unlearn.fl import PretrainRecipe, UnlearningRecipe
+
+    args.env = "sim"
+    out = new_out_dir(args.out)
+    workspace = os.path.join(out, "workspace")
+    base = dict(
+        model="small_cnn",
+        num_classes=10,
+        in_channels=1,
+        dataset="digits",
+        num_clients=args.num_clients,
+        seed=args.seed,
+        batch_size=32,
+    )
+    say(
+        f"demo: {args.num_clients} simulated NVFlare sites, sklearn digits (10 classes), model small_cnn; "
+        f"output in {out}"
+    )
+    pre = PretrainRecipe(name="demo_pretrain", num_rounds=args.pretrain_rounds, lr=0.05, **base)
+    pre_result = run_recipe(pre, args, workspace, "1/2 pretraining (FedAvg, all classes)")
+    ckpt = os.path.join(out, "pretrained_model.pt")
+    shutil.copy2(pre_result.model_path, ckpt)
+    unl = UnlearningRecipe(
+        name="demo_unlearn",
+        initial_ckpt=ckpt,
+        forget_classes=args.forget_classes,
+        prune_ratio=args.prune_ratio,
+        num_rounds=args.num_rounds,
+        lr=args.lr,
+        **base,
+    )
+    label = f"2/2 unlearning class {args.forget_classes} (activations, TF-IDF, prune, fine-tune)"
+    _finish_unlearning(run_recipe(unl, args, workspace, label), out)
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Centralized U/R evaluation of a checkpoint (ours, a state_dict, or NVFlare's FL_global_model.pt)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from nvflare_unlearn.data import load_dataset
+    from nvflare_unlearn.evaluation import class_correct_total, u_r_accuracy
+    from nvflare_unlearn.method.checkpoint import load_checkpoint
+
+    ckpt = existing_file(args.ckpt, "--ckpt")
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    model, plan, meta = load_checkpoint(ckpt, model_name=args.model, num_classes=args.num_classes)
+    num_classes = int(meta.get("num_classes") or args.num_classes)
+    data = load_dataset(args.dataset, root=args.data_root, split="test")
+    correct, total = class_correct_total(model, DataLoader(data, batch_size=256), num_classes)
+    forget = args.forget_classes or []
+    acc = u_r_accuracy(correct, total, forget)
+    result = dict(
+        checkpoint=ckpt,
+        dataset=args.dataset,
+        forget_classes=forget,
+        **acc,
+        params=sum(p.numel() for p in model.parameters()),
+        pruned_steps=len(plan.steps) if plan else 0,
+    )
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a runnable job folder (what ``python job.py --export`` writes) for ``nvflare job submit``."""
+    from nvflare_unlearn.fl import PretrainRecipe, RetrainRecipe, UnlearningRecipe
+
+    model = _model_kwargs(args)
+    if args.job == "pretrain":
+        recipe = PretrainRecipe(name=args.name or "pretrain", **model, **option_values(args, TRAINING_GROUPS))
+    elif args.job == "retrain":
+        recipe = RetrainRecipe(
+            name=args.name or "retrain",
+            forget_classes=args.forget_classes,
+            **model,
+            **option_values(args, TRAINING_GROUPS),
+        )
+    else:
+        ckpt = existing_file(args.ckpt, "--ckpt") if args.check_ckpt else args.ckpt
+        recipe = UnlearningRecipe(
+            name=args.name or "unlearn",
+            initial_ckpt=ckpt,
+            check_ckpt=args.check_ckpt,
+            forget_classes=args.forget_classes,
+            **model,
+            **option_values(args, UNLEARNING_GROUPS),
+        )
+    recipe.export(args.out)
+    say(f"exported job '{recipe.name}' to {os.path.abspath(args.out)}")
+    return EXIT_OK
+
+
+def cmd_verify_record(args: argparse.Namespace) -> int:
+    """Exit 0 when the model (and, with --original, the original checkpoint) match the record, 1 otherwise."""
+    from nvflare_unlearn.protect.audit import verify_record
+
+    original = existing_file(args.original, "--original") if args.original else None
+    result = verify_record(existing_file(args.record, "--record"), existing_file(args.model, "--model"), original)
+    print(result)
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+COMMANDS = {
+    "demo": cmd_demo,
+    "pretrain": cmd_pretrain,
+    "retrain": cmd_retrain,
+    "unlearn": cmd_unlearn,
+    "evaluate": cmd_evaluate,
+    "export": cmd_export,
+    "verify-record": cmd_verify_record,
+}

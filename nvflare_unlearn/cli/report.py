@@ -1,0 +1,95 @@
+"""What a person reads after an unlearning job: ``report.json``, the U/R-by-round plot, and the console table."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+from nvflare_unlearn.fl.defs import FINAL_MODEL_FILE, PLAN_FILE, PRUNED_MODEL_FILE, RECORD_FILE
+
+
+def _acc(entry: Optional[dict]) -> dict:
+    entry = entry or {}
+    return {k: entry.get(k) for k in ("u_acc", "r_acc", "acc", "class_acc")}
+
+
+def pct(v: Optional[float]) -> str:
+    return "  n/a " if v is None else f"{100 * v:5.1f}%"
+
+
+def build_report(metrics: dict) -> dict:
+    """``report.json`` from an unlearning job's metrics record: the stages a person compares, and the costs."""
+    return dict(
+        forget_classes=metrics.get("forget_classes"),
+        original=_acc(metrics.get("original")),
+        pruned=_acc(metrics.get("pruned")),
+        unlearned=_acc(metrics.get("unlearned")),
+        params_before=metrics.get("params_before"),
+        params_after=metrics.get("params_after"),
+        rounds=metrics.get("rounds"),
+        per_round=[dict(round=e.get("round"), **_acc(e)) for e in metrics.get("per_round", [])],
+        plan_summary=metrics.get("plan_summary"),
+        options=metrics.get("options"),
+        seconds=metrics.get("seconds"),
+    )
+
+
+def plot_u_r_by_round(report: dict, path: str, title: str = "") -> str:
+    """PNG: U-set (forgotten) and R-set (retained) accuracy, original model dashed, round 0 = just pruned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    rounds = [0] + [e["round"] for e in report["per_round"]]
+    u = [report["pruned"]["u_acc"]] + [e["u_acc"] for e in report["per_round"]]
+    r = [report["pruned"]["r_acc"]] + [e["r_acc"] for e in report["per_round"]]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(rounds, [100 * v for v in r], "o-", color="tab:blue", label="R-set (retained classes)")
+    ax.plot(rounds, [100 * v for v in u], "s-", color="tab:red", label="U-set (forgotten classes)")
+    ax.axhline(100 * report["original"]["r_acc"], ls="--", color="tab:blue", alpha=0.5, label="original R-set")
+    ax.axhline(100 * report["original"]["u_acc"], ls="--", color="tab:red", alpha=0.5, label="original U-set")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("fine-tuning round (0 = right after pruning)")
+    ax.set_ylabel("federated test accuracy (%)")
+    ax.set_ylim(-3, 103)
+    ax.set_title(title or f"forgetting class(es) {report['forget_classes']}")
+    ax.legend(fontsize=8, loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def print_report(report: dict) -> None:
+    print()
+    print(f"  forget classes: {report['forget_classes']}")
+    print(f"  {'stage':<10} {'U-set':>7} {'R-set':>7}")
+    for stage in ("original", "pruned", "unlearned"):
+        print(f"  {stage:<10} {pct(report[stage]['u_acc']):>7} {pct(report[stage]['r_acc']):>7}")
+    pb, pa = report["params_before"], report["params_after"]
+    if pb and pa:
+        print(f"  parameters: {pb:,} -> {pa:,} ({100 * (1 - pa / pb):.1f}% removed), rounds: {report['rounds']}")
+    print()
+
+
+def collect_unlearning_outputs(result, out: str) -> dict:
+    """Copy the job's models, plan, metrics and audit record into ``out`` and write report.json + the plot."""
+    for src, name in (
+        (result.model_path, FINAL_MODEL_FILE),
+        (result.pruned_model_path, PRUNED_MODEL_FILE),
+        (result.plan_path, PLAN_FILE),
+        (result.metrics_path, "job_metrics.json"),
+        (result.record_path, RECORD_FILE),
+    ):
+        if src:
+            shutil.copy2(src, os.path.join(out, name))
+    report = build_report(result.metrics)
+    report["job_result_dir"] = result.result_dir
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    plot_u_r_by_round(report, os.path.join(out, "u_r_accuracy.png"))
+    return report

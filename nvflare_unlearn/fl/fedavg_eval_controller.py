@@ -1,0 +1,364 @@
+"""Server side: FedAvg with federated per-class evaluation after every round (pretraining, retraining, and the
+fine-tuning phase of unlearning).
+
+A narrow ``BaseFedAvg`` subclass. What it adds to NVFlare's ``FedAvg``: the global model's meta (pruning plan,
+forget classes) is re-attached to every task, since NVFlare does not keep meta across rounds; a site that trained
+on nothing (weight 0) is left out of the average instead of counted with weight 1; every round ends with a
+federated evaluation (per-class correct/total summed over sites), whose U/R accuracy feeds NVFlare's ``stop_cond``
+and the job's metrics record (``unlearning_metrics.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from nvflare.apis.analytix import AnalyticsDataType
+from nvflare.apis.fl_constant import FLMetaKey
+from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.utils.math_utils import parse_compare_criteria
+from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
+from nvflare.security.logging import secure_format_exception
+
+from nvflare_unlearn._validation import check_num_classes, normalize_forget_classes
+from nvflare_unlearn.fl.defs import (
+    META_FORGET,
+    META_MODEL_NAME,
+    META_NUM_CLASSES,
+    META_PLAN,
+    META_PRUNE_MODE,
+    METRIC_CORRECT,
+    METRIC_TOTAL,
+    METRICS_FILE,
+    TASK_TRAIN,
+    TASK_VALIDATE,
+)
+from nvflare_unlearn.fl.model_state import count_params, load_numpy_state, rebuild_model
+from nvflare_unlearn.options import PRUNE_MODES, FederationOptions, fold_legacy
+
+
+def site_weight(result: FLModel) -> float:
+    """A site's FedAvg weight (its ``NUM_STEPS_CURRENT_ROUND``); unusable values count as 1."""
+    value = (result.meta or {}).get(FLMetaKey.NUM_STEPS_CURRENT_ROUND)
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        return 1.0
+    return weight if np.isfinite(weight) and weight >= 0 else 1.0
+
+
+def site_name(result: FLModel) -> str:
+    return str((result.meta or {}).get("client_name", AppConstants.CLIENT_UNKNOWN))
+
+
+def jsonable(obj: Any) -> Any:
+    """Numpy scalars/arrays -> plain Python, so metrics always serialise."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+class FedAvgEvalController(BaseFedAvg):
+    """FedAvg with federated per-class evaluation after every round; the base of the unlearning workflow."""
+
+    def __init__(
+        self,
+        model_name: str,
+        num_classes: int,
+        forget_classes: Optional[Sequence[int]] = None,
+        federation: Optional[dict] = None,
+        prune_mode: str = "remove",
+        in_channels: Optional[int] = None,
+        test_dataset: Optional[str] = None,
+        test_data_root: Optional[str] = None,
+        persistor_id: str = "persistor",
+        job_kind: str = "train",
+        **legacy: Any,
+    ):
+        """
+        Args:
+            model_name / num_classes / in_channels: the architecture of the global model (registry name or import
+                path, see ``nvflare_unlearn.build_model``).
+            forget_classes: the U set of the evaluation (for unlearning and retraining also dropped from training).
+            federation: ``FederationOptions`` as a dict (rounds, quorum, timeouts, ``stop_cond``).
+            prune_mode: how the plan in the model's meta is replayed when the server rebuilds the model.
+            test_dataset / test_data_root: optional server-side test set ("digits", "cifar10", ...) evaluated
+                centrally at every stage, next to the federated evaluation (simulator and benchmark runs).
+            job_kind: label written into the metrics record ("pretrain", "retrain", "unlearn").
+            legacy: the flat federation keywords of version 0.1 (``num_rounds=...``), accepted with a FutureWarning.
+        """
+        if legacy:
+            federation = fold_legacy({"federation": federation}, legacy, (FederationOptions,), type(self).__name__)[
+                "federation"
+            ]
+        fed = FederationOptions.from_dict(federation)
+        super().__init__(num_rounds=fed.num_rounds, persistor_id=persistor_id)
+        if prune_mode not in PRUNE_MODES:
+            raise ValueError(f"prune_mode must be one of {list(PRUNE_MODES)}, got {prune_mode!r}")
+        self.model_name = model_name
+        self.num_classes = check_num_classes(num_classes)
+        self.forget_classes = normalize_forget_classes(forget_classes, self.num_classes, required=False)
+        self.federation = fed.to_dict()
+        self.prune_mode = prune_mode
+        self.in_channels = in_channels
+        self.test_dataset = test_dataset
+        self.test_data_root = test_data_root
+        self.job_kind = job_kind
+
+        self._fed = fed
+        self._stop = parse_compare_criteria(fed.stop_cond) if fed.stop_cond else None
+        self._record: dict[str, Any] = {}
+        self._test_loader = None
+        self._no_result: list[str] = []  # sites of the last task that returned nothing usable
+        self._tasks_sent = 0
+
+    # ------------------------------------------------------------------ plumbing
+    def task_meta(self) -> dict:
+        """What every task tells the sites besides the weights (rebuilt for each task: meta does not persist)."""
+        return {
+            META_PRUNE_MODE: self.prune_mode,
+            META_FORGET: list(self.forget_classes),
+            META_MODEL_NAME: self.model_name,
+            META_NUM_CLASSES: self.num_classes,
+        }
+
+    def global_model(self, params: dict, plan_json: Optional[str], current_round: Optional[int] = None) -> FLModel:
+        """The FLModel every task carries: weights + the plan + ``task_meta``."""
+        meta = self.task_meta()
+        if plan_json:
+            meta[META_PLAN] = plan_json
+        return FLModel(
+            params_type=ParamsType.FULL,
+            params=params,
+            current_round=current_round,
+            total_rounds=self.num_rounds,
+            meta=meta,
+        )
+
+    def send_to_sites(self, task_name: str, model: FLModel) -> list[FLModel]:
+        """Broadcast a task to all sites; at least ``min_clients`` results or a clear error."""
+        min_clients = self._fed.min_clients
+        clients = self.sample_clients()
+        if len(clients) < min_clients:
+            raise RuntimeError(f"only {len(clients)} site(s) connected, the job needs min_clients={min_clients}")
+        results = self.broadcast_model(
+            task_name=task_name,
+            data=model,
+            targets=clients,
+            min_responses=min_clients,
+            # The first task also waits for the sites to start (the simulator needs ~10 s for 4 sites), so
+            # task_timeout would cut off healthy sites: it is bounded by min_clients + the straggler wait instead.
+            timeout=self._fed.task_timeout if self._tasks_sent else 0,
+            wait_time_after_min_received=self._fed.wait_time_after_min_received,
+        )
+        self._tasks_sent += 1
+        results = sorted(results, key=site_name)  # arrival order must not change sums (reproducible plans)
+        answered = {site_name(r) for r in results}
+        self._no_result = sorted(str(c) for c in clients if str(c) not in answered)
+        if self._no_result:
+            self.warning(
+                f"task {task_name!r}: no result from {self._no_result} (error, timeout or disconnect; see their logs); "
+                f"going on with {sorted(answered)}"
+            )
+        if len(results) < min_clients:
+            raise RuntimeError(
+                f"task {task_name!r}: {len(results)} of {len(clients)} site(s) returned a result, "
+                f"min_clients={min_clients}; see the site logs for their errors"
+            )
+        return results
+
+    def track(self, tag: str, value: Optional[float], step: int) -> None:
+        """Log one scalar through NVFlare experiment tracking (a receiver on the server writes it)."""
+        if value is None:
+            return
+        dxo = create_analytic_dxo(tag=tag, value=float(value), data_type=AnalyticsDataType.SCALAR, global_step=step)
+        send_analytic_dxo(self, dxo, self.fl_ctx)
+
+    def _server_test_loader(self):
+        if self.test_dataset is None:
+            return None
+        if self._test_loader is None:
+            from torch.utils.data import DataLoader
+
+            from nvflare_unlearn.data import load_dataset
+
+            data = load_dataset(self.test_dataset, root=self.test_data_root, split="test")
+            self._test_loader = DataLoader(data, batch_size=256, shuffle=False)
+        return self._test_loader
+
+    def to_torch(self, model: FLModel):
+        """The global model as a torch module (architecture from the name + the plan in its meta)."""
+        net = rebuild_model(
+            self.model_name, self.num_classes, (model.meta or {}).get(META_PLAN), self.prune_mode, self.in_channels
+        )
+        return load_numpy_state(net, model.params)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, model: FLModel, stage: str, step: int) -> dict:
+        """Federated evaluation: sum the sites' per-class correct/total, derive U/R and class-wise accuracy."""
+        from nvflare_unlearn.evaluation import class_correct_total, u_r_accuracy
+
+        results = self.send_to_sites(TASK_VALIDATE, model)
+        correct = np.zeros(self.num_classes, dtype=np.int64)
+        total = np.zeros(self.num_classes, dtype=np.int64)
+        sites = []
+        for r in results:
+            metrics = r.metrics or {}
+            c = np.asarray(metrics.get(METRIC_CORRECT, []), dtype=np.int64)
+            t = np.asarray(metrics.get(METRIC_TOTAL, []), dtype=np.int64)
+            if c.shape != (self.num_classes,) or t.shape != (self.num_classes,) or np.any(c < 0) or np.any(c > t):
+                self.warning(f"{stage}: ignoring malformed evaluation counts from {site_name(r)}")
+                continue
+            correct += c
+            total += t
+            sites.append(site_name(r))
+        if len(sites) < self._fed.min_clients:
+            raise RuntimeError(
+                f"{stage}: only {len(sites)} valid evaluation result(s), min_clients={self._fed.min_clients}"
+            )
+        entry = dict(u_r_accuracy(correct, total, self.forget_classes))
+        entry.update(
+            acc=float(correct.sum() / max(total.sum(), 1)), correct=correct.tolist(), total=total.tolist(), sites=sites
+        )
+        loader = self._server_test_loader()
+        if loader is not None:
+            c, t = class_correct_total(self.to_torch(model), loader, self.num_classes)
+            entry["server"] = dict(u_r_accuracy(c, t, self.forget_classes))
+            entry["server"].update(acc=float(c.sum() / max(t.sum(), 1)), correct=c.tolist(), total=t.tolist())
+        self.info(
+            f"[{stage}] federated accuracy: U={_fmt(entry.get('u_acc'))} R={_fmt(entry.get('r_acc'))} "
+            f"all={_fmt(entry['acc'])} ({int(total.sum())} samples, {len(sites)} site(s))"
+        )
+        group = "original" if stage == "original" else "accuracy"  # step 0 of "accuracy" = the pruned model
+        for key in ("u_acc", "r_acc", "acc"):
+            self.track(f"{group}/{key}", entry.get(key), step)
+        return jsonable(entry)
+
+    def should_stop_rounds(self, last_eval: Optional[dict]) -> bool:
+        """NVFlare's ``stop_cond`` semantics ("<metric> <op> <value>") on the latest federated evaluation."""
+        if self._stop is None or not last_eval:
+            return False
+        key, target, op_fn = self._stop
+        value = last_eval.get(key)
+        if value is not None and op_fn(value, target):
+            self.info(f"{self._fed.stop_cond} holds ({key}={value:.4f}): stopping")
+            return True
+        return False
+
+    # ------------------------------------------------------------------ FedAvg
+    def _fedavg(self, results: list[FLModel]) -> FLModel:
+        """Sample-weighted average of the sites' weights, leaving out sites that trained on nothing (weight 0)."""
+        helper = WeightedAggregationHelper()
+        used = []
+        for r in results:
+            w = site_weight(r)
+            if w > 0:
+                helper.add(data=r.params, weight=w, contributor_name=site_name(r), contribution_round=r.current_round)
+                used.append(site_name(r))
+        if not used:
+            raise RuntimeError("no site had retained-class data to train on this round")
+        return FLModel(params_type=ParamsType.FULL, params=helper.get_result(), meta={"nr_aggregated": len(used)})
+
+    def run_rounds(
+        self, model: FLModel, stage: str = "train", first_step: int = 1, last_eval: Optional[dict] = None
+    ) -> tuple[FLModel, list[dict]]:
+        """FedAvg rounds on the retained classes, evaluating and persisting after each; returns (model, history).
+
+        ``last_eval``: the evaluation of ``model`` as it comes in, so ``stop_cond`` can end the phase before round 1.
+        """
+        plan_json = (model.meta or {}).get(META_PLAN)
+        history: list[dict] = []
+        self.fl_ctx.set_prop(AppConstants.NUM_ROUNDS, self.num_rounds, private=True, sticky=False)
+        for current_round in range(self.start_round, self.start_round + self.num_rounds):
+            self.current_round = current_round  # BaseFedAvg's attribute: components read it
+            if self.should_stop_rounds(history[-1] if history else last_eval):
+                break
+            if self.abort_signal.triggered:
+                raise RuntimeError("job aborted")
+            step = first_step + self.current_round - self.start_round
+            self.info(f"{stage} round {self.current_round + 1}/{self.num_rounds}")
+            model = self.global_model(model.params, plan_json, self.current_round)
+            results = self.send_to_sites(TASK_TRAIN, model)
+            no_result = list(self._no_result)  # crashed or timed-out sites: the round goes on without them
+            if not any(site_weight(r) > 0 for r in results):
+                raise RuntimeError(
+                    f"round {self.current_round + 1}: no site had retained-class data to train on "
+                    f"(sites: {[site_name(r) for r in results]})"
+                )
+            aggr = self.aggregate(results, aggregate_fn=self._fedavg)
+            model = self.update_model(model, aggr)
+            model = self.global_model(model.params, plan_json, self.current_round)  # re-attach the plan
+            self.save_model(model)
+            entry = self.evaluate(model, f"{stage} round {self.current_round + 1}", step)
+            entry.update(
+                round=self.current_round + 1,
+                n_trained=int(aggr.meta.get("nr_aggregated", 0)),
+                trained_sites=sorted(site_name(r) for r in results if site_weight(r) > 0),
+                no_result=no_result,
+            )
+            history.append(entry)
+        return model, history
+
+    # ------------------------------------------------------------------ outputs
+    def write_metrics(self, status: str, error: Optional[str] = None) -> str:
+        """``unlearning_metrics.json`` in the server's run directory (atomically: a reader never sees half)."""
+        record = dict(self._record)
+        record.update(status=status, job_kind=self.job_kind, finished_at=time.time())
+        if error:
+            record["error"] = error
+        path = os.path.join(self.get_run_dir(), METRICS_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(jsonable(record), f, indent=2)
+        os.replace(tmp, path)
+        self.info(f"metrics written to {path} (status={status})")
+        return path
+
+    def run(self) -> None:
+        try:
+            self.run_workflow()
+        except Exception as e:
+            self.write_metrics("failed", error=secure_format_exception(e))
+            raise
+
+    def run_workflow(self) -> None:
+        """Pretraining / retraining: evaluate the starting model, FedAvg rounds, evaluate, write the record."""
+        from nvflare_unlearn.models import build_model
+
+        model = self.load_model()
+        if model is None or not model.params:
+            raise RuntimeError("the persistor returned no model")
+        model = self.global_model(model.params, (model.meta or {}).get(META_PLAN))
+        net = self.to_torch(model)
+        self._record.update(
+            model_name=self.model_name,
+            num_classes=self.num_classes,
+            forget_classes=self.forget_classes,
+            federation=self.federation,
+            started_at=time.time(),
+            params=count_params(net),
+            params_full=count_params(build_model(self.model_name, self.num_classes, self.in_channels)),
+        )
+        self._record["initial"] = self.evaluate(model, "initial", 0)
+        model, history = self.run_rounds(model, stage="train", first_step=1)
+        self._record["per_round"] = history
+        self._record["rounds"] = len(history)
+        self._record["final"] = history[-1] if history else self._record["initial"]
+        self.save_model(model)
+        self.write_metrics("completed")

@@ -1,0 +1,290 @@
+"""Server side: federated class unlearning (Wang et al., WWW 2022, Sec. 4) as a multi-phase ``run()``.
+
+1. load the trained model (persistor) and evaluate it (federated ``validate``: per-class correct/total);
+2. for each forget class: broadcast ``class_activations`` with the current plan in meta, screen and aggregate the
+   reports (the ``ActivationAggregator`` component), then ``unlearning_step`` and apply the extended plan;
+3. persist the pruned model with its plan (new files; the original checkpoint is never touched), evaluate it;
+4. fine-tune with FedAvg on the retained classes (``FedAvgEvalController.run_rounds``; the plan rides in the meta
+   of EVERY round) for ``num_rounds`` rounds or until ``stop_cond`` holds, evaluating each round;
+5. write the final model, ``unlearning_metrics.json`` and the audit record into the server's run directory.
+
+All math is in ``nvflare_unlearn.method``; this file only moves data between it and the sites.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from nvflare.app_common.abstract.fl_model import FLModel
+
+from nvflare_unlearn._validation import normalize_forget_classes
+from nvflare_unlearn.fl.aggregator import ActivationAggregator
+from nvflare_unlearn.fl.defs import (
+    META_DP_SIGMA,
+    META_HOOK_POINT,
+    META_ORIGINAL_CKPT,
+    META_OUTPUT_FILE,
+    META_PLAN,
+    METRICS_FILE,
+    PLAN_FILE,
+    PRUNED_MODEL_FILE,
+    RECORD_FILE,
+    TASK_ACTIVATIONS,
+)
+from nvflare_unlearn.fl.fedavg_eval_controller import FedAvgEvalController, jsonable, site_name
+from nvflare_unlearn.fl.model_state import count_params, parse_plan, state_to_numpy
+from nvflare_unlearn.method.graph import conv_channels
+from nvflare_unlearn.options import FederationOptions, PlanOptions, PrivacyOptions, ScoringOptions, fold_legacy
+
+_GROUPS = (ScoringOptions, PlanOptions, PrivacyOptions, FederationOptions)
+
+
+class UnlearningController(FedAvgEvalController):
+    """Federated class unlearning: activations -> TF-IDF -> pruning -> FedAvg fine-tune -> record."""
+
+    def __init__(
+        self,
+        model_name: str,
+        num_classes: int,
+        forget_classes: Sequence[int],
+        scoring: Optional[dict] = None,
+        plan: Optional[dict] = None,
+        privacy: Optional[dict] = None,
+        federation: Optional[dict] = None,
+        in_channels: Optional[int] = None,
+        test_dataset: Optional[str] = None,
+        test_data_root: Optional[str] = None,
+        persistor_id: str = "persistor",
+        aggregator_id: str = "activation_aggregator",
+        **legacy: Any,
+    ):
+        """
+        Args:
+            forget_classes: class ids to forget, one statistics + pruning pass each (the paper's multi-class rule).
+            scoring / plan / privacy / federation: the option groups as dicts (``nvflare_unlearn.options``).
+                ``privacy`` is what the sites were configured with; the audit record states it.
+            aggregator_id: the ``ActivationAggregator`` component that screens and combines the sites' reports.
+            legacy: version 0.1's flat keywords (``prune_ratio=...``), accepted with a FutureWarning.
+            Other arguments: see ``FedAvgEvalController``.
+        """
+        if legacy:
+            folded = fold_legacy(
+                dict(scoring=scoring, plan=plan, privacy=privacy, federation=federation),
+                legacy,
+                _GROUPS,
+                type(self).__name__,
+            )
+            scoring, plan, privacy, federation = (folded[g.GROUP] for g in _GROUPS)
+        plan_opts = PlanOptions.from_dict(plan)
+        super().__init__(
+            model_name=model_name,
+            num_classes=num_classes,
+            forget_classes=forget_classes,
+            federation=federation,
+            prune_mode=plan_opts.prune_mode,
+            in_channels=in_channels,
+            test_dataset=test_dataset,
+            test_data_root=test_data_root,
+            persistor_id=persistor_id,
+            job_kind="unlearn",
+        )
+        self.forget_classes = normalize_forget_classes(forget_classes, self.num_classes)
+        self.scoring = ScoringOptions.from_dict(scoring).to_dict()
+        self.plan = plan_opts.to_dict()
+        self.privacy = PrivacyOptions.from_dict(privacy).to_dict()
+        self.aggregator_id = aggregator_id
+        self._scoring = ScoringOptions.from_dict(self.scoring)
+        self._plan = plan_opts
+        self._privacy = PrivacyOptions.from_dict(self.privacy)
+
+    def task_meta(self) -> dict:
+        return {**super().task_meta(), META_HOOK_POINT: self._scoring.hook_point}
+
+    def _aggregator(self) -> ActivationAggregator:
+        agg = self.engine.get_component(self.aggregator_id)
+        if not isinstance(agg, ActivationAggregator):
+            raise RuntimeError(
+                f"component {self.aggregator_id!r} must be an ActivationAggregator, got {type(agg).__name__}: "
+                "add one to the server app (UnlearningRecipe does)"
+            )
+        return agg
+
+    def options(self) -> dict:
+        return {"scoring": self.scoring, "plan": self.plan, "privacy": self.privacy, "federation": self.federation}
+
+    def collect_means(self, model: FLModel, net, forget_class: int) -> tuple[dict, dict]:
+        """One activation round: broadcast, screen and aggregate the sites' reports into class means."""
+        aggregator = self._aggregator()
+        aggregator.set_expected_layers(conv_channels(net))
+        results = self.send_to_sites(TASK_ACTIVATIONS, model)
+        no_result = list(self._no_result)
+        sigmas = {site_name(r): (r.meta or {}).get(META_DP_SIGMA) for r in results}
+        for r in results:
+            aggregator.accept_model(r)
+        accepted = aggregator.accepted_sites
+        if len(accepted) < self._fed.min_clients:
+            raise RuntimeError(
+                f"class {forget_class}: {len(accepted)} valid activation report(s), "
+                f"min_clients={self._fed.min_clients}; rejected: {aggregator.rejected}, "
+                f"no result from: {no_result or 'none'}"
+            )
+        merged = aggregator.aggregate_model()
+        merged.meta["no_result"] = no_result
+        merged.meta["dp_sigma"] = {s: sigmas.get(s) for s in accepted}
+        if merged.meta["counts"][forget_class] == 0:
+            raise RuntimeError(
+                f"no site holds samples of class {forget_class}: its channels cannot be identified; "
+                "check the class id and the sites' data"
+            )
+        return merged.params, merged.meta
+
+    def run_workflow(self) -> None:
+        from nvflare_unlearn.method.checkpoint import save_checkpoint
+        from nvflare_unlearn.method.prune import apply_pruning_plan, plan_summary
+        from nvflare_unlearn.method.unlearning import unlearning_step
+        from nvflare_unlearn.protect.audit import sha256_file
+
+        started = time.time()
+        loaded = self.load_model()
+        if loaded is None or not loaded.params:
+            raise RuntimeError("the persistor returned no model to unlearn from")
+        loaded_meta = loaded.meta or {}
+        original = loaded_meta.get(META_ORIGINAL_CKPT) or {}
+        original_path = original.get("path")
+        if not original_path or not os.path.isfile(original_path):
+            raise RuntimeError(
+                "the audit record needs the original checkpoint: the persistor reported none (give initial_ckpt)"
+            )
+        original_sha = sha256_file(original_path)
+        plan_json = loaded_meta.get(META_PLAN)
+        model = self.global_model(loaded.params, plan_json)
+        net = self.to_torch(model)
+        self._record.update(
+            model_name=self.model_name,
+            num_classes=self.num_classes,
+            forget_classes=self.forget_classes,
+            options=self.options(),
+            started_at=started,
+            params_before=count_params(net),
+            original_model={"path": original_path, "sha256": original_sha},
+        )
+        self._record["original"] = self.evaluate(model, "original", 0)
+
+        # Phase 2: one statistics + pruning pass per forget class; the plan composes across classes.
+        plan = parse_plan(plan_json)
+        activation_rounds = []
+        for forget_class in self.forget_classes:
+            t0 = time.time()
+            channels = int(sum(conv_channels(net).values()))  # this pass's DP sensitivity depends on it
+            means, info = self.collect_means(model, net, forget_class)
+            if self._privacy.dp:
+                means = {k: np.maximum(v, 0.0) for k, v in means.items()}  # noisy means may dip below 0
+            plan = unlearning_step(
+                net,
+                means,
+                forget_class,
+                self._scoring,
+                self._plan,
+                plan,
+                class_counts=info["counts"],
+                model_name=self.model_name,
+                record={"sites": list(info["sites"])},
+            )
+            net = apply_pruning_plan(net, plan, mode=self.prune_mode)  # only the new step is applied
+            model = self.global_model(state_to_numpy(net), plan.to_json())
+            activation_rounds.append(
+                dict(
+                    forget_class=forget_class,
+                    sites=info["sites"],
+                    rejected=info["rejected"],
+                    counts=info["counts"],
+                    no_result=info["no_result"],
+                    channels=channels,
+                    site_counts=info["site_counts"],
+                    dp_sigma=info["dp_sigma"],
+                    params=count_params(net),
+                    seconds=round(time.time() - t0, 3),
+                )
+            )
+            self.info(f"class {forget_class}: pruned to {count_params(net)} parameters (sites {info['sites']})")
+        self._record["activation_rounds"] = activation_rounds
+        self._record["params_after"] = count_params(net)
+        self._record["plan_summary"] = plan_summary(plan, net)
+
+        # Phase 3: persist the pruned model and its plan (new files), evaluate it.
+        run_dir = self.get_run_dir()
+        with open(os.path.join(run_dir, PLAN_FILE), "w") as f:
+            f.write(plan.to_json())
+        save_checkpoint(
+            os.path.join(run_dir, PRUNED_MODEL_FILE),
+            net,
+            plan,
+            self.model_name,
+            self.num_classes,
+            extra={"prune_mode": self.prune_mode, "stage": "pruned", "forget_classes": self.forget_classes},
+        )
+        self._record["pruned"] = self.evaluate(model, "pruned", 0)
+
+        # Phase 4: FedAvg fine-tuning on the retained classes, plan attached every round.
+        model, history = self.run_rounds(model, stage="finetune", first_step=1, last_eval=self._record["pruned"])
+        self._record["per_round"] = history
+        self._record["rounds"] = len(history)
+        self._record["unlearned"] = history[-1] if history else self._record["pruned"]
+
+        # Phase 5: the final model (weights + plan) through the persistor, the audit record, then the metrics.
+        self.save_model(model)
+        if sha256_file(original_path) != original_sha:
+            raise RuntimeError(f"the original checkpoint {original_path} changed during the job")
+        final_path = os.path.join(run_dir, loaded_meta.get(META_OUTPUT_FILE) or "")
+        self._write_audit_record(original_path, final_path, plan, activation_rounds, started)
+        self._record["files"] = dict(
+            pruned_model=PRUNED_MODEL_FILE, plan=PLAN_FILE, metrics=METRICS_FILE, record=RECORD_FILE
+        )
+        self._record["seconds"] = round(time.time() - started, 3)
+        self.write_metrics("completed")
+
+    def _write_audit_record(self, original_path, final_path, plan, activation_rounds, started) -> str:
+        """``unlearning_record.json`` (``protect.audit.build_record``): what was asked, done and measured."""
+        from nvflare_unlearn.protect.audit import build_record, write_record
+        from nvflare_unlearn.protect.privacy import gaussian_sigma, sensitivity, split_budget
+
+        params: dict[str, Any] = self.options()
+        if self._privacy.dp:
+            eps, delta = split_budget(self._privacy.dp_epsilon, self._privacy.dp_delta, len(self.forget_classes))
+            params["dp_per_pass"] = {"epsilon": eps, "delta": delta, "passes": len(self.forget_classes)}
+            # sigma depends on the channels still present at each pass (the model shrinks pass by pass)
+            params["dp_sigma"] = [
+                gaussian_sigma(eps, delta, sensitivity(a["channels"], self._privacy.clip_bound))
+                for a in activation_rounds
+            ]
+        site_counts: dict[str, list[int]] = {}
+        rejected: dict[str, list[str]] = {}
+        for a in activation_rounds:
+            site_counts.update(a["site_counts"])
+            for site, why in a["rejected"].items():
+                rejected.setdefault(site, []).append(f"class {a['forget_class']}: {why}")
+            for site in a["no_result"]:
+                rejected.setdefault(site, []).append(
+                    f"class {a['forget_class']}: no result (the site failed or timed out, see its log)"
+                )
+        keys = ("u_acc", "r_acc", "acc", "mia")
+        record = build_record(
+            forget_classes=self.forget_classes,
+            num_classes=self.num_classes,
+            parameters=jsonable(params),
+            original_model_path=original_path,
+            final_model_path=final_path,
+            plan=plan,
+            site_counts=site_counts,
+            metrics_before={k: self._record["original"][k] for k in keys if k in self._record["original"]},
+            metrics_after={k: self._record["unlearned"][k] for k in keys if k in self._record["unlearned"]},
+            started_at=started,
+            finished_at=time.time(),
+            rejected_sites={s: "; ".join(v) for s, v in sorted(rejected.items())},
+        )
+        path = str(write_record(os.path.join(self.get_run_dir(), RECORD_FILE), record))
+        self.info(f"audit record written to {path} (plan sha256 {record['plan']['sha256'][:12]}...)")
+        return path
