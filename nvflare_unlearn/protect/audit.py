@@ -121,7 +121,7 @@ def _metrics(m: Mapping[str, Any] | None, which: str) -> dict[str, float | None]
 
 
 def _site_counts(site_counts: Mapping[str, Sequence[int]], num_classes: int | None) -> dict[str, list[int]]:
-    if not isinstance(site_counts, Mapping) or not site_counts:
+    if not isinstance(site_counts, Mapping):
         raise ValueError("site_counts must map each participating site's name to its per-class counts")
     out = {}
     for site, counts in site_counts.items():
@@ -169,13 +169,18 @@ def build_record(
     started_at: _dt.datetime | str | float,
     finished_at: _dt.datetime | str | float | None = None,
     rejected_sites: Mapping[str, str] | None = None,
+    verification: Mapping[str, Any] | None = None,
+    trained_sites: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The ``unlearning_record.json`` content for one request, with digests of both model files and the plan.
 
     ``parameters``: the request's settings (prune ratio, rounds, aggregation method, min_count, epsilon/delta, ...),
     stored as given (must be JSON). ``site_counts``: per-class counts each participating site reported, after
-    min-count. ``rejected_sites``: site -> reason for sites whose report was screened out. ``metrics_*``: ``u_acc``
-    and ``r_acc`` as fractions, ``mia`` when measured. Pruned channels per layer come from the plan itself.
+    min-count (empty for a method that collects no statistics). ``trained_sites``: the sites whose updates entered
+    the fine-tuning average. ``rejected_sites``: site -> reason for sites whose report was screened out.
+    ``metrics_*``: ``u_acc`` and ``r_acc`` as fractions, ``mia`` when measured. Pruned channels per layer come from
+    the plan itself.
+    ``verification``: the forgetting check the job ran at the sites (``evaluation.verification``), as plain JSON.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}")
@@ -214,6 +219,7 @@ def build_record(
         "sites": {
             "participating": _site_counts(site_counts, int(num_classes)),
             "rejected": {str(k): str(v) for k, v in (rejected_sites or {}).items()},
+            "trained": sorted(str(s) for s in (trained_sites or [])),
         },
         "metrics": {"before": _metrics(metrics_before, "before"), "after": _metrics(metrics_after, "after")},
         "timestamps": {
@@ -223,6 +229,11 @@ def build_record(
         },
         "versions": versions(),
     }
+    if verification is not None:
+        try:
+            record["verification"] = json.loads(_canonical(dict(verification)))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"verification must be plain JSON data: {exc}") from None
     record["content_sha256"] = record_digest(record)
     return record
 
