@@ -246,3 +246,56 @@ def test_a_model_with_nothing_prunable_says_why():
     assert analyse_structure(model, torch.randn(1, 3, 8, 8)).excluded == {
         "0": "they are channels of the model's output (e.g. the class scores)"
     }
+
+
+@pytest.mark.slow
+@pytest.mark.sim
+@pytest.mark.timeout(1500)
+def test_densenet121_by_import_path_unlearns_in_the_simulator(tmp_path):
+    """The issue's failing case end to end: torchvision's densenet121 (concatenation, then BatchNorm) given by import
+    path to the unlearning job; the server prunes it, the sites replay the plan every round, and the saved model
+    rebuilds from the import path + plan alone."""
+    from nvflare.recipe.sim_env import SimEnv
+
+    from nvflare_unlearn import load_checkpoint, save_checkpoint
+    from nvflare_unlearn.fl import UnlearningRecipe, quiet_log_config, read_job_result
+    from nvflare_unlearn.models import build_model
+
+    name = "arch_zoo:DigitsDenseNet"
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "densenet.pt", build_model(name, 10), None, name, 10)
+    recipe = UnlearningRecipe(
+        name="densenet_unlearn",
+        model=name,
+        num_classes=10,
+        initial_ckpt=str(ckpt),
+        forget_classes=[3],
+        prune_ratio=0.2,
+        num_rounds=1,
+        local_epochs=1,
+        lr=0.01,
+        num_clients=2,
+        dataset="digits",
+        train_subset=300,
+        max_activation_batches=4,
+    )
+    ws = tmp_path / "ws"
+    env = SimEnv(num_clients=2, num_threads=2, workspace_root=str(ws), log_config=quiet_log_config(str(ws)))
+    result = read_job_result(recipe.execute(env).get_result())
+    m = result.metrics
+    print(
+        f"densenet121 by import path: params {m['params_before']:,} -> {m['params_after']:,}, "
+        f"rounds {m['rounds']}, unlearned U {m['unlearned']['u_acc']:.3f} R {m['unlearned']['r_acc']:.3f}, "
+        f"excluded {m['plan_summary']['excluded']}"
+    )
+    assert m["rounds"] == 1 and m["params_after"] < m["params_before"]
+    assert m["plan_summary"]["forget_classes"] == [3] and m["plan_summary"]["excluded"] == {}
+    assert sorted(m["unlearned"]["sites"]) == ["site-1", "site-2"]
+    for site in ("server", "site-1", "site-2"):
+        assert list(ws.glob(f"densenet_unlearn/{site}/simulate_job/app_*/custom/arch_zoo.py")), site
+    model, plan, meta = load_checkpoint(result.model_path)
+    assert meta["model_name"] == name and plan.forget_classes == [3]
+    assert sum(p.numel() for p in model.parameters()) == m["params_after"]
+    norm = model.net.features.denseblock1.denselayer2.norm1  # BatchNorm over a concatenation, pruned to match
+    assert norm.num_features == model.net.features.denseblock1.denselayer2.conv1.in_channels
+    assert _forward(model.eval(), torch.rand(2, 1, 8, 8)).shape == (2, 10)
