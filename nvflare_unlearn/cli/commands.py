@@ -270,7 +270,7 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 
     summary = export_checkpoint(
         existing_file(args.ckpt, "--ckpt"),
-        args.out,
+        os.path.abspath(args.out),
         fmt=args.format,
         model_name=args.model,
         num_classes=args.num_classes,
