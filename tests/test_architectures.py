@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from core_helpers import randomize_bn
 
 from nvflare_unlearn.method.graph import analyse_structure, conv_channels
 from nvflare_unlearn.method.plan import PruningPlan
@@ -62,16 +63,7 @@ EXPECTED_EXCLUDED: dict[str, dict[str, str]] = {
 def _model(name: str, seed: int) -> nn.Module:
     """The zoo model with a seeded init and trained-like BatchNorm statistics (so every channel matters)."""
     torch.manual_seed(seed)
-    model = FACTORIES[name](num_classes=10)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
+    return randomize_bn(FACTORIES[name](num_classes=10), seed)
 
 
 def _scores(model: nn.Module, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -196,6 +188,9 @@ def test_plan_summary_shows_the_exclusions_with_their_reasons():
     legacy = PruningPlan.from_json(json.dumps(old))
     assert legacy.excluded is None and legacy.pruned_units() == plan.pruned_units()
     assert plan_summary(legacy, model, example_inputs=x)["excluded"] == plan.excluded
+    for bad, message in ((["input_dw"], "must map conv names"), ({"stem.0": "why"}, "both prunable and excluded")):
+        with pytest.raises(ValueError, match=message):
+            PruningPlan.from_json(json.dumps({**old, "excluded": bad}))
 
 
 def test_concat_then_batchnorm_keeps_the_right_channels():

@@ -75,6 +75,8 @@ def build_pruning_plan(
     1), so every step of a multi-class plan removes the same number of units. ``scope="global"`` ranks all units
     together (paper); ``"per_layer"`` removes ``round(ratio x original width)`` from each group. ``direction``:
     ``"highest"`` scores first (paper) or ``"lowest"`` (released code). Each group keeps >= ``min_channels``.
+    Convs whose channels cannot be removed safely (``graph.analyse_structure``) are never chosen; the plan lists
+    them with the reason (``plan.excluded``).
     """
     ratio = check_ratio(ratio)
     check_choice(scope, "scope", SCOPES)
