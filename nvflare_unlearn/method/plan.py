@@ -35,7 +35,8 @@ class PruningPlan:
 
     ``convs``: original out-channels of every prunable conv (the architecture fingerprint);
     ``groups``: coupled conv names, the first is the group's key; ``steps``: one per forget class, each with
-    ``pruned`` = group key -> original channel indices, and the options that chose them.
+    ``pruned`` = group key -> original channel indices, and the options that chose them. ``excluded``: conv name ->
+    why its output channels are never pruned (None in plans written before it was recorded).
     """
 
     convs: dict[str, int]
@@ -45,6 +46,7 @@ class PruningPlan:
     input_shape: list[int] | None = None
     original_params: int | None = None
     original_flops: int | None = None
+    excluded: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         self._validate()
@@ -68,6 +70,14 @@ class PruningPlan:
                 seen.add(name)
             if len({self.convs[n] for n in g}) != 1:
                 raise ValueError(f"plan group {g} mixes convs of different widths")
+        if self.excluded is not None:
+            if not isinstance(self.excluded, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.excluded.items()
+            ):
+                raise ValueError("plan 'excluded' must map conv names to the reason they are not pruned")
+            both = sorted(set(self.excluded) & set(self.convs))
+            if both:
+                raise ValueError(f"plan: conv(s) {both[:5]} are both prunable and excluded")
         keys = {g[0] for g in self.groups}
         pruned_so_far: dict[str, set[int]] = {k: set() for k in keys}
         for i, step in enumerate(self.steps):
@@ -142,6 +152,7 @@ class PruningPlan:
             input_shape=self.input_shape or other.input_shape,
             original_params=self.original_params,
             original_flops=self.original_flops,
+            excluded=self.excluded if self.excluded is not None else other.excluded,
         )
 
     # -- JSON ----------------------------------------------------------------------------------------------------
@@ -155,6 +166,7 @@ class PruningPlan:
             "original_flops": self.original_flops,
             "convs": dict(self.convs),
             "groups": [list(g) for g in self.groups],
+            "excluded": dict(self.excluded) if self.excluded is not None else None,
             "steps": [
                 {
                     **{k: v for k, v in s.items() if k != "pruned"},
@@ -191,6 +203,7 @@ class PruningPlan:
             input_shape=list(data["input_shape"]) if data.get("input_shape") else None,
             original_params=data.get("original_params"),
             original_flops=data.get("original_flops"),
+            excluded=dict(data["excluded"]) if isinstance(data.get("excluded"), Mapping) else data.get("excluded"),
         )
 
     @classmethod
