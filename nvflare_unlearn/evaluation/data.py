@@ -8,6 +8,7 @@ map-style dataset of `(image, label)` items) is accepted.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ["as_tensors", "TensorBatches", "random_crop_flip"]
+__all__ = ["as_tensors", "TensorBatches", "random_crop_flip", "site_shuffle_seed"]
 
 
 def as_tensors(data: Any, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +75,16 @@ def random_crop_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator |
         x = padded[idx_n, idx_c, rows, cols]
     flip = (torch.rand(n, generator=generator, device="cpu") < 0.5).to(dev)
     return torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+
+
+def site_shuffle_seed(seed: int, site_name: str, round_idx: int) -> int:
+    """Seed of one site's batch order in one round (0-based), as the NVFlare executor derives it.
+
+    One definition for both federations: the executor seeds its DataLoader with it, and the in-process federation
+    (``fedsim``, ``FedConfig(batch_seeds="nvflare")``) seeds ``TensorBatches`` with it, so both draw the same
+    ``torch.randperm`` and a run of one can be checked against the other step for step.
+    """
+    return zlib.crc32(f"{int(seed)}:{site_name}:{int(round_idx)}".encode())
 
 
 class TensorBatches:

@@ -9,6 +9,11 @@ per-site `collect_class_activations`, then `merge_reports`.
 
 Fairness between methods: client sampling and each site's batch order depend only on (seed, round, site), and
 every method uses the same cosine learning-rate family, so two methods differ only in what they do.
+
+Faithfulness to the NVFlare job: with ``FedConfig(batch_seeds="nvflare", lr_min=lr)`` and every site sampled each
+round, a site's batch order is the executor's (``data.site_shuffle_seed`` with the site's name ``site-<i+1>``) and
+the learning rate is constant as in the job, so the two federations train the same model up to floating-point
+summation order (``benchmarks/fedsim_faithfulness.py`` measures how close).
 Costs are counted as an FL deployment would pay them: bytes of the model state sent to and returned by each
 sampled site per round, bytes of any statistics uploads, and wall time of the method (evaluation excluded).
 """
@@ -26,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nvflare_unlearn.evaluation.data import TensorBatches
+from nvflare_unlearn.evaluation.data import TensorBatches, site_shuffle_seed
 from nvflare_unlearn.evaluation.training import train_epochs
 from nvflare_unlearn.method.activations import (
     WIRE_SUMS_DTYPE,
@@ -41,14 +46,24 @@ __all__ = [
     "Federation",
     "cosine_lr",
     "state_bytes",
+    "BATCH_SEEDS",
     "run_fedavg",
     "federated_activation_report",
 ]
 
 
+#: how a site's batch order is seeded each round: this module's own (seed, round, site) hash, or the NVFlare
+#: executor's derivation from the site's name (``data.site_shuffle_seed``)
+BATCH_SEEDS = ("fedsim", "nvflare")
+
+
 @dataclass
 class FedConfig:
-    """One FedAvg schedule: `rounds` rounds, `clients_per_round` sampled sites, cosine lr from `lr` to `lr_min`."""
+    """One FedAvg schedule: `rounds` rounds, `clients_per_round` sampled sites, cosine lr from `lr` to `lr_min`.
+
+    `batch_seeds="nvflare"` draws each site's batch order as the NVFlare executor does (site ``i`` is named
+    ``site-<i+1>``); the default keeps this simulator's own seeding, which earlier results were made with.
+    """
 
     rounds: int
     clients_per_round: int
@@ -61,10 +76,13 @@ class FedConfig:
     augment: str = "none"
     seed: int = 0
     precision: str = "fp32"
+    batch_seeds: str = "fedsim"
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.clients_per_round < 1 or self.local_epochs < 1 or self.batch_size < 1:
             raise ValueError(f"invalid FedConfig: {self}")
+        if self.batch_seeds not in BATCH_SEEDS:
+            raise ValueError(f"batch_seeds must be one of {list(BATCH_SEEDS)}, got {self.batch_seeds!r}")
         if not self.lr > 0 or self.lr_min < 0:
             raise ValueError(f"lr must be > 0 and lr_min >= 0, got {self.lr}, {self.lr_min}")
 
@@ -221,9 +239,12 @@ def run_fedavg(
             if xs.shape[0] == 0:
                 continue  # a site holding only forget classes has nothing to fine-tune on
             local.load_state_dict(global_state)
-            batches = TensorBatches(
-                xs, ys, cfg.batch_size, shuffle=True, seed=hash((cfg.seed, r, s)) & 0x7FFFFFFF, augment=cfg.augment
+            order_seed = (
+                hash((cfg.seed, r, s)) & 0x7FFFFFFF
+                if cfg.batch_seeds == "fedsim"
+                else site_shuffle_seed(cfg.seed, f"site-{s + 1}", r)
             )
+            batches = TensorBatches(xs, ys, cfg.batch_size, shuffle=True, seed=order_seed, augment=cfg.augment)
             train_epochs(
                 local,
                 batches,

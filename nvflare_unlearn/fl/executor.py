@@ -13,7 +13,6 @@ round), loads the numpy weights, and works on this site's own data:
 
 from __future__ import annotations
 
-import zlib
 from typing import Any, Optional, Sequence
 
 import torch
@@ -26,9 +25,10 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.security.logging import secure_format_exception
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from nvflare_unlearn._validation import check_num_classes, normalize_forget_classes
+from nvflare_unlearn.evaluation.data import site_shuffle_seed
 from nvflare_unlearn.fl.defs import (
     META_DP_SIGMA,
     META_FORGET,
@@ -180,13 +180,15 @@ class UnlearningExecutor(Executor):
 
     # ------------------------------------------------------------------ tasks
     def _loader(self, data, shuffle: bool, round_num: Optional[int]) -> DataLoader:
-        generator = None
+        """Batches of ``data``; shuffled, each epoch is ``torch.randperm`` of a generator seeded by
+        ``site_shuffle_seed`` (the in-process federation draws the same order). The generator goes to the sampler,
+        not the DataLoader: a DataLoader would first draw a worker base seed from it, shifting the permutation."""
+        sampler = None
         if shuffle:
             generator = torch.Generator()
-            generator.manual_seed(zlib.crc32(f"{self._training.seed}:{self._site_name}:{round_num or 0}".encode()))
-        return DataLoader(
-            data, batch_size=self._training.batch_size, shuffle=shuffle, generator=generator, num_workers=0
-        )
+            generator.manual_seed(site_shuffle_seed(self._training.seed, self._site_name, round_num or 0))
+            sampler = RandomSampler(data, generator=generator)
+        return DataLoader(data, batch_size=self._training.batch_size, sampler=sampler, num_workers=0)
 
     def _class_activations(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
         from nvflare_unlearn.method.activations import collect_class_activations
