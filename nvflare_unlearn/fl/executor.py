@@ -25,10 +25,10 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.security.logging import secure_format_exception
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from nvflare_unlearn._validation import check_num_classes, normalize_forget_classes
-from nvflare_unlearn.evaluation.data import site_shuffle_seed
+from nvflare_unlearn.evaluation.data import EpochPermutation, site_shuffle_seed
 from nvflare_unlearn.fl.defs import (
     META_DP_SIGMA,
     META_FORGET,
@@ -180,14 +180,13 @@ class UnlearningExecutor(Executor):
 
     # ------------------------------------------------------------------ tasks
     def _loader(self, data, shuffle: bool, round_num: Optional[int]) -> DataLoader:
-        """Batches of ``data``; shuffled, each epoch is ``torch.randperm`` of a generator seeded by
-        ``site_shuffle_seed`` (the in-process federation draws the same order). The generator goes to the sampler,
-        not the DataLoader: a DataLoader would first draw a worker base seed from it, shifting the permutation."""
+        """Batches of ``data``; shuffled, each epoch is one ``torch.randperm`` of a generator seeded by
+        ``site_shuffle_seed`` (``EpochPermutation``: the in-process federation draws the same order)."""
         sampler = None
         if shuffle:
-            generator = torch.Generator()
-            generator.manual_seed(site_shuffle_seed(self._training.seed, self._site_name, round_num or 0))
-            sampler = RandomSampler(data, generator=generator)
+            sampler = EpochPermutation(
+                len(data), site_shuffle_seed(self._training.seed, self._site_name, round_num or 0)
+            )
         return DataLoader(data, batch_size=self._training.batch_size, sampler=sampler, num_workers=0)
 
     def _class_activations(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
