@@ -653,7 +653,8 @@ def provenance(report: dict[str, Any], path: str) -> list[str]:
     m = report["machine"]
     return [
         f"- Command: `{report['command']}`",
-        f"- Machine: {m['platform']}, {m['threads']} torch thread(s), torch {m['torch']}; generated "
+        f"- Machine: CPU ({m['cpu_count']} cores, shared with other jobs: the CPU seconds in the Budget table are the "
+        f"steadier cost), {m['platform']}, {m['threads']} torch thread(s), torch {m['torch']}; generated "
         f"{report['generated_utc']}; {'complete' if report.get('complete') else 'INCOMPLETE'} run, "
         f"{report['wall_s']:.0f} s wall ({report['wall_s'] / 60:.1f} min).",
         f"- Files: `{path}` (+ `.md`, per-example arrays under `arrays/`).",

@@ -139,7 +139,7 @@ def run_tables(report: dict[str, Any]) -> list[str]:
     out: list[str] = []
     for run in report["runs"]:
         out += [
-            ("#### " + ln[3:]) if ln.startswith("## ") else ln
+            ("##### " + ln[3:]) if ln.startswith("## ") else ln
             for ln in ub.run_markdown(run, report["config"])
             if not ln.startswith("Curves:")
         ]
