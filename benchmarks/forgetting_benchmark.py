@@ -33,7 +33,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -179,6 +179,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--tag", default="")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the method runs of an interrupted run with the same configuration (references are retested)",
+    )
     args = p.parse_args(argv)
     for k, v in PRESETS[args.setting].items():
         if getattr(args, k, None) is None:
@@ -241,7 +246,6 @@ class Sets:
     relearn_forget: np.ndarray
     relearn_retain: np.ndarray
     relearn_eval: np.ndarray
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def build_sets(y: np.ndarray, yt: np.ndarray, forget: list[int], args: argparse.Namespace) -> Sets:
@@ -456,6 +460,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "complete": False,
     }
     stem_path = out_dir / stem
+    earlier = _resumable_runs(stem_path.with_suffix(".json"), report["config"]) if args.resume else {}
 
     def save(final: bool = False) -> None:
         report["wall_s"] = time.perf_counter() - T_START
@@ -469,7 +474,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # -- references: the original and every retrained model
     for name, rec in models.items():
         log(f"testing {name} ({rec['json']['test']['acc']:.4f} test accuracy when made)")
-        tests = ev.run(name, rec["model"], seed=0)
+        tests = ev.run(name, rec["model"], seed=int(rec["json"]["seed"]))  # relearn batch order varies as for methods
         report["models"][name] = {
             "kind": rec["json"]["kind"],
             "seed": rec["json"]["seed"],
@@ -505,6 +510,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for method in methods:
         for seed in seeds:
             name = f"{method}_s{seed}"
+            if name in earlier:
+                log(f"method {method}, seed {seed}: kept from the interrupted run")
+                report["runs"][name] = earlier[name]
+                continue
             log(f"method {method}, seed {seed}")
             c0 = time.process_time()
             meter = CostMeter()
@@ -557,6 +566,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     save(final=True)
     log(f"done: {stem_path.with_suffix('.json')}")
     return report
+
+
+def _resumable_runs(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The finished method runs of an earlier report at ``path`` made with the same configuration (else none)."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    ignore = {"resume"}
+    if {k: v for k, v in old["config"].items() if k not in ignore} != {
+        k: v for k, v in config.items() if k not in ignore
+    }:
+        raise SystemExit(f"--resume: {path} was made with another configuration; move it away or drop --resume")
+    log(f"--resume: keeping {len(old['runs'])} finished method run(s) of {path.name}")
+    return old["runs"]
 
 
 # ------------------------------------------------------------------------------------------------- summary

@@ -93,14 +93,13 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     import forgetting_benchmark as fb
 
-    report = fb.main(
-        ["--setting", "digits", "--seeds", "0,1", "--methods", "finetune,row_reset,fisher", "--ft-rounds", "2",
-         "--n-boot", "100", "--out", str(tmp_path)]
-    )  # fmt: skip
-    assert report["complete"] and set(report["runs"]) == {f"{m}_s{s}" for m in ("finetune", "row_reset", "fisher")
-                                                          for s in (0, 1)}  # fmt: skip
-    assert (tmp_path / "originals_digits" / "digits_original_f-_s0.pt").is_file()
+    methods = ("finetune", "row_reset", "fisher")
+    args = ["--setting", "digits", "--seeds", "0,1", "--methods", ",".join(methods), "--ft-rounds", "2"]
+    args += ["--n-boot", "100", "--out", str(tmp_path)]
+    report = fb.main(args)
     res = report["runs"]
+    assert report["complete"] and set(res) == {f"{m}_s{s}" for m in methods for s in (0, 1)}
+    assert (tmp_path / "originals_digits" / "digits_original_f-_s0.pt").is_file()
     assert res["row_reset_s0"]["tests"]["accuracy"]["u_acc"] == 0.0  # the foil hides the class at the output...
     # ...and leaves the features as they were: the probe still separates the class as well as fine-tune-only does
     assert abs(res["row_reset_s0"]["tests"]["probe"]["auc"] - res["finetune_s0"]["tests"]["probe"]["auc"]) < 0.01
@@ -109,3 +108,9 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     assert report["summary"]["row_reset"]["u_acc"]["minus_finetune"]["n"] == 2
     assert (tmp_path / "digits_f9.md").read_text().count("| finetune_s1 |") >= 3
     assert {p.stem for p in (tmp_path / "arrays" / "digits_f9").iterdir()} == set(report["models"]) | set(res)
+    # an interrupted run resumes: finished method runs are kept as they were, the references retested
+    again = fb.main(args + ["--resume"])
+    assert again["runs"] == json.loads(json.dumps(res))
+    assert again["models"]["original"]["tests"]["accuracy"] == report["models"]["original"]["tests"]["accuracy"]
+    with pytest.raises(SystemExit, match="another configuration"):
+        fb.main(args + ["--ft-rounds", "3", "--resume"])
