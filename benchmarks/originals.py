@@ -10,6 +10,8 @@ loadable by ``nvflare-unlearn evaluate``) plus a JSON with its accuracy, per-rou
   without the forget classes (forget 9, 3 and 0+5+9), with several seeds for the retrain-vs-retrain noise floor.
 - setting ``c100m``: ResNet20 on the CIFAR-100 subset (15,000 images), no augmentation, every site every round:
   an original that memorises its training set, so that membership attacks have power (the second setting).
+- setting ``digits``: the small CNN on sklearn's digits, 4 sites: the seconds-sized stand-in the quick (CI) run of
+  ``benchmarks/forgetting_benchmark.py`` builds for itself (not in the default job list).
 
 Jobs are independent and skipped when their JSON exists, so the command resumes after a kill and two workers can
 split the list (``--worker 0/2`` and ``--worker 1/2``, one CPU thread each).
@@ -76,6 +78,14 @@ SETTINGS: dict[str, dict[str, Any]] = {
             rounds=40, clients_per_round=10, local_epochs=1, batch_size=64, lr=0.05, augment="none", precision="bf16"
         ),
     ),
+    "digits": dict(
+        dataset="digits",
+        model="small_cnn",
+        train_images=None,
+        sites=4,
+        partition_seed=0,
+        fed=dict(rounds=20, clients_per_round=4, local_epochs=1, batch_size=32, lr=0.05, augment="none"),
+    ),
 }
 
 # (setting, kind, forget classes, seed), in priority order: what the headline needs first.
@@ -124,20 +134,41 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, f
     return out
 
 
-def run_job(setting: str, kind: str, forget: tuple[int, ...], seed: int, out: Path, data_root: str | None) -> None:
+def setting_data(setting: str, data_root: str | None) -> dict[str, Any]:
+    """The training and test tensors, class count and site partition of a setting: what every model of it saw.
+
+    ``benchmarks/forgetting_benchmark.py`` rebuilds the same federation from here to fine-tune the originals.
+    """
+    cfg = SETTINGS[setting]
+    kw = {} if cfg["dataset"] == "digits" else {"root": data_root}
+    train = load_dataset(cfg["dataset"], split="train", **kw)
+    if cfg["train_images"]:
+        train = train.subset(stratified_subset_indices(train.targets, cfg["train_images"], seed=0))
+    test = load_dataset(cfg["dataset"], split="test", **kw)
+    x, y = as_tensors(train)
+    xt, yt = as_tensors(test)
+    parts = partition_iid(y.numpy(), cfg["sites"], seed=cfg["partition_seed"])
+    return {
+        "x": x,
+        "y": y,
+        "xt": xt,
+        "yt": yt,
+        "num_classes": len(train.classes),
+        "classes": train.classes,
+        "parts": parts,
+    }
+
+
+def run_job(
+    setting: str, kind: str, forget: tuple[int, ...], seed: int, out: Path, data_root: str | None
+) -> dict[str, Any]:
     name = job_name(setting, kind, forget, seed)
     cfg = SETTINGS[setting]
     t_start = time.perf_counter()
-    train = load_dataset(cfg["dataset"], root=data_root, split="train")
-    if cfg["train_images"]:
-        train = train.subset(stratified_subset_indices(train.targets, cfg["train_images"], seed=0))
-    test = load_dataset(cfg["dataset"], root=data_root, split="test")
-    x, y = as_tensors(train)
-    xt, yt = as_tensors(test)
-    k = len(train.classes)
-    parts = partition_iid(y.numpy(), cfg["sites"], seed=cfg["partition_seed"])
-    fed = Federation(x, y, parts, k)
-    curve_idx = torch.as_tensor(stratified_subset_indices(yt.numpy(), 2000, seed=1))
+    d = setting_data(setting, data_root)
+    x, y, xt, yt, k = d["x"], d["y"], d["xt"], d["yt"], d["num_classes"]
+    fed = Federation(x, y, d["parts"], k)
+    curve_idx = torch.as_tensor(stratified_subset_indices(yt.numpy(), min(2000, yt.numel()), seed=1))
     xc, yc = xt[curve_idx], yt[curve_idx]
     fc = FedConfig(seed=seed, **cfg["fed"])
     torch.manual_seed(seed)
@@ -154,7 +185,7 @@ def run_job(setting: str, kind: str, forget: tuple[int, ...], seed: int, out: Pa
 
     log(f"{name}: {fc}")
     history = run_fedavg(model, fed, fc, drop_classes=drop, meter=meter, eval_fn=eval_fn, on_round=on_round)
-    train_idx = torch.as_tensor(stratified_subset_indices(y.numpy(), 5000, seed=2))
+    train_idx = torch.as_tensor(stratified_subset_indices(y.numpy(), min(5000, y.numel()), seed=2))
     model = model.to(memory_format=torch.contiguous_format)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / f"{name}.pt"
@@ -195,6 +226,7 @@ def run_job(setting: str, kind: str, forget: tuple[int, ...], seed: int, out: Pa
         f"{name}: test acc {result['test']['acc']:.4f}, train-subset acc {result['train_subset']['acc']:.4f}, "
         f"{result['wall_s']:.0f}s"
     )
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,8 @@ RESULTS = HERE / "results"
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
 
 sys.path.insert(0, str(HERE))
+import fedsim_faithfulness as ff  # noqa: E402
+import forgetting_benchmark as fb  # noqa: E402
 import unlearning_benchmark as ub  # noqa: E402  (the benchmark's own table writers: one definition of a table)
 
 FULL_CPU = RESULTS / "unlearning_full_cifar10_resnet20_f9_cpu.json"
@@ -40,6 +42,8 @@ H100 = RESULTS / "unlearning_full_h100" / "unlearning_full_cifar10_resnet20_f9.j
 H100_SWEEP = RESULTS / "unlearning_full_h100" / "unlearning_full_cifar10_resnet20_f9_sweep.json"
 CPU_RATIO02 = RESULTS / "unlearning_full_cifar10_resnet20_f9_cpu_ratio0.2.json"
 QUICK_SEEDS = RESULTS / "unlearning_quick_digits_small_cnn_f9_seeds012.json"
+FAITHFULNESS = RESULTS / "fedsim_faithfulness.json"
+FORGETTING = RESULTS / "forgetting"  # forgetting_benchmark.py: one <setting>_f<forget>[_tag].json per run
 
 
 def prune_ratio(options: dict) -> float:
@@ -135,7 +139,7 @@ def run_tables(report: dict[str, Any]) -> list[str]:
     out: list[str] = []
     for run in report["runs"]:
         out += [
-            ("#### " + ln[3:]) if ln.startswith("## ") else ln
+            ("##### " + ln[3:]) if ln.startswith("## ") else ln
             for ln in ub.run_markdown(run, report["config"])
             if not ln.startswith("Curves:")
         ]
@@ -285,7 +289,12 @@ def cpu_ratio02_block() -> list[str]:
     return provenance(rep, CPU_RATIO02) + run_tables(rep)
 
 
+def faithfulness_block() -> list[str]:
+    return ff.markdown(_load(FAITHFULNESS), _rel(FAITHFULNESS))
+
+
 BLOCKS: dict[str, tuple[Callable[[], list[str]], list[Path]]] = {
+    "faithfulness": (faithfulness_block, [FAITHFULNESS]),
     "full-cpu": (full_cpu_block, [FULL_CPU]),
     "seeds": (seeds_block, SEED_FILES),
     "equal-quality": (equal_quality_block, [EQUAL_QUALITY]),
@@ -296,9 +305,21 @@ BLOCKS: dict[str, tuple[Callable[[], list[str]], list[Path]]] = {
 }
 
 
+def forgetting_block(stem: str) -> list[str]:
+    """Every table of one forgetting_benchmark.py run (``<!-- generated:forgetting:<stem> -->``)."""
+    path = FORGETTING / f"{stem}.json"
+    return fb.markdown(_load(path), _rel(path), level=4)
+
+
+def forgetting_blocks(text: str) -> dict[str, tuple[Callable[[], list[str]], list[Path]]]:
+    """A block per ``generated:forgetting:<stem>`` marker on the page: a new run's tables need only its marker."""
+    stems = re.findall(r"<!-- generated:forgetting:([A-Za-z0-9_+.-]+) -->", text)
+    return {f"forgetting:{s}": (lambda s=s: forgetting_block(s), [FORGETTING / f"{s}.json"]) for s in stems}
+
+
 def render(text: str) -> str:
     """`text` with every generated block present in it rebuilt from its JSON."""
-    for name, (fn, sources) in BLOCKS.items():
+    for name, (fn, sources) in {**BLOCKS, **forgetting_blocks(text)}.items():
         pat = re.compile(rf"(<!-- generated:{re.escape(name)} -->\n)(.*?)(<!-- /generated:{re.escape(name)} -->)", re.S)
         if not pat.search(text):
             continue

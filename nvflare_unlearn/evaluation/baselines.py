@@ -5,7 +5,8 @@
 - ``row_reset``: re-initialise the forget classes' classifier rows, then fine-tune (the output-level foil:
   it hides the class at the output while leaving every feature intact);
 - ``fisher``: Fisher forgetting (Golatkar et al., CVPR 2020, Eq. 1 noise ``w + sqrt(alpha F^-1) N(0, 1)``) with
-  the diagonal Fisher of the participating sites' retained data summed across sites, then fine-tune;
+  the diagonal Fisher of the participating sites' retained data summed across sites, then fine-tune; ``alpha``
+  fixed, or tuned by ``tune_fisher_alpha`` on the sites' RETAINED data only (the forget class never chooses it);
 - ``prune``: the paper's method with FEDERATED statistics (per-site activation reports merged on the server,
   TF-IDF, a pruning plan per forget class, physical removal), then fine-tune;
 - ``prune_reinit`` (an idea to make pruning earn its place): the same TF-IDF selection, but the chosen channels
@@ -48,6 +49,7 @@ __all__ = [
     "site_fisher_diagonal",
     "federated_fisher",
     "fisher_noise",
+    "tune_fisher_alpha",
     "federated_pruning_plan",
     "reinitialise_channels",
     "prepare_method",
@@ -159,6 +161,64 @@ def fisher_noise(
     return model
 
 
+def tune_fisher_alpha(
+    model: nn.Module,
+    fisher: dict[str, torch.Tensor],
+    x_retained: torch.Tensor,
+    y_retained: torch.Tensor,
+    forget_classes: Iterable[int],
+    alphas: Sequence[float] = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3),
+    max_r_drop: float = 0.1,
+    max_inv: float = 1e3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The largest ``alpha`` whose Fisher noise costs at most ``max_r_drop`` of retained accuracy (``model`` untouched).
+
+    Golatkar et al. trade forgetting (more noise) against the retained task; with no access to the forget class
+    the one principled choice is the most noise the retained classes tolerate. Each candidate is applied (same
+    ``seed``, so the noise differs only in scale) to a copy and scored on ``(x_retained, y_retained)``: the
+    participating sites' retained images, never a forget-class image (checked) and never the test set.
+    Returns ``{"alpha", "base_r_acc", "max_r_drop", "within_budget", "sweep": [{"alpha", "r_acc"}, ...]}``; when no
+    candidate stays within the budget the smallest one is returned with ``within_budget`` False.
+    """
+    forget = _forget_list(forget_classes)
+    if not alphas or any(not a > 0 for a in alphas):
+        raise ValueError(f"alphas must be a non-empty list of positive numbers, got {list(alphas)}")
+    if not 0.0 <= max_r_drop <= 1.0:
+        raise ValueError(f"max_r_drop must be in [0, 1], got {max_r_drop}")
+    if y_retained.numel() == 0:
+        raise ValueError("tuning alpha needs retained images")
+    if bool(torch.isin(y_retained.cpu(), torch.tensor(forget)).any()):
+        raise ValueError("the alpha sweep must not see forget-class images: pass retained images only")
+
+    @torch.no_grad()
+    def r_acc(m: nn.Module) -> float:
+        was = m.training
+        m.eval()
+        try:
+            correct = sum(
+                int((m(x_retained[s : s + 512]).argmax(1) == y_retained[s : s + 512]).sum())
+                for s in range(0, x_retained.shape[0], 512)
+            )
+        finally:
+            m.train(was)
+        return correct / int(y_retained.numel())
+
+    base = r_acc(model)
+    sweep = []
+    for a in sorted(float(v) for v in alphas):
+        noisy = fisher_noise(copy.deepcopy(model), fisher, alpha=a, max_inv=max_inv, seed=seed)
+        sweep.append({"alpha": a, "r_acc": r_acc(noisy)})
+    ok = [e["alpha"] for e in sweep if e["r_acc"] >= base - max_r_drop]
+    return {
+        "alpha": max(ok) if ok else sweep[0]["alpha"],
+        "base_r_acc": base,
+        "max_r_drop": max_r_drop,
+        "within_budget": bool(ok),
+        "sweep": sweep,
+    }
+
+
 # ------------------------------------------------------------------------------------------------ pruning
 @dataclass
 class PruneOptions:
@@ -248,11 +308,15 @@ def prepare_method(
     fisher_alpha: float = 1e-6,
     fisher_images_per_site: int | None = None,
     fresh_model: nn.Module | None = None,
+    fisher_alphas: Sequence[float] | None = None,
+    fisher_max_r_drop: float = 0.1,
 ) -> PreparedModel:
     """Return the model each method hands to the common FedAvg fine-tune (``original`` is never modified).
 
     ``participants``: the sites that take part in the statistics phase (activation reports or Fisher).
     ``retrain`` needs ``fresh_model`` (a newly initialised model of the same architecture).
+    ``fisher_alphas``: when given, ``fisher`` tunes alpha over them with ``tune_fisher_alpha`` on the participating
+    sites' retained images (the images behind the Fisher) instead of using ``fisher_alpha``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -272,12 +336,19 @@ def prepare_method(
     if method == "fisher":
         fisher = federated_fisher(model, fed, participants, forget, fisher_images_per_site, seed, meter)
         t0 = time.perf_counter()
-        fisher_noise(model, fisher, alpha=fisher_alpha, seed=seed)
+        info: dict[str, Any] = {}
+        alpha = fisher_alpha
+        if fisher_alphas is not None:
+            parts = [fed.site_tensors(s, forget, fisher_images_per_site, seed) for s in participants]
+            xr, yr = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            info["alpha_tuning"] = tune_fisher_alpha(
+                model, fisher, xr, yr, forget, fisher_alphas, fisher_max_r_drop, seed=seed
+            )
+            alpha = info["alpha_tuning"]["alpha"]
+        fisher_noise(model, fisher, alpha=alpha, seed=seed)
         meter.add_time("prepare", time.perf_counter() - t0)
-        return PreparedModel(
-            model,
-            {"alpha": fisher_alpha, "fisher_mean": float(torch.cat([v.flatten() for v in fisher.values()]).mean())},
-        )
+        info.update(alpha=alpha, fisher_mean=float(torch.cat([v.flatten() for v in fisher.values()]).mean()))
+        return PreparedModel(model, info)
     opts = copy.deepcopy(prune_opts) if prune_opts is not None else PruneOptions()
     if method == "prune_deep" and opts.plan.deep_fraction is None:
         opts.plan = dataclasses.replace(opts.plan, deep_fraction=1.0 / 3.0)

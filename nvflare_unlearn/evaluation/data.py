@@ -8,14 +8,15 @@ map-style dataset of `(image, label)` items) is accepted.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Sampler, TensorDataset
 
-__all__ = ["as_tensors", "TensorBatches", "random_crop_flip"]
+__all__ = ["as_tensors", "EpochPermutation", "TensorBatches", "random_crop_flip", "site_shuffle_seed"]
 
 
 def as_tensors(data: Any, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +75,37 @@ def random_crop_flip(x: torch.Tensor, pad: int = 4, generator: torch.Generator |
         x = padded[idx_n, idx_c, rows, cols]
     flip = (torch.rand(n, generator=generator, device="cpu") < 0.5).to(dev)
     return torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+
+
+def site_shuffle_seed(seed: int, site_name: str, round_idx: int) -> int:
+    """Seed of one site's batch order in one round (0-based), as the NVFlare executor derives it.
+
+    One definition for both federations: the executor's ``EpochPermutation`` sampler and the in-process federation's
+    ``TensorBatches`` (``fedsim``, ``FedConfig(emulate="nvflare")``) are seeded with it, so both draw the same
+    ``torch.randperm`` each epoch and a run of one can be checked against the other step for step.
+    """
+    return zlib.crc32(f"{int(seed)}:{site_name}:{int(round_idx)}".encode())
+
+
+class EpochPermutation(Sampler[int]):
+    """A DataLoader sampler drawing exactly one ``torch.randperm(n)`` per epoch from its own seeded generator.
+
+    The order ``TensorBatches(shuffle=True, seed=seed)`` draws, by construction. torch's ``RandomSampler`` draws a
+    second, discarded permutation at the end of every epoch, and a DataLoader given the generator draws a worker
+    seed from it first, so neither would reproduce this order past the first epoch.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self.n = int(n)
+        self._gen = torch.Generator().manual_seed(int(seed))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.n, generator=self._gen).tolist())
 
 
 class TensorBatches:

@@ -9,6 +9,12 @@ per-site `collect_class_activations`, then `merge_reports`.
 
 Fairness between methods: client sampling and each site's batch order depend only on (seed, round, site), and
 every method uses the same cosine learning-rate family, so two methods differ only in what they do.
+
+Faithfulness to the NVFlare job: with ``FedConfig(emulate="nvflare", lr_min=lr)`` and every site sampled each
+round, a site's batch order is the executor's (``data.site_shuffle_seed`` with the site's name ``site-<i+1>``), the
+learning rate is constant as in the job, and the server averages as NVFlare's ``WeightedAggregationHelper`` does
+(float32 weighted sum in site-name order, times 1 / total weight), so the two federations train the same model:
+``benchmarks/fedsim_faithfulness.py`` checks it against the simulator, round by round.
 Costs are counted as an FL deployment would pay them: bytes of the model state sent to and returned by each
 sampled site per round, bytes of any statistics uploads, and wall time of the method (evaluation excluded).
 """
@@ -26,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nvflare_unlearn.evaluation.data import TensorBatches
+from nvflare_unlearn.evaluation.data import TensorBatches, site_shuffle_seed
 from nvflare_unlearn.evaluation.training import train_epochs
 from nvflare_unlearn.method.activations import (
     WIRE_SUMS_DTYPE,
@@ -41,14 +47,25 @@ __all__ = [
     "Federation",
     "cosine_lr",
     "state_bytes",
+    "EMULATIONS",
     "run_fedavg",
     "federated_activation_report",
 ]
 
 
+#: "none": this module's own batch seeds ((seed, round, site) hash) and float64 averaging, which earlier results were
+#: made with; "nvflare": the NVFlare job's batch seeds (``data.site_shuffle_seed``) and averaging arithmetic
+EMULATIONS = ("none", "nvflare")
+
+
 @dataclass
 class FedConfig:
-    """One FedAvg schedule: `rounds` rounds, `clients_per_round` sampled sites, cosine lr from `lr` to `lr_min`."""
+    """One FedAvg schedule: `rounds` rounds, `clients_per_round` sampled sites, cosine lr from `lr` to `lr_min`.
+
+    `emulate="nvflare"` draws each site's batch order as the NVFlare executor does (site ``i`` is named
+    ``site-<i+1>``) and averages as NVFlare's server does; the default keeps this simulator's own seeding and
+    float64 averaging, which earlier results were made with.
+    """
 
     rounds: int
     clients_per_round: int
@@ -61,10 +78,13 @@ class FedConfig:
     augment: str = "none"
     seed: int = 0
     precision: str = "fp32"
+    emulate: str = "none"
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.clients_per_round < 1 or self.local_epochs < 1 or self.batch_size < 1:
             raise ValueError(f"invalid FedConfig: {self}")
+        if self.emulate not in EMULATIONS:
+            raise ValueError(f"emulate must be one of {list(EMULATIONS)}, got {self.emulate!r}")
         if not self.lr > 0 or self.lr_min < 0:
             raise ValueError(f"lr must be > 0 and lr_min >= 0, got {self.lr}, {self.lr_min}")
 
@@ -184,6 +204,20 @@ def _average_states(states: list[dict[str, torch.Tensor]], weights: list[float])
     return out
 
 
+def _average_states_nvflare(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """NVFlare's ``WeightedAggregationHelper`` on numpy weights: ``sum(v * w)`` in float32, in the order given (the
+    server sorts results by site name), times ``1 / sum(w)``, cast back to each entry's dtype on loading."""
+    inv = 1.0 / float(sum(weights))
+    out: dict[str, torch.Tensor] = {}
+    for key, ref in states[0].items():
+        total = None
+        for st, w in zip(states, weights):
+            v = st[key].cpu().numpy()
+            total = v * w if total is None else total + v * w
+        out[key] = torch.as_tensor(np.asarray(total * inv)).to(device=ref.device, dtype=ref.dtype)
+    return out
+
+
 def run_fedavg(
     model: nn.Module,
     fed: Federation,
@@ -215,6 +249,8 @@ def run_fedavg(
         t0 = time.perf_counter()
         lr = cosine_lr(cfg.lr, r, cfg.rounds, cfg.lr_min)
         sites = fed.sample_sites(r, cfg.clients_per_round, cfg.seed)
+        if cfg.emulate == "nvflare":
+            sites = sorted(sites, key=lambda i: f"site-{i + 1}")  # NVFlare's server sorts results by site name
         global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         nbytes = state_bytes(model)
         states, weights = [], []
@@ -224,9 +260,12 @@ def run_fedavg(
             if xs.shape[0] == 0:
                 continue  # a site holding only forget classes has nothing to fine-tune on
             local.load_state_dict(global_state)
-            batches = TensorBatches(
-                xs, ys, cfg.batch_size, shuffle=True, seed=hash((cfg.seed, r, s)) & 0x7FFFFFFF, augment=cfg.augment
+            order_seed = (
+                hash((cfg.seed, r, s)) & 0x7FFFFFFF
+                if cfg.emulate == "none"
+                else site_shuffle_seed(cfg.seed, f"site-{s + 1}", r)
             )
+            batches = TensorBatches(xs, ys, cfg.batch_size, shuffle=True, seed=order_seed, augment=cfg.augment)
             train_epochs(
                 local,
                 batches,
@@ -242,7 +281,8 @@ def run_fedavg(
             weights.append(float(xs.shape[0]))
             meter.bytes_up += nbytes
         if states:
-            model.load_state_dict(_average_states(states, weights))
+            average = _average_states_nvflare if cfg.emulate == "nvflare" else _average_states
+            model.load_state_dict(average(states, weights))
             if after_step is not None:
                 after_step(model)
         if fed.device.type == "cuda":

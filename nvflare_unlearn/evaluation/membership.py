@@ -13,6 +13,20 @@ membership at all, and a "success rate" on forget-class samples would only echo 
 predicts the class. The control asks the question that matters: can the attack tell forget-class TRAINING
 images (members of the original model) from forget-class TEST images? A model that truly forgot the class
 (like one retrained without it) should leave that at chance (0.5).
+
+Array-level attacks (per-example losses, logits or features in, numbers out), so that saved arrays
+(``evaluation.artifacts``) can be attacked again offline and a federated verification can reuse them:
+
+- ``membership_auc(losses_in, losses_out)``: the threshold-free loss attack, AUC with a bootstrap interval and
+  TPR at 1 % FPR;
+- ``loss_attack_power(losses_in, losses_out)``: the loss threshold calibrated on one half, accuracy on the other
+  (the attack's POWER when the groups are retained members vs non-members);
+- ``lira_offline(...)``: offline LiRA (Carlini et al., S&P 2022) with reference models that never saw the queried
+  images: for class unlearning the retrained models are exactly such "out" references for every forget-class
+  image, so each image's difficulty is calibrated by how models that never saw it score it;
+- ``feature_membership_attack(features_in, features_out)``: a cross-validated logistic-regression shadow classifier
+  on penultimate features. It reads the features, not the outputs, so output-level hiding (a reset classifier row,
+  a suppressed logit) cannot pass it.
 """
 
 from __future__ import annotations
@@ -25,8 +39,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from nvflare_unlearn.evaluation.data import as_tensors
+from nvflare_unlearn.evaluation.stats import auc_ci, tpr_at_fpr
 
-__all__ = ["membership_inference", "model_outputs", "ATTACKS"]
+__all__ = [
+    "ATTACKS",
+    "feature_membership_attack",
+    "lira_offline",
+    "logit_confidence",
+    "loss_attack_power",
+    "membership_auc",
+    "membership_inference",
+    "model_outputs",
+]
 
 ATTACKS = ("loss", "mlp")
 
@@ -161,3 +185,185 @@ def membership_inference(
             "forget_test_member_rate": float(np.mean(sfe >= 0.5)),
         }
     return out
+
+
+# ------------------------------------------------------------------------------------------ array-level attacks
+def _vector(name: str, values: Any) -> np.ndarray:
+    a = np.asarray(values, dtype=np.float64).reshape(-1)
+    if a.size < 2:
+        raise ValueError(f"{name} needs at least 2 values, got {a.size}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} holds non-finite values")
+    return a
+
+
+def membership_auc(
+    losses_in: Any, losses_out: Any, n_boot: int = 1000, seed: int = 0, fpr: float = 0.01
+) -> dict[str, Any]:
+    """Threshold-free loss attack: how often a member (``losses_in``) has a LOWER loss than a non-member.
+
+    Returns ``auc`` with its bootstrap interval (``low``, ``high``), ``tpr_at_fpr`` (at ``fpr``, default 1 %),
+    the group sizes and mean losses. 0.5 = no membership signal; for forget-class training vs test images of a
+    model retrained without the class, that is what a forgotten class should show.
+    """
+    li, lo = _vector("losses_in", losses_in), _vector("losses_out", losses_out)
+    ci = auc_ci(-li, -lo, n_boot=n_boot, seed=seed)
+    return {
+        **ci,
+        "tpr_at_fpr": tpr_at_fpr(-li, -lo, fpr),
+        "fpr": fpr,
+        "mean_loss_in": float(li.mean()),
+        "mean_loss_out": float(lo.mean()),
+    }
+
+
+def loss_attack_power(losses_in: Any, losses_out: Any, seed: int = 0, n_boot: int = 1000) -> dict[str, Any]:
+    """The Yeom et al. loss threshold, calibrated on a random half of each group and scored on the other half.
+
+    ``accuracy`` is the balanced accuracy on the held-out halves (chance 0.5): with retained members vs
+    non-members it is the attack's POWER (an attack below ~0.6 decides nothing about forgetting). ``auc`` (with
+    its interval) is threshold-free, on all samples.
+    """
+    li, lo = _vector("losses_in", losses_in), _vector("losses_out", losses_out)
+    rng = np.random.default_rng(seed)
+    ia, ib, oa, ob = _balanced_halves(li.size, lo.size, rng)
+    t = _best_threshold(-li[ia], -lo[oa])
+    acc = 0.5 * (float(np.mean(-li[ib] >= t)) + float(np.mean(-lo[ob] < t)))
+    return {
+        "accuracy": acc,
+        "threshold_loss": float(-t),
+        "n_eval": int(ib.size + ob.size),
+        **membership_auc(li, lo, n_boot=n_boot, seed=seed),
+    }
+
+
+def logit_confidence(logits: Any, labels: Any) -> np.ndarray:
+    """LiRA's per-example statistic: the logit-scaled true-class probability ``log(p_y / (1 - p_y))``.
+
+    Computed stably from the logits as ``z_y - logsumexp_{j != y} z_j``; unlike the probability it is roughly
+    Gaussian across models, which is what the likelihood-ratio test assumes.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if z.ndim != 2 or z.shape[0] != y.size:
+        raise ValueError(f"logits must be [N, K] with N = len(labels), got {z.shape} and {y.size} labels")
+    if y.size and (y.min() < 0 or y.max() >= z.shape[1]):
+        raise ValueError(f"labels must lie in 0..{z.shape[1] - 1}")
+    zy = z[np.arange(y.size), y]
+    rest = z.copy()
+    rest[np.arange(y.size), y] = -np.inf
+    m = rest.max(axis=1, keepdims=True)
+    return zy - (m[:, 0] + np.log(np.exp(rest - m).sum(axis=1)))
+
+
+def lira_offline(
+    target_in: Any,
+    target_out: Any,
+    refs_in: Any,
+    refs_out: Any,
+    per_example_variance: bool = False,
+    fpr: float = 0.01,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Offline LiRA (Carlini et al., S&P 2022, "Membership Inference Attacks From First Principles").
+
+    ``target_in`` / ``target_out``: the target model's ``logit_confidence`` on candidate members (e.g. forget-class
+    TRAINING images) and on non-members (forget-class TEST images). ``refs_in`` / ``refs_out``: [R, n] the same
+    statistic of R reference models that saw NONE of these images (for class unlearning: models retrained without
+    the class). Each image's score is ``(phi_target - mu_out(image)) / sigma``: how much more confident the target
+    is than models that never saw it. ``sigma`` is one pooled scale by default (the "fixed variance" variant,
+    right for few references; with one reference the ranking is that of ``phi_target - phi_ref``), or
+    per image with ``per_example_variance`` (needs >= 2 references).
+
+    Returns ``auc`` with its bootstrap interval, ``tpr_at_fpr`` at ``fpr`` (default 1 %), ``n_refs`` and the
+    per-image ``scores_in`` / ``scores_out`` (for saving).
+    """
+    ti, to = _vector("target_in", target_in), _vector("target_out", target_out)
+    ri = np.atleast_2d(np.asarray(refs_in, dtype=np.float64))
+    ro = np.atleast_2d(np.asarray(refs_out, dtype=np.float64))
+    if ri.shape[1] != ti.size or ro.shape[1] != to.size or ri.shape[0] != ro.shape[0] or ri.shape[0] < 1:
+        raise ValueError(
+            f"refs_in / refs_out must be [R, n] with R >= 1 and n matching the target's ({ti.size}, {to.size}), "
+            f"got {ri.shape} and {ro.shape}"
+        )
+    if not (np.all(np.isfinite(ri)) and np.all(np.isfinite(ro))):
+        raise ValueError("reference statistics hold non-finite values")
+    n_refs = ri.shape[0]
+    if per_example_variance and n_refs < 2:
+        raise ValueError("per_example_variance needs at least 2 reference models")
+    mu_i, mu_o = ri.mean(axis=0), ro.mean(axis=0)
+    if n_refs >= 2:
+        var_i, var_o = ri.var(axis=0, ddof=1), ro.var(axis=0, ddof=1)
+        pooled = float(np.sqrt(np.mean(np.r_[var_i, var_o])))
+        pooled = pooled if pooled > 0 else 1.0
+        if per_example_variance:
+            floor = 0.1 * pooled  # an image all references agree on must not get an infinite score
+            sd_i, sd_o = np.maximum(np.sqrt(var_i), floor), np.maximum(np.sqrt(var_o), floor)
+        else:
+            sd_i = sd_o = pooled
+    else:
+        pooled, sd_i, sd_o = 1.0, 1.0, 1.0
+    s_in, s_out = (ti - mu_i) / sd_i, (to - mu_o) / sd_o
+    return {
+        "reference": "offline LiRA, Carlini et al. S&P 2022 (out references only)",
+        **auc_ci(s_in, s_out, n_boot=n_boot, seed=seed),
+        "tpr_at_fpr": tpr_at_fpr(s_in, s_out, fpr),
+        "fpr": fpr,
+        "n_refs": int(n_refs),
+        "variance": "per_example" if per_example_variance else "global",
+        "sigma_pooled": pooled,
+        "scores_in": s_in,
+        "scores_out": s_out,
+    }
+
+
+def feature_membership_attack(
+    features_in: Any,
+    features_out: Any,
+    folds: int = 5,
+    C: float = 1.0,
+    n_boot: int = 1000,
+    seed: int = 0,
+    fpr: float = 0.01,
+) -> dict[str, Any]:
+    """A shadow classifier on penultimate features: can members be told from non-members by what the model
+    computes internally, whatever its output says?
+
+    Standardised logistic regression (balanced class weights) on the features plus their L2 norm, scored
+    out-of-fold with ``folds``-fold stratified cross-validation, so every image is scored by a classifier that
+    did not see it. Returns ``auc`` with its bootstrap interval, ``balanced_accuracy`` (at the classifier's own
+    threshold) and ``tpr_at_fpr``. 0.5 = the features carry no membership signal.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    fi = np.asarray(features_in, dtype=np.float64)
+    fo = np.asarray(features_out, dtype=np.float64)
+    if fi.ndim != 2 or fo.ndim != 2 or fi.shape[1] != fo.shape[1]:
+        raise ValueError(f"features must be [n, D] arrays of equal D, got {fi.shape} and {fo.shape}")
+    if min(fi.shape[0], fo.shape[0]) < folds or folds < 2:
+        raise ValueError(f"need folds >= 2 and at least {folds} samples per group, got {fi.shape[0]}, {fo.shape[0]}")
+    if not (np.all(np.isfinite(fi)) and np.all(np.isfinite(fo))):
+        raise ValueError("features hold non-finite values")
+    x = np.concatenate([fi, fo])
+    x = np.concatenate([x, np.linalg.norm(x, axis=1, keepdims=True)], axis=1)
+    y = np.r_[np.ones(fi.shape[0]), np.zeros(fo.shape[0])].astype(int)
+    scores = np.empty(y.size)
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
+        clf = make_pipeline(
+            StandardScaler(), LogisticRegression(C=C, max_iter=2000, class_weight="balanced", random_state=seed)
+        )
+        clf.fit(x[tr], y[tr])
+        scores[te] = clf.decision_function(x[te])
+    s_in, s_out = scores[y == 1], scores[y == 0]
+    return {
+        "reference": "cross-validated logistic regression on penultimate features (+ norm)",
+        **auc_ci(s_in, s_out, n_boot=n_boot, seed=seed),
+        "balanced_accuracy": 0.5 * (float(np.mean(s_in > 0)) + float(np.mean(s_out <= 0))),
+        "tpr_at_fpr": tpr_at_fpr(s_in, s_out, fpr),
+        "fpr": fpr,
+        "folds": int(folds),
+    }

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from nvflare_unlearn.evaluation.data import as_tensors
+from nvflare_unlearn.evaluation.stats import auc_ci
 
-__all__ = ["penultimate_features", "linear_probe", "final_linear_name"]
+__all__ = ["final_linear_name", "forward_outputs", "linear_probe", "linear_probe_features", "penultimate_features"]
 
 
 def final_linear_name(model: nn.Module) -> str:
@@ -34,12 +35,13 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def penultimate_features(
+def forward_outputs(
     model: nn.Module, data: Any, feature_layer: str | None = None, batch_size: int = 512
-) -> tuple[np.ndarray, np.ndarray]:
-    """(features [N, D] float32, labels [N]) captured by a forward pre-hook on `feature_layer`'s input.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features [N, D] float32, logits [N, K] float32, labels [N]) from ONE eval-mode pass over ``data``.
 
-    Default layer: the final Linear. The model runs in eval mode; its mode and hooks are restored.
+    Features are the input of ``feature_layer`` (default: the final Linear), captured by a forward pre-hook; the
+    model's mode and hooks are restored. Every per-example test (probe, attacks, saved arrays) reads these.
     """
     name = feature_layer or final_linear_name(model)
     modules = dict(model.named_modules())
@@ -48,6 +50,7 @@ def penultimate_features(
     dev = _device_of(model)
     x, y = as_tensors(data)
     chunks: list[torch.Tensor] = []
+    logits: list[torch.Tensor] = []
 
     def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         chunks.append(torch.flatten(inputs[0], 1).detach().float().cpu())
@@ -57,11 +60,24 @@ def penultimate_features(
     model.eval()
     try:
         for s in range(0, x.shape[0], batch_size):
-            model(x[s : s + batch_size].to(dev))
+            logits.append(model(x[s : s + batch_size].to(dev)).detach().float().cpu())
     finally:
         handle.remove()
         model.train(was_training)
-    return torch.cat(chunks).numpy(), y.cpu().numpy()
+    if not chunks:
+        raise ValueError("data is empty")
+    return torch.cat(chunks).numpy(), torch.cat(logits).numpy(), y.cpu().numpy()
+
+
+def penultimate_features(
+    model: nn.Module, data: Any, feature_layer: str | None = None, batch_size: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
+    """(features [N, D] float32, labels [N]) captured by a forward pre-hook on `feature_layer`'s input.
+
+    Default layer: the final Linear. The model runs in eval mode; its mode and hooks are restored.
+    """
+    feats, _logits, labels = forward_outputs(model, data, feature_layer, batch_size)
+    return feats, labels
 
 
 def linear_probe(
@@ -84,6 +100,28 @@ def linear_probe(
     weaker feature extractor (heavy pruning, short fine-tuning) lowers every class's AUC; forgetting lowers the
     forget class's alone. `control_auc_mean` and `auc_minus_control` let a reader tell the two apart.
     """
+    f_tr, y_tr = penultimate_features(model, train_ds, feature_layer)
+    f_te, y_te = penultimate_features(model, test_ds, feature_layer)
+    return linear_probe_features(f_tr, y_tr, f_te, y_te, forget_classes, C, max_iter, seed, control_classes)
+
+
+def linear_probe_features(
+    f_tr: np.ndarray,
+    y_tr: np.ndarray,
+    f_te: np.ndarray,
+    y_te: np.ndarray,
+    forget_classes: int | Iterable[int],
+    C: float = 1.0,
+    max_iter: int = 2000,
+    seed: int = 0,
+    control_classes: Iterable[int] | None = None,
+    n_boot: int = 0,
+) -> dict[str, Any]:
+    """``linear_probe`` on features already computed (``forward_outputs``), so one forward pass serves every test.
+
+    ``n_boot > 0`` adds a bootstrap interval of the AUC (``auc_low`` / ``auc_high``, probe-test images resampled
+    within each group; the probe itself is not refitted).
+    """
     forget = (
         [int(forget_classes)] if isinstance(forget_classes, (int, np.integer)) else [int(c) for c in forget_classes]
     )
@@ -92,9 +130,7 @@ def linear_probe(
     controls = [int(c) for c in control_classes] if control_classes is not None else []
     if set(controls) & set(forget):
         raise ValueError(f"control_classes {controls} overlap forget_classes {forget}")
-    f_tr, y_tr = penultimate_features(model, train_ds, feature_layer)
-    f_te, y_te = penultimate_features(model, test_ds, feature_layer)
-    out: dict[str, Any] = _one_vs_rest(f_tr, y_tr, f_te, y_te, forget, C, max_iter, seed)
+    out: dict[str, Any] = _one_vs_rest(f_tr, y_tr, f_te, y_te, forget, C, max_iter, seed, n_boot)
     out.update(n_train=int(y_tr.size), n_test=int(y_te.size), feature_dim=int(f_tr.shape[1]))
     if controls:
         ctrl = {c: _one_vs_rest(f_tr, y_tr, f_te, y_te, [c], C, max_iter, seed)["auc"] for c in controls}
@@ -113,6 +149,7 @@ def _one_vs_rest(
     C: float,
     max_iter: int,
     seed: int,
+    n_boot: int = 0,
 ) -> dict[str, float]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
@@ -130,7 +167,11 @@ def _one_vs_rest(
     clf.fit(f_tr, b_tr.astype(int))
     score = clf.decision_function(f_te)
     pred = (score > 0).astype(int)
-    return {
+    out = {
         "balanced_accuracy": float(balanced_accuracy_score(b_te.astype(int), pred)),
         "auc": float(roc_auc_score(b_te.astype(int), score)),
     }
+    if n_boot:
+        ci = auc_ci(score[b_te], score[~b_te], n_boot=n_boot, seed=seed)
+        out.update(auc_low=ci["low"], auc_high=ci["high"])
+    return out

@@ -13,7 +13,6 @@ round), loads the numpy weights, and works on this site's own data:
 
 from __future__ import annotations
 
-import zlib
 from typing import Any, Optional, Sequence
 
 import torch
@@ -29,6 +28,7 @@ from nvflare.security.logging import secure_format_exception
 from torch.utils.data import DataLoader
 
 from nvflare_unlearn._validation import check_num_classes, normalize_forget_classes
+from nvflare_unlearn.evaluation.data import EpochPermutation, site_shuffle_seed
 from nvflare_unlearn.fl.defs import (
     META_DP_SIGMA,
     META_FORGET,
@@ -188,13 +188,14 @@ class UnlearningExecutor(Executor):
 
     # ------------------------------------------------------------------ tasks
     def _loader(self, data, shuffle: bool, round_num: Optional[int]) -> DataLoader:
-        generator = None
+        """Batches of ``data``; shuffled, each epoch is one ``torch.randperm`` of a generator seeded by
+        ``site_shuffle_seed`` (``EpochPermutation``: the in-process federation draws the same order)."""
+        sampler = None
         if shuffle:
-            generator = torch.Generator()
-            generator.manual_seed(zlib.crc32(f"{self._training.seed}:{self._site_name}:{round_num or 0}".encode()))
-        return DataLoader(
-            data, batch_size=self._training.batch_size, shuffle=shuffle, generator=generator, num_workers=0
-        )
+            sampler = EpochPermutation(
+                len(data), site_shuffle_seed(self._training.seed, self._site_name, round_num or 0)
+            )
+        return DataLoader(data, batch_size=self._training.batch_size, sampler=sampler, num_workers=0)
 
     def _class_activations(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
         from nvflare_unlearn.method.activations import collect_class_activations
