@@ -13,6 +13,7 @@ round), loads the numpy weights, and works on this site's own data:
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Optional, Sequence
 
 import torch
