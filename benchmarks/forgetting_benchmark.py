@@ -58,7 +58,7 @@ from nvflare_unlearn.evaluation import (  # noqa: E402
     u_r_accuracy,
 )
 from nvflare_unlearn.evaluation.artifacts import per_example_arrays, save_arrays, write_atomic, write_json  # noqa: E402
-from nvflare_unlearn.evaluation.baselines import METHODS, PruneOptions, prepare_method  # noqa: E402
+from nvflare_unlearn.evaluation.baselines import METHODS, PruneOptions, prepare_method, site_objectives  # noqa: E402
 from nvflare_unlearn.evaluation.data import TensorBatches  # noqa: E402
 from nvflare_unlearn.evaluation.fedsim import CostMeter, FedConfig, Federation, run_fedavg, state_bytes  # noqa: E402
 from nvflare_unlearn.evaluation.membership import (  # noqa: E402
@@ -70,7 +70,7 @@ from nvflare_unlearn.evaluation.membership import (  # noqa: E402
 )
 from nvflare_unlearn.evaluation.probe import linear_probe_features  # noqa: E402
 from nvflare_unlearn.evaluation.stats import noise_floor, paired_difference, t_interval  # noqa: E402
-from nvflare_unlearn.options import PlanOptions  # noqa: E402
+from nvflare_unlearn.options import MethodOptions, PlanOptions  # noqa: E402
 
 T_START = time.perf_counter()
 RESULTS = HERE / "results"
@@ -141,6 +141,37 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """One benchmarked method: how the original is prepared, what the sites minimise, the prune ratio.
+
+    Written ``<prepare>[@<ratio>][+kd]``: ``prune@0.2+kd`` prunes 20 % then fine-tunes with distillation;
+    ``neggrad+kd`` is NegGrad+ with a distilled retained term; ``scrub`` distils by definition. The job's methods
+    (``options.METHODS``) and the benchmark's preparations (``evaluation.baselines.METHODS``) both spell here.
+    """
+
+    name: str
+    prepare: str
+    objective: MethodOptions
+    ratio: float | None
+
+
+def parse_method(spec: str, default_ratio: float) -> MethodSpec:
+    base, _, recovery = spec.partition("+")
+    base, _, ratio = base.partition("@")
+    if recovery not in ("", "kd"):
+        raise SystemExit(f"method {spec!r}: only '+kd' may follow a method")
+    if base in ("neggrad", "random_label", "scrub"):
+        opts = MethodOptions(method=base, recovery="kd" if (recovery or base == "scrub") else "ce")
+        return MethodSpec(spec, "finetune", opts, None)
+    if base not in METHODS or base == "retrain":
+        known = sorted(set(METHODS[1:]) | {"neggrad", "random_label", "scrub"})
+        raise SystemExit(f"unknown method {base!r} in {spec!r}; choose from {known} (retraining is the references)")
+    job_method = "prune" if base.startswith("prune") else "finetune"
+    opts = MethodOptions(method=job_method, recovery=recovery or "ce")
+    return MethodSpec(spec, base, opts, float(ratio) if ratio else (default_ratio if job_method == "prune" else None))
+
+
 def log(msg: str) -> None:
     now = datetime.now().strftime("%H:%M:%S")
     print(f"[{now} +{time.perf_counter() - T_START:7.1f}s] {msg}", flush=True)
@@ -158,7 +189,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--original-seed", type=int, default=0)
     p.add_argument("--originals", default=None, help="folder of originals.py outputs (default per setting)")
     p.add_argument("--data-root", default=None, help="folder holding cifar10/ and cifar100/ ($NVFLARE_UNLEARN_DATA)")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated subset of {METHODS[1:]}")
+    p.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma-separated; each <prepare>[@<ratio>][+kd] with <prepare> in {METHODS[1:]} or "
+        f"neggrad/random_label/scrub (e.g. prune@0.2+kd, neggrad+kd)",
+    )
     p.add_argument("--ft-rounds", type=int, help="fine-tune rounds of EVERY method (the shared budget)")
     p.add_argument("--ft-lr", type=float, help="peak fine-tune lr (cosine to 0)")
     p.add_argument("--prune-ratio", type=float, default=0.05, help="prune: share of coupled channel units removed")
@@ -417,10 +453,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     forget = sorted(set(_ints(args.forget)))
-    methods = [m for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS or m == "retrain"]
-    if bad:
-        raise SystemExit(f"unknown method(s) {bad}; choose from {list(METHODS[1:])} (retraining is the references)")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    specs = {m: parse_method(m, args.prune_ratio) for m in methods}
     seeds = _ints(args.seeds)
     ftag = "+".join(map(str, forget))
     stem = f"{args.setting}_f{ftag}{('_' + args.tag) if args.tag else ''}"
@@ -518,15 +552,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             c0 = time.process_time()
             meter = CostMeter()
             participants = fed.sample_sites(-1, scfg["fed"]["clients_per_round"], seed)
+            spec = specs[method]
             prep = prepare_method(
-                method,
+                spec.prepare,
                 original,
                 fed,
                 forget,
                 participants,
                 meter,
                 seed=seed,
-                prune_opts=PruneOptions(plan=PlanOptions(prune_ratio=args.prune_ratio)),
+                prune_opts=PruneOptions(plan=PlanOptions(prune_ratio=spec.ratio or args.prune_ratio)),
                 fisher_images_per_site=args.fisher_images,
                 fisher_alphas=[float(v) for v in args.fisher_alphas.split(",")],
                 fisher_max_r_drop=args.fisher_max_r_drop,
@@ -534,8 +569,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model = prep.model
             after = full_test_curve(model, 0)
             ft = FedConfig(**{**scfg["fed"], "rounds": args.ft_rounds, "lr": args.ft_lr, "seed": seed})
+            teacher = original if spec.objective.needs_teacher else None
+            site_loss = site_objectives(spec.objective, fed, forget, teacher, batch_size=ft.batch_size, seed=seed)
             hist = run_fedavg(
-                model, fed, ft, drop_classes=forget, meter=meter, eval_fn=full_test_curve, phase="finetune"
+                model,
+                fed,
+                ft,
+                drop_classes=forget,
+                meter=meter,
+                eval_fn=full_test_curve,
+                phase="finetune",
+                site_loss=site_loss,
             )
             rq = next(
                 (h["round"] for h in hist if h["r_acc"] >= r_target and (h["u_acc"] or 0.0) <= 0.01),
@@ -550,6 +594,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             info = {k: v for k, v in prep.info.items() if k != "plan"}
             report["runs"][name] = {
                 "method": method,
+                "prepare_method": spec.prepare,
+                "objective": spec.objective.to_dict(),
+                "prune_ratio": spec.ratio,
                 "seed": seed,
                 "participants": participants,
                 "prepare": info,
