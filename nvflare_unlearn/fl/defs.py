@@ -19,6 +19,9 @@ META_MODEL_NAME = "model_name"
 META_NUM_CLASSES = "num_classes"
 META_ORIGINAL_CKPT = "original_ckpt"  # persistor -> controller: {"path", "sha256"} of the checkpoint it loaded
 META_OUTPUT_FILE = "output_file"  # persistor -> controller: the file name it saves the global model under
+META_RESUME = "resume"  # controller <-> persistor: the job state saved with each round (resume_from=)
+META_PRIVACY = "privacy"  # activation task: the PrivacyOptions the job asks the sites to apply
+META_PRIVACY_APPLIED = "privacy_applied"  # activation report: what this site actually applied
 META_DP_SIGMA = "dp_sigma"  # DXO meta of an activation report: std of the Gaussian noise the site added (0 = none)
 
 # Keys of the per-class evaluation metrics a site returns for TASK_VALIDATE (counts only, never samples).
@@ -32,3 +35,7 @@ PRUNED_MODEL_FILE = "pruned_model.pt"
 PLAN_FILE = "pruning_plan.json"
 RECORD_FILE = "unlearning_record.json"  # audit record (nvflare_unlearn.protect.audit), unlearning jobs only
 GLOBAL_MODEL_FILE = "global_model.pt"  # pretraining / retraining output
+PROGRESS_FILE = "progress.json"  # phase, round, U/R so far: what the CLI shows while a job runs
+
+# The group under which the controllers answer the admin's ``show_stats`` (POC / production progress).
+PROGRESS_STATS_GROUP = "unlearning_progress"

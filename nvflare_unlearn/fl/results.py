@@ -1,10 +1,16 @@
-"""Reading a finished job's outputs, wherever NVFlare put them.
+"""Running a job to its end in any environment, and reading its outputs wherever NVFlare put them.
 
-``run.get_result()`` returns a folder: for ``SimEnv`` the simulator workspace (``<root>/<job>/server/simulate_job``
-holds the server's run directory), for ``PocEnv`` / ``ProdEnv`` the downloaded job result. The server writes
-``unlearning_metrics.json`` and the model files into its run directory, so we look for the metrics file below the
-folder. NVFlare's simulator can exit 0 after a failed job, so a missing file or ``status != "completed"`` is an
-error here, with the reason from the record or the server log.
+``run_job(recipe, env, dest)`` is the one way the CLI (and anyone) runs a recipe in ``SimEnv``, ``PocEnv`` or
+``ProdEnv``: it follows the job's progress (phase, round, U/R: ``progress.json`` in the simulator, the admin's
+``show_stats`` elsewhere), downloads a POC / production result into ``dest`` BEFORE a POC system is stopped (a
+``PocEnv`` cleans its workspace, and the admin's download folder with it, when it stops), and reports a job as
+failed when NVFlare finished it as anything but ``FINISHED:COMPLETED`` or its record says it failed.
+
+``read_job_result(folder)`` checks one result folder: for ``SimEnv`` the simulator workspace
+(``<root>/<job>/server/simulate_job`` holds the server's run directory), for ``PocEnv`` / ``ProdEnv`` the downloaded
+job result. The server writes ``unlearning_metrics.json`` and the model files into its run directory, so we look for
+the metrics file below the folder. NVFlare's simulator can exit 0 after a failed job, so a missing file or
+``status != "completed"`` is an error here, with the reason from the record or the server log.
 """
 
 from __future__ import annotations
@@ -12,14 +18,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from nvflare_unlearn.fl.defs import (
     FINAL_MODEL_FILE,
     GLOBAL_MODEL_FILE,
     METRICS_FILE,
     PLAN_FILE,
+    PROGRESS_FILE,
+    PROGRESS_STATS_GROUP,
     PRUNED_MODEL_FILE,
     RECORD_FILE,
 )
@@ -41,6 +51,8 @@ class JobResult:
     tensorboard_dir: Optional[str] = None
     record_path: Optional[str] = None  # unlearning_record.json (unlearning jobs; audit.verify_record checks it)
     files: dict = field(default_factory=dict)
+    job_id: Optional[str] = None
+    status: Optional[str] = None  # NVFlare's final job status (POC / production; None in the simulator)
 
     @property
     def rounds(self) -> int:
@@ -112,3 +124,187 @@ def read_job_result(result_dir: Optional[str]) -> JobResult:
         record_path=record if os.path.isfile(record) else None,
         files={name: os.path.join(run_dir, name) for name in sorted(os.listdir(run_dir))},
     )
+
+
+# ------------------------------------------------------------------------------------------------- running a job
+#: NVFlare's status of a job that ended well; any other FINISHED:* status is a failure
+COMPLETED = "FINISHED:COMPLETED"
+
+Progress = Callable[[dict], None]
+
+
+def run_job(
+    recipe: Any,
+    env: Any,
+    dest: str,
+    *,
+    timeout: float = 0.0,
+    on_progress: Optional[Progress] = None,
+    poll_s: float = 5.0,
+    stop_poc: bool = True,
+) -> JobResult:
+    """Run ``recipe`` in ``env`` (SimEnv, PocEnv or ProdEnv) to its end and return its checked result.
+
+    POC / production: the job is followed through the admin API (its status and the controller's progress in
+    ``show_stats``), its result is downloaded into ``dest`` while the system still runs, then a POC system is
+    stopped (``stop_poc``) and its leftover processes ended. ``timeout`` > 0 aborts a job still running after that
+    many seconds. Raises RuntimeError when NVFlare did not finish the job as ``FINISHED:COMPLETED`` or the job's
+    record says it failed (the message gives the recorded error or the first error of the server log).
+    """
+    from nvflare.recipe.sim_env import SimEnv
+
+    if isinstance(env, SimEnv):
+        return _run_in_simulator(recipe, env, on_progress)
+    return _run_in_system(recipe, env, dest, timeout, on_progress, poll_s, stop_poc)
+
+
+def _run_in_simulator(recipe: Any, env: Any, on_progress: Optional[Progress]) -> JobResult:
+    progress = os.path.join(env.workspace_root, recipe.name, "server", "simulate_job", PROGRESS_FILE)
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_file, args=(progress, stop, on_progress), daemon=True)
+    if on_progress is not None:
+        watcher.start()
+    error = None
+    try:
+        run = recipe.run(env)
+        result_dir = run.get_result()
+    except RuntimeError as e:  # the simulator exited non-zero: the record or the log says why
+        error, result_dir = e, os.path.join(env.workspace_root, recipe.name)
+    finally:
+        stop.set()
+        if watcher.is_alive():
+            watcher.join(timeout=5)
+    try:
+        return read_job_result(result_dir)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}{f' ({error})' if error else ''}") from None
+
+
+def _watch_file(path: str, stop: threading.Event, on_progress: Progress) -> None:
+    last = None
+    while not stop.wait(1.0):
+        try:
+            with open(path) as f:
+                current = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if current != last:
+            last = current
+            on_progress(current)
+
+
+def _admin_session(env: Any):
+    """A Flare API session as the environment's admin user (POC: the admin kit of the running POC system)."""
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+    from nvflare.recipe.poc_env import PocEnv
+
+    if isinstance(env, PocEnv):
+        from nvflare.tool.poc.poc_commands import get_prod_dir, setup_service_config
+        from nvflare.tool.poc.service_constants import FlareServiceConstants as SC
+
+        project, services = setup_service_config(env.poc_workspace)
+        kit = os.path.join(get_prod_dir(env.poc_workspace, project.get("name")), services.get(SC.FLARE_PROJ_ADMIN))
+    else:
+        kit = env.startup_kit_location
+    return new_secure_session(username=env.username, startup_kit_location=kit, timeout=30.0, study=env.study)
+
+
+def _server_progress(sess: Any, job_id: str) -> Optional[dict]:
+    try:
+        stats = sess.show_stats(job_id, "server") or {}
+    except Exception:  # the job may be starting or ending: progress is best effort
+        return None
+    for value in stats.values():
+        if isinstance(value, dict) and isinstance(value.get(PROGRESS_STATS_GROUP), dict):
+            return value[PROGRESS_STATS_GROUP]
+    return None
+
+
+def _run_in_system(recipe, env, dest, timeout, on_progress, poll_s, stop_poc) -> JobResult:
+    from nvflare.recipe.poc_env import PocEnv
+
+    run = recipe.run(env)  # POC: provisions and starts a fresh system first
+    job_id = run.get_job_id()
+    started = time.time()
+    status, aborted, result_dir, last = None, False, None, None
+    try:
+        sess = _admin_session(env)
+        try:
+            while True:
+                status = str(sess.get_job_meta(job_id).get("status", ""))
+                if status.startswith("FINISHED"):
+                    break
+                if on_progress is not None:
+                    current = _server_progress(sess, job_id)
+                    if current and current != last:
+                        last = current
+                        on_progress(current)
+                if timeout and not aborted and time.time() - started > timeout:
+                    sess.abort_job(job_id)
+                    aborted = True
+                time.sleep(poll_s)
+            os.makedirs(dest, exist_ok=True)
+            result_dir = sess.download_job_result(job_id, destination=dest)  # before anything is stopped
+        finally:
+            sess.close()
+    finally:
+        if isinstance(env, PocEnv) and stop_poc:
+            stop_poc_system(env)
+    try:
+        result = read_job_result(result_dir)
+    except RuntimeError as e:
+        raise RuntimeError(f"NVFlare finished job {job_id} as {status}: {e}") from None
+    if aborted:
+        raise RuntimeError(f"job {job_id} ran past timeout={timeout:g} s and was aborted ({status})")
+    if status != COMPLETED:
+        raise RuntimeError(
+            f"NVFlare finished job {job_id} as {status}, not {COMPLETED}, although its record says completed: "
+            f"{_log_hint(result_dir)}; result in {result_dir}"
+        )
+    result.job_id, result.status = job_id, status
+    return result
+
+
+def stop_poc_system(env: Any, wait_s: float = 30.0) -> list[int]:
+    """Stop a POC system (keeping its workspace and logs) and end what is left of its processes.
+
+    NVFlare's POC can leave server or site processes behind (a site restarted by its supervisor after a crash does
+    not always go down with ``poc stop``); they are found by the POC workspace in their command line and sent
+    SIGTERM, then SIGKILL. Returns the ids of the processes that had to be ended.
+    """
+    import signal
+
+    try:
+        env.stop(clean_up=False)
+    except Exception:  # stopping is best effort; what is left is ended below
+        pass
+    workspace = os.path.realpath(env.poc_workspace)
+    deadline = time.time() + wait_s
+    while time.time() < deadline and poc_processes(workspace):
+        time.sleep(1.0)
+    ended = poc_processes(workspace)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in poc_processes(workspace):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        time.sleep(2.0)
+    return ended
+
+
+def poc_processes(workspace: str) -> list[int]:
+    """Ids of this user's processes whose command line names the POC workspace (server, sites, supervisors)."""
+    found = []
+    me = os.getpid()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if workspace in cmd:
+            found.append(int(entry))
+    return sorted(found)
