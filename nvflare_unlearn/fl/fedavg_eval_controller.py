@@ -184,6 +184,12 @@ class FedAvgEvalController(BaseFedAvg):
             wait_time_after_min_received=self._fed.wait_time_after_min_received,
         )
         self._tasks_sent += 1
+        if self.abort_signal.triggered:  # not a quorum problem: the whole run is being ended
+            raise RuntimeError(
+                f"NVFlare aborted the run while task {task_name!r} was out (an admin's abort, or a site whose job "
+                "process failed: NVFlare 2.9 ends the whole job then; the server's log.txt names the site in "
+                "'Failing job ... due to reported failure from <site>')"
+            )
         results = sorted(results, key=site_name)  # arrival order must not change sums (reproducible plans)
         answered = {site_name(r) for r in results}
         self._no_result = sorted(str(c) for c in clients if str(c) not in answered)
@@ -422,10 +428,12 @@ class FedAvgEvalController(BaseFedAvg):
             params=count_params(net),
             params_full=count_params(build_model(self.model_name, self.num_classes, self.in_channels)),
         )
+        self.set_progress(phase="start", num_rounds=self.num_rounds)
         self._record["initial"] = self.evaluate(model, "initial", 0)
         model, history = self.run_rounds(model, stage="train", first_step=1)
         self._record["per_round"] = history
         self._record["rounds"] = len(history)
         self._record["final"] = history[-1] if history else self._record["initial"]
         self.save_model(model)
+        self.set_progress(phase="done")
         self.write_metrics("completed")

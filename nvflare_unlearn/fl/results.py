@@ -193,17 +193,62 @@ def _watch_file(path: str, stop: threading.Event, on_progress: Progress) -> None
             on_progress(current)
 
 
+def _poc_admin_kit(poc_workspace: str) -> str:
+    from nvflare.tool.poc.poc_commands import get_prod_dir, setup_service_config
+    from nvflare.tool.poc.service_constants import FlareServiceConstants as SC
+
+    project, services = setup_service_config(poc_workspace)
+    return os.path.join(get_prod_dir(poc_workspace, project.get("name")), services.get(SC.FLARE_PROJ_ADMIN))
+
+
+def all_sites_poc_env(num_clients: int, connect_timeout: float = 300.0, **kwargs: Any) -> Any:
+    """NVFlare's ``PocEnv`` that submits the job only once all ``num_clients`` sites are connected.
+
+    ``PocEnv.deploy`` starts the system and submits after 3 s; on a loaded machine only some sites are connected
+    by then, and NVFlare deploys the job to those alone (as many as its ``min_clients``): the job would run, and
+    be judged, without a site that was merely slow to start.
+    """
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+    from nvflare.recipe.poc_env import PocEnv
+
+    class _AllSitesPocEnv(PocEnv):
+        def _get_session_manager(self):
+            manager = super()._get_session_manager()
+            env = self
+
+            class _Waiting:
+                def __getattr__(self, name):
+                    return getattr(manager, name)
+
+                def submit_job(self, job):
+                    sess = new_secure_session(
+                        username=env.username, startup_kit_location=_poc_admin_kit(env.poc_workspace), timeout=60.0
+                    )
+                    try:
+                        deadline = time.time() + connect_timeout
+                        while len(sess.get_connected_client_list() or []) < env.num_clients:
+                            if time.time() > deadline:
+                                raise RuntimeError(
+                                    f"only {len(sess.get_connected_client_list() or [])} of {env.num_clients} POC "
+                                    f"site(s) connected after {connect_timeout:g} s"
+                                )
+                            time.sleep(1.0)
+                    finally:
+                        sess.close()
+                    return manager.submit_job(job)
+
+            return _Waiting()
+
+    return _AllSitesPocEnv(num_clients=num_clients, **kwargs)
+
+
 def _admin_session(env: Any):
     """A Flare API session as the environment's admin user (POC: the admin kit of the running POC system)."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
     from nvflare.recipe.poc_env import PocEnv
 
     if isinstance(env, PocEnv):
-        from nvflare.tool.poc.poc_commands import get_prod_dir, setup_service_config
-        from nvflare.tool.poc.service_constants import FlareServiceConstants as SC
-
-        project, services = setup_service_config(env.poc_workspace)
-        kit = os.path.join(get_prod_dir(env.poc_workspace, project.get("name")), services.get(SC.FLARE_PROJ_ADMIN))
+        kit = _poc_admin_kit(env.poc_workspace)
     else:
         kit = env.startup_kit_location
     return new_secure_session(username=env.username, startup_kit_location=kit, timeout=30.0, study=env.study)

@@ -170,6 +170,8 @@ class UnlearningController(FedAvgEvalController):
         self.set_progress(phase="start", num_rounds=self.num_rounds, forget_classes=self.forget_classes)
         if resume:
             plan, last_eval, done = self._resume(resume, original_path, original_sha, plan_json, started)
+            with open(os.path.join(self.get_run_dir(), PLAN_FILE), "w") as f:
+                f.write(plan.to_json())  # the outputs of a resumed job are complete too
         else:
             self._record.update(
                 model_name=self.model_name,
@@ -343,6 +345,13 @@ class UnlearningController(FedAvgEvalController):
         from nvflare_unlearn.protect.privacy import gaussian_sigma, sensitivity, split_budget
 
         params: dict[str, Any] = self.options()
+        # what each site says it applied to its upload (None: its code did not say, e.g. a script without the
+        # client_api helpers): the request above is what was asked, this is what the sites vouch for
+        params["privacy_applied"] = {
+            f"class {a['forget_class']}": a.get("privacy_applied") or {} for a in activation_rounds
+        }
+        if self._record.get("resumed"):
+            params["resumed"] = self._record["resumed"]
         if self._privacy.dp:
             eps, delta = split_budget(self._privacy.dp_epsilon, self._privacy.dp_delta, len(self.forget_classes))
             params["dp_per_pass"] = {"epsilon": eps, "delta": delta, "passes": len(self.forget_classes)}
