@@ -221,3 +221,25 @@ def test_a_job_nvflare_did_not_complete_is_a_failure(tmp_path, monkeypatch):
         else:
             with pytest.raises(RuntimeError, match=status):
                 results.run_job(recipe, object(), str(tmp_path / "d"), poll_s=0)
+
+
+def test_per_site_config_overrides_the_recipes_values_for_that_site_only(tmp_path, ckpt):
+    recipe = UnlearningRecipe(
+        name="ps", initial_ckpt=str(ckpt), forget_classes=[3], in_channels=1, lr=0.05, min_count=3
+    )
+    recipe.set_per_site_config({"site-1": {"min_count": 100}, "site-2": {"lr": 0.02}})
+    recipe.export(str(tmp_path))
+    args = {}
+    for site in ("site-1", "site-2"):
+        with open(tmp_path / "ps" / f"app_{site}" / "config" / "config_fed_client.json") as f:
+            args[site] = json.load(f)["executors"][0]["executor"]["args"]
+    assert args["site-1"]["privacy"]["min_count"] == 100 and args["site-1"]["training"]["lr"] == 0.05
+    assert args["site-2"]["privacy"]["min_count"] == 3 and args["site-2"]["training"]["lr"] == 0.02
+    with pytest.raises(ValueError, match="min_count"):
+        UnlearningRecipe(name="bad", initial_ckpt=str(ckpt), forget_classes=[3]).set_per_site_config(
+            {"site-1": {"min_count": -1}}
+        )
+    with pytest.raises(ValueError, match="unknown option"):
+        UnlearningRecipe(name="bad2", initial_ckpt=str(ckpt), forget_classes=[3]).set_per_site_config(
+            {"site-1": {"num_rounds": 4}}
+        )

@@ -167,8 +167,13 @@ class FedAvgEvalController(BaseFedAvg):
         one, so a site that dies mid-job costs at most ``wait_time_after_min_received`` per task, not the job.
         """
         phase = _PHASE_OF_TASK.get(task_name, "validate")
-        clients = self.sample_clients()
-        min_clients, timeout = self._fed.for_phase(phase, len(clients))
+        everyone = self.sample_clients()
+        min_clients, timeout = self._fed.for_phase(phase, len(everyone))
+        # NVFlare deems a site disconnected some time (its dead-client grace period) after the site's job process
+        # vanished: later tasks stop waiting for it
+        deemed_gone = getattr(self.communicator, "get_client_disconnect_time", None)
+        gone = [c for c in everyone if deemed_gone is not None and deemed_gone(c)]
+        clients = [c for c in everyone if c not in gone]
         if len(clients) < min_clients:
             raise RuntimeError(
                 f"only {len(clients)} site(s) connected, the {phase} phase needs min_clients={min_clients}"
@@ -192,7 +197,7 @@ class FedAvgEvalController(BaseFedAvg):
             )
         results = sorted(results, key=site_name)  # arrival order must not change sums (reproducible plans)
         answered = {site_name(r) for r in results}
-        self._no_result = sorted(str(c) for c in clients if str(c) not in answered)
+        self._no_result = sorted(str(c) for c in everyone if str(c) not in answered)
         if self._no_result:
             self.warning(
                 f"task {task_name!r}: no result from {self._no_result} (error, timeout or disconnect; see their logs); "
@@ -376,6 +381,8 @@ class FedAvgEvalController(BaseFedAvg):
                 no_result=no_result,
             )
             history.append(entry)
+            self._record["per_round"] = list(history)  # a job that fails later still records its rounds
+            self._record["rounds"] = len(history)
             state = self.resume_state(len(history), history)
             if state is not None:  # saved with the weights: a stopped job can be resubmitted to go on from here
                 model.meta[META_RESUME] = state

@@ -50,6 +50,7 @@ from nvflare_unlearn.options import (
     ScoringOptions,
     SiteDataOptions,
     TrainingOptions,
+    rename_deprecated,
     split_options,
 )
 
@@ -176,12 +177,18 @@ class _JobRecipe(Recipe):
         script = site_config.get("train_script", self.train_script)
         if script is not None:
             return script_runner(script, site_config.get("train_args", self.train_args))
-        groups, _ = split_options(
+        # this site's values override the recipe's, field by field, and are validated with their group
+        overrides, _ = split_options(
             {k: v for k, v in site_config.items() if k not in _SCRIPT_KEYS},
             SITE_GROUPS,
             f"{type(self).__name__} site config",
-            given=self._site_groups(),
         )
+        given = {k for k in rename_deprecated(dict(site_config), "site config") if k not in _SCRIPT_KEYS}
+        groups = {}
+        for g in SITE_GROUPS:
+            merged = self._group(g.GROUP, g).to_dict()
+            merged.update({k: v for k, v in overrides[g.GROUP].to_dict().items() if k in given})
+            groups[g.GROUP] = g.from_dict(merged)
         return UnlearningExecutor(
             self.model_name,
             self.num_classes,

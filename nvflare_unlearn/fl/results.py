@@ -204,45 +204,66 @@ def _poc_admin_kit(poc_workspace: str) -> str:
 def all_sites_poc_env(num_clients: int, connect_timeout: float = 300.0, **kwargs: Any) -> Any:
     """NVFlare's ``PocEnv`` that submits the job only once all ``num_clients`` sites are connected.
 
-    ``PocEnv.deploy`` starts the system and submits after 3 s; on a loaded machine only some sites are connected
-    by then, and NVFlare deploys the job to those alone (as many as its ``min_clients``): the job would run, and
-    be judged, without a site that was merely slow to start.
+    ``PocEnv.deploy`` starts the system and submits after 3 s with a 10 s login; on a loaded machine the server may
+    not answer yet, or only some sites are connected, and NVFlare then deploys the job to those alone (as many as
+    its ``min_clients``): the job would run, and be judged, without a site that was merely slow to start. This
+    ``deploy`` is NVFlare's, with that wait in the middle.
     """
-    from nvflare.fuel.flare_api.flare_api import new_secure_session
     from nvflare.recipe.poc_env import PocEnv
+    from nvflare.recipe.utils import collect_non_local_scripts
+    from nvflare.tool.poc.poc_commands import _start_poc, prepare_poc_provision
 
     class _AllSitesPocEnv(PocEnv):
-        def _get_session_manager(self):
-            manager = super()._get_session_manager()
-            env = self
+        def deploy(self, job) -> str:
+            non_local = collect_non_local_scripts(job)
+            if non_local:
+                raise ValueError(f"The following scripts do not exist locally: {non_local}")
+            if self._check_poc_running():
+                self.stop(clean_up=True)
+            prepare_poc_provision(
+                clients=self.clients or [],
+                number_of_clients=self.num_clients,
+                workspace=self.poc_workspace,
+                docker_image=self.docker_image,
+                use_he=self.use_he,
+                project_conf_path=self.project_conf_path,
+                examples_dir=None,
+            )
+            _start_poc(
+                poc_workspace=self.poc_workspace, gpu_ids=self.gpu_ids, excluded=[self.username], services_list=[]
+            )
+            wait_for_sites(self, self.num_clients, connect_timeout)
+            return self._get_session_manager().submit_job(job)
 
-            class _Waiting:
-                def __getattr__(self, name):
-                    return getattr(manager, name)
-
-                def submit_job(self, job):
-                    sess = new_secure_session(
-                        username=env.username, startup_kit_location=_poc_admin_kit(env.poc_workspace), timeout=60.0
-                    )
-                    try:
-                        deadline = time.time() + connect_timeout
-                        while len(sess.get_connected_client_list() or []) < env.num_clients:
-                            if time.time() > deadline:
-                                raise RuntimeError(
-                                    f"only {len(sess.get_connected_client_list() or [])} of {env.num_clients} POC "
-                                    f"site(s) connected after {connect_timeout:g} s"
-                                )
-                            time.sleep(1.0)
-                    finally:
-                        sess.close()
-                    return manager.submit_job(job)
-
-            return _Waiting()
-
-    return _AllSitesPocEnv(num_clients=num_clients, **kwargs)
+    extra = {"login_timeout": 60, **(kwargs.pop("extra", None) or {})}
+    return _AllSitesPocEnv(num_clients=num_clients, extra=extra, **kwargs)
 
 
-def _admin_session(env: Any):
+def wait_for_sites(env: Any, num_clients: int, timeout: float = 300.0) -> None:
+    """Wait until the system's server answers and ``num_clients`` sites are connected (RuntimeError after
+    ``timeout`` s)."""
+    from nvflare.fuel.flare_api.api_spec import NoConnection
+
+    deadline = time.time() + timeout
+    connected: list = []
+    while time.time() < deadline:
+        try:
+            sess = _admin_session(env, login_timeout=10.0)
+        except NoConnection:
+            time.sleep(2.0)
+            continue
+        try:
+            while time.time() < deadline:
+                connected = sess.get_connected_client_list() or []
+                if len(connected) >= num_clients:
+                    return
+                time.sleep(1.0)
+        finally:
+            sess.close()
+    raise RuntimeError(f"only {len(connected)} of {num_clients} site(s) connected after {timeout:g} s")
+
+
+def _admin_session(env: Any, login_timeout: float = 60.0):
     """A Flare API session as the environment's admin user (POC: the admin kit of the running POC system)."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
     from nvflare.recipe.poc_env import PocEnv
@@ -251,7 +272,7 @@ def _admin_session(env: Any):
         kit = _poc_admin_kit(env.poc_workspace)
     else:
         kit = env.startup_kit_location
-    return new_secure_session(username=env.username, startup_kit_location=kit, timeout=30.0, study=env.study)
+    return new_secure_session(username=env.username, startup_kit_location=kit, timeout=login_timeout, study=env.study)
 
 
 def _server_progress(sess: Any, job_id: str) -> Optional[dict]:
@@ -303,11 +324,30 @@ def _run_in_system(recipe, env, dest, timeout, on_progress, poll_s, stop_poc) ->
         raise RuntimeError(f"job {job_id} ran past timeout={timeout:g} s and was aborted ({status})")
     if status != COMPLETED:
         raise RuntimeError(
-            f"NVFlare finished job {job_id} as {status}, not {COMPLETED}, although its record says completed: "
-            f"{_log_hint(result_dir)}; result in {result_dir}"
+            f"NVFlare finished job {job_id} as {status}, not {COMPLETED}; {_dropped_sites(result.metrics)}"
+            f"the workflow's own record says completed (outputs kept in {result.run_dir}); "
+            f"first error in the job's log: {_log_hint(result_dir)}"
         )
     result.job_id, result.status = job_id, status
     return result
+
+
+def _dropped_sites(m: dict) -> str:
+    """Which sites gave no result, and which ones every phase used (NVFlare ends a job as FINISHED:ABNORMAL when a
+    site that took part has no outcome, e.g. its processes died)."""
+    phases = [
+        (f"activation class {a.get('forget_class')}", a.get("sites"), a.get("no_result"))
+        for a in m.get("activation_rounds", [])
+    ] + [(f"round {r.get('round')}", r.get("trained_sites"), r.get("no_result")) for r in m.get("per_round", [])]
+    missing = sorted({s for _p, _u, n in phases for s in (n or [])})
+    if not missing:
+        return ""
+    first = next(p for p, _u, n in phases if n)
+    used = "; ".join(f"{p}: {', '.join(u or [])}" for p, u, _n in phases)
+    return (
+        f"site(s) {missing} gave no result from {first} on (a site that died has no outcome for NVFlare); "
+        f"sites used: {used}; "
+    )
 
 
 def stop_poc_system(env: Any, wait_s: float = 30.0) -> list[int]:
