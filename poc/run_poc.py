@@ -365,7 +365,7 @@ def kill_run(
         entry.update(outcome="completed", status=result.status, job_id=result.job_id)
         metrics = result.metrics
     except RuntimeError as e:
-        entry.update(outcome="failed", message=str(e)[:600])
+        entry.update(outcome="failed", message=str(e)[:1500])
         hits = _find(dest, METRICS_FILE) if os.path.isdir(dest) else []
         metrics = json.load(open(hits[0])) if hits else {}
     entry["wall_seconds"] = round(time.time() - t0, 1)

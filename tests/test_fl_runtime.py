@@ -110,7 +110,14 @@ def test_per_site_options_tracking_and_progress_end_to_end(tmp_path):
     recipe.set_per_site_config({"site-1": {"min_count": 100000}, "site-2": {"lr": 0.02}})
     add_experiment_tracking(recipe, "mlflow")  # NVFlare's own helper: site-side metrics into an MLflow store
     seen: list[dict] = []
-    result = run_job(recipe, _env(tmp_path), str(tmp_path / "unused"), on_progress=seen.append)
+    # per-site apps: the simulator is told the site names (NVFlare refuses n_clients with per-site targets)
+    env = SimEnv(
+        clients=["site-1", "site-2"],
+        num_threads=2,
+        workspace_root=str(tmp_path),
+        log_config=quiet_log_config(str(tmp_path)),
+    )
+    result = run_job(recipe, env, str(tmp_path / "unused"), on_progress=seen.append)
     m = result.metrics
     applied = m["activation_rounds"][0]["privacy_applied"]
     assert applied["site-1"]["min_count"] == 100000 and applied["site-2"]["min_count"] == 0

@@ -264,7 +264,8 @@ class UnlearningExecutor(Executor):
             f"trained {self._training.local_epochs} epoch(s), {steps} steps on {n} samples (dropped {forget}), "
             f"mean loss {mean_loss}",
         )
-        if mean_loss is not None:  # NVFlare experiment tracking: the server's receivers (TensorBoard, MLflow) log it
+        if mean_loss is not None and fl_ctx.get_engine() is not None:  # NVFlare experiment tracking: the server's
+            # receivers (TensorBoard, MLflow) log it; a unit test or benchmark driving execute() has no engine
             dxo = create_analytic_dxo(
                 tag="train_loss",
                 value=mean_loss,

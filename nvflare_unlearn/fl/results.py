@@ -240,26 +240,38 @@ def all_sites_poc_env(num_clients: int, connect_timeout: float = 300.0, **kwargs
 
 
 def wait_for_sites(env: Any, num_clients: int, timeout: float = 300.0) -> None:
-    """Wait until the system's server answers and ``num_clients`` sites are connected (RuntimeError after
-    ``timeout`` s)."""
-    from nvflare.fuel.flare_api.api_spec import NoConnection
+    """Wait until the system's server accepts connections and ``num_clients`` sites are connected (RuntimeError after
+    ``timeout`` s). The admin port is probed with a plain socket first: a Flare API login tried before the server
+    listens leaves that process unable to log in later."""
+    import socket
+
+    from nvflare.recipe.poc_env import PocEnv
 
     deadline = time.time() + timeout
+    kit = _poc_admin_kit(env.poc_workspace) if isinstance(env, PocEnv) else env.startup_kit_location
+    with open(os.path.join(kit, "startup", "fed_admin.json")) as f:
+        admin = json.load(f)["admin"]
+    while True:
+        try:
+            socket.create_connection((admin["host"], int(admin["port"])), timeout=2.0).close()
+            break
+        except OSError:
+            if time.time() > deadline:
+                raise RuntimeError(
+                    f"the server at {admin['host']}:{admin['port']} did not start in {timeout:g} s"
+                ) from None
+            time.sleep(1.0)
+    time.sleep(2.0)
     connected: list = []
-    while time.time() < deadline:
-        try:
-            sess = _admin_session(env, login_timeout=10.0)
-        except NoConnection:
-            time.sleep(2.0)
-            continue
-        try:
-            while time.time() < deadline:
-                connected = sess.get_connected_client_list() or []
-                if len(connected) >= num_clients:
-                    return
-                time.sleep(1.0)
-        finally:
-            sess.close()
+    sess = _admin_session(env, login_timeout=max(10.0, deadline - time.time()))
+    try:
+        while time.time() < deadline:
+            connected = sess.get_connected_client_list() or []
+            if len(connected) >= num_clients:
+                return
+            time.sleep(1.0)
+    finally:
+        sess.close()
     raise RuntimeError(f"only {len(connected)} of {num_clients} site(s) connected after {timeout:g} s")
 
 
