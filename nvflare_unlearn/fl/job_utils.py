@@ -75,11 +75,9 @@ def package_bundle() -> str:
     import shutil
     import tempfile
 
-    import nvflare_unlearn
-
     global _bundle_dir
     if _bundle_dir is None or not os.path.isdir(_bundle_dir):
-        source = os.path.dirname(os.path.abspath(nvflare_unlearn.__file__))
+        source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the nvflare_unlearn package folder
         root = tempfile.mkdtemp(prefix="nvflare_unlearn_bundle_")
         atexit.register(shutil.rmtree, root, True)
         target = os.path.join(root, "nvflare_unlearn")
