@@ -156,20 +156,15 @@ def route_cli(out: str, env_args: list[str], label: str, num_clients: int = 2) -
     common = ["--num-clients", str(num_clients), "--in-channels", "1", "--dataset", "digits"]
     pre_out, unl_out = os.path.join(out, "pretrain"), os.path.join(out, "unlearn")
     show_env = " ".join(a if not os.path.isabs(a) else "<admin startup kit>" for a in env_args)
+
+    def run_cli(command: str, flags: dict, out_dir: str, shown: str) -> str:
+        argv = [f for k, v in flags.items() for f in (f"--{k}", str(v))]
+        show = f"nvflare-unlearn {command} {show_env} {shown} --out OUT/{os.path.basename(out_dir)}"
+        return cmd("nvflare-unlearn", command, *env_args, *common, *argv, "--out", out_dir, show=show)
+
     t0 = time.time()
-    text = cmd(
-        "nvflare-unlearn",
-        "pretrain",
-        *env_args,
-        *common,
-        "--num-rounds",
-        str(PRETRAIN["num_rounds"]),
-        "--lr",
-        str(PRETRAIN["lr"]),
-        "--out",
-        pre_out,
-        show=f"nvflare-unlearn pretrain {show_env} --num-rounds {PRETRAIN['num_rounds']} --out OUT/pretrain",
-    )
+    pre_flags = {"num-rounds": PRETRAIN["num_rounds"], "lr": PRETRAIN["lr"]}
+    text = run_cli("pretrain", pre_flags, pre_out, f"--num-rounds {PRETRAIN['num_rounds']}")
     pre_s = time.time() - t0
     for line in text.splitlines():
         if line.startswith("[") and "pretraining" in line or line.startswith("[") and "model:" in line:
@@ -177,26 +172,18 @@ def route_cli(out: str, env_args: list[str], label: str, num_clients: int = 2) -
     ckpt = os.path.join(pre_out, "global_model.pt")
     before = sha256(ckpt)
     t1 = time.time()
-    text = cmd(
-        "nvflare-unlearn",
-        "unlearn",
-        *env_args,
-        *common,
-        "--ckpt",
-        ckpt,
-        "--forget-classes",
-        "3",
-        "--prune-ratio",
-        str(UNLEARN["prune_ratio"]),
-        "--num-rounds",
-        str(UNLEARN["num_rounds"]),
-        "--lr",
-        str(UNLEARN["lr"]),
-        "--out",
-        unl_out,
-        show=f"nvflare-unlearn unlearn {show_env} --ckpt OUT/pretrain/global_model.pt --forget-classes 3 "
-        f"--prune-ratio {UNLEARN['prune_ratio']} --num-rounds {UNLEARN['num_rounds']} --out OUT/unlearn",
+    unl_flags = {
+        "ckpt": ckpt,
+        "forget-classes": 3,
+        "prune-ratio": UNLEARN["prune_ratio"],
+        "num-rounds": UNLEARN["num_rounds"],
+        "lr": UNLEARN["lr"],
+    }
+    shown = (
+        f"--ckpt OUT/pretrain/global_model.pt --forget-classes 3 --prune-ratio {UNLEARN['prune_ratio']} "
+        f"--num-rounds {UNLEARN['num_rounds']}"
     )
+    text = run_cli("unlearn", unl_flags, unl_out, shown)
     unl_s = time.time() - t1
     for line in text.splitlines():
         if line.strip():

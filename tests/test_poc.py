@@ -54,6 +54,18 @@ def test_pretrain_and_unlearn_in_poc_via_the_cli(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
+def test_the_cli_runs_in_production_through_an_admin_startup_kit(tmp_path):
+    """--env prod (NVFlare's ProdEnv) against a running system: a POC system started by hand stands in for a
+    deployment; the package is installed and allow-listed on its sites, no code travels in the job."""
+    got = run_poc.route_prod(str(tmp_path))
+    assert got["pretrain"]["status"] == "FINISHED:COMPLETED"
+    _check_unlearned(got["unlearn"])
+    (result,) = (tmp_path / "unlearn" / "workspace" / "result").iterdir()
+    assert not list(result.rglob("custom/nvflare_unlearn")), "the production route must not carry the package"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_a_killed_site_costs_a_bounded_delay_and_the_job_says_so(recipe_route, tmp_path):
     """site-3's client and job processes are SIGKILLed in fine-tuning round 2 of a 3-site job. The workflow goes on
     with the other two (quorum: all sites but one) and records which sites trained each round; every remaining task
