@@ -321,12 +321,12 @@ def kill_run(
 ) -> dict:
     """The unlearning job on ``num_clients`` POC sites; with ``when``, ``victim``'s processes (the site's client and
     job processes, or with ``job_only`` the job process alone) are SIGKILLed at that moment."""
-    from nvflare.recipe import PocEnv
     from poc_tools import KILL_MOMENTS, kill_site_when
 
     from nvflare_unlearn.fl import UnlearningRecipe, run_job
     from nvflare_unlearn.fl.defs import METRICS_FILE
     from nvflare_unlearn.fl.results import _find
+    from nvflare_unlearn.fl.results import all_sites_poc_env as PocEnv
 
     before = sha256(ckpt)
     label = (when or "none") + ("_job_process" if job_only else "")
@@ -522,9 +522,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 summary["routes"][route] = route_prod(folder)
             elif route == "kill":
                 if ckpt is None:
-                    from nvflare.recipe import PocEnv
-
                     from nvflare_unlearn.fl import PretrainRecipe, run_job
+                    from nvflare_unlearn.fl.results import all_sites_poc_env as PocEnv
 
                     pre = PretrainRecipe(name="pretrain_digits", num_clients=2, **DIGITS, **PRETRAIN)
                     res = run_job(pre, PocEnv(num_clients=2), os.path.join(folder, "pretrain"))

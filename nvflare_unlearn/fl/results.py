@@ -301,7 +301,12 @@ def _server_progress(sess: Any, job_id: str) -> Optional[dict]:
 def _run_in_system(recipe, env, dest, timeout, on_progress, poll_s, stop_poc) -> JobResult:
     from nvflare.recipe.poc_env import PocEnv
 
-    run = recipe.run(env)  # POC: provisions and starts a fresh system first
+    try:
+        run = recipe.run(env)  # POC: provisions and starts a fresh system first
+    except Exception:
+        if isinstance(env, PocEnv) and stop_poc:  # a system that started but took no job is not left running
+            stop_poc_system(env)
+        raise
     job_id = run.get_job_id()
     started = time.time()
     status, aborted, result_dir, last = None, False, None, None
