@@ -438,9 +438,11 @@ def render_doc(summary: dict, log_name: str) -> str:
         lines += [
             "",
             "Dead sites (3 POC sites, quorum: every site but one, `wait_time_after_min_received` "
-            f"{kill['none']['wait_time_after_min_received']} s, `task_timeout` {kill['none']['task_timeout']} s):",
+            f"{kill['none']['wait_time_after_min_received']} s, `task_timeout` {kill['none']['task_timeout']} s; "
+            "times from the job's record, `finished_at` of the server's workflow; NVFlare sets the job's final status "
+            "seconds later):",
             "",
-            "| killed (SIGKILL) | killed in | outcome | kill -> end of job | job | original unchanged | "
+            "| killed (SIGKILL) | killed in | outcome | kill -> end of the workflow | workflow | original unchanged | "
             "sites used per phase |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -452,7 +454,11 @@ def render_doc(summary: dict, log_name: str) -> str:
                 + (f" (no result: {','.join(v['no_result'])})" if v.get("no_result") else "")
                 for ph, v in (e.get("sites") or {}).items()
             )
-            outcome = e["outcome"] + (f": {e['message'][:120]}" if e.get("message") else "")
+            found = re.search(r"as (FINISHED:[A-Z_]+)", e.get("message") or "")
+            nvflare_status = found.group(1) if found else e.get("status")
+            outcome = f"{e['outcome']}: NVFlare {nvflare_status}, record {e.get('record_status')}"
+            if e.get("error"):
+                outcome += f" ({e['error'][:170]}...)"
             end = f"{e['seconds_from_kill_to_end']:.0f} s" if e.get("seconds_from_kill_to_end") is not None else "-"
             lines.append(
                 f"| {e.get('killed') or 'no'} | {at} | {outcome} | {end} | {e.get('job_seconds', '-')} s | "
@@ -481,7 +487,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for each template job")
     p.add_argument("--ckpt", default=None, help="kill route alone: the trained model (default: pretrain one in POC)")
     p.add_argument("--doc", default=None, help="regenerate this docs/poc.md from the run (and docs/results/poc_*)")
+    p.add_argument("--render", default=None, help="only regenerate --doc from this poc_summary.json (no run)")
     a = p.parse_args(argv)
+    if a.render:
+        with open(a.render) as f:
+            write_doc(a.doc or os.path.join(REPO, "docs", "poc.md"), json.load(f), "docs/results/poc_run.log")
+        return 0
     routes = [r for r in a.routes.split(",") if r]
     unknown = sorted(set(routes) - set(ROUTES))
     if unknown:

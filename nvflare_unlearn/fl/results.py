@@ -34,6 +34,7 @@ from nvflare_unlearn.fl.defs import (
     RECORD_FILE,
 )
 
+_NO_ERROR = "no error found in the logs"
 _AUTH_PATTERN = re.compile(r"not in allow_list|ComponentNotAuthorized|UnsafeComponentError")
 
 
@@ -84,7 +85,7 @@ def _log_hint(root: str) -> str:
         errors = [ln.strip() for ln in lines if " ERROR " in ln or "Traceback" in ln]
         if errors:
             return f"first error in {log}: {errors[0][-400:]}"
-    return "no error found in the logs"
+    return _NO_ERROR
 
 
 def read_job_result(result_dir: Optional[str]) -> JobResult:
@@ -342,8 +343,8 @@ def _run_in_system(recipe, env, dest, timeout, on_progress, poll_s, stop_poc) ->
     if status != COMPLETED:
         raise RuntimeError(
             f"NVFlare finished job {job_id} as {status}, not {COMPLETED}; {_dropped_sites(result.metrics)}"
-            f"the workflow's own record says completed (outputs kept in {result.run_dir}); "
-            f"first error in the job's log: {_log_hint(result_dir)}"
+            f"the workflow's own record says completed (outputs kept in {result.run_dir})"
+            + ("" if (hint := _log_hint(result_dir)) == _NO_ERROR else f"; {hint}")
         )
     result.job_id, result.status = job_id, status
     return result
