@@ -243,3 +243,21 @@ def test_per_site_config_overrides_the_recipes_values_for_that_site_only(tmp_pat
         UnlearningRecipe(name="bad2", initial_ckpt=str(ckpt), forget_classes=[3]).set_per_site_config(
             {"site-1": {"num_rounds": 4}}
         )
+
+
+def test_report_and_failure_message_say_which_sites_each_phase_used():
+    from nvflare_unlearn.cli.report import build_report
+    from nvflare_unlearn.fl.results import _dropped_sites
+
+    metrics = {
+        "activation_rounds": [{"forget_class": 3, "sites": ["site-1", "site-2"], "no_result": ["site-3"]}],
+        "per_round": [{"round": 1, "trained_sites": ["site-1", "site-2"], "no_result": ["site-3"]}],
+    }
+    report = build_report(metrics)
+    assert report["sites_per_phase"] == [
+        {"phase": "activation class 3", "used": ["site-1", "site-2"], "no_result": ["site-3"]},
+        {"phase": "round 1", "used": ["site-1", "site-2"], "no_result": ["site-3"]},
+    ]
+    text = _dropped_sites(metrics)
+    assert "['site-3'] gave no result from activation class 3 on" in text and "round 1: site-1, site-2" in text
+    assert _dropped_sites({"per_round": [{"round": 1, "trained_sites": ["a"], "no_result": []}]}) == ""

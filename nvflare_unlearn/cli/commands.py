@@ -139,14 +139,12 @@ def run_recipe(recipe: Any, args: argparse.Namespace, workspace: str, label: str
 
 
 def _report_missing_sites(result: Any, label: str) -> None:
-    """Say which sites a completed job went on without (the record has the details per phase)."""
-    m = result.metrics
-    missing = sorted(
-        {s for a in m.get("activation_rounds", []) for s in a.get("no_result", [])}
-        | {s for r in m.get("per_round", []) for s in r.get("no_result", [])}
-    )
+    """Say which sites a completed job went on without (report.json and the record have them per phase)."""
+    from nvflare_unlearn.fl.results import sites_per_phase
+
+    missing = sorted({s for p in sites_per_phase(result.metrics) for s in p["no_result"]})
     if missing:
-        say(f"{label}: WARNING: site(s) {missing} dropped out; the job completed with the others (see per_round)")
+        say(f"{label}: WARNING: site(s) {missing} dropped out; the job completed with the others (sites_per_phase)")
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict:

@@ -350,18 +350,28 @@ def _run_in_system(recipe, env, dest, timeout, on_progress, poll_s, stop_poc) ->
     return result
 
 
+def sites_per_phase(m: dict) -> list[dict]:
+    """Which sites each activation pass and each round used, and which gave no result, from a job's record."""
+    phases = [
+        dict(phase=f"activation class {a.get('forget_class')}", used=a.get("sites"), no_result=a.get("no_result"))
+        for a in m.get("activation_rounds", [])
+    ]
+    phases += [
+        dict(phase=f"round {r.get('round')}", used=r.get("trained_sites"), no_result=r.get("no_result"))
+        for r in m.get("per_round", [])
+    ]
+    return [{k: (v or []) if k != "phase" else v for k, v in p.items()} for p in phases]
+
+
 def _dropped_sites(m: dict) -> str:
     """Which sites gave no result, and which ones every phase used (NVFlare ends a job as FINISHED:ABNORMAL when a
     site that took part has no outcome, e.g. its processes died)."""
-    phases = [
-        (f"activation class {a.get('forget_class')}", a.get("sites"), a.get("no_result"))
-        for a in m.get("activation_rounds", [])
-    ] + [(f"round {r.get('round')}", r.get("trained_sites"), r.get("no_result")) for r in m.get("per_round", [])]
-    missing = sorted({s for _p, _u, n in phases for s in (n or [])})
+    phases = sites_per_phase(m)
+    missing = sorted({s for p in phases for s in p["no_result"]})
     if not missing:
         return ""
-    first = next(p for p, _u, n in phases if n)
-    used = "; ".join(f"{p}: {', '.join(u or [])}" for p, u, _n in phases)
+    first = next(p["phase"] for p in phases if p["no_result"])
+    used = "; ".join(f"{p['phase']}: {', '.join(p['used'])}" for p in phases)
     return (
         f"site(s) {missing} gave no result from {first} on (a site that died has no outcome for NVFlare); "
         f"sites used: {used}; "
