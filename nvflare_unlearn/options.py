@@ -278,14 +278,27 @@ class TrainingOptions(OptionGroup):
         _int("seed", self.seed, 0)
 
 
+#: the server's phases, each with its own quorum and task timeout (``FederationOptions.for_phase``)
+PHASES = ("activation", "train", "validate")
+
+
 @dataclass(frozen=True)
 class FederationOptions(OptionGroup):
-    """The server's rounds and how long it waits for which sites."""
+    """The server's rounds and how long it waits for which sites (per phase: activation, train, validate)."""
 
     GROUP: ClassVar[str] = "federation"
     num_rounds: int = _opt(3, "FedAvg rounds (fine-tuning rounds for unlearning; 0 = none)")
-    min_clients: int = _opt(1, "fewest sites whose results a task needs")
-    task_timeout: int = _opt(0, "seconds a site may take per task (0 = no limit)")
+    min_clients: int | None = _opt(
+        None,
+        "fewest sites whose results a task needs (None = all sites but one, at least 1: survives one dead site)",
+    )
+    activation_min_clients: int | None = _opt(None, "min_clients of the activation phase (None = min_clients)")
+    train_min_clients: int | None = _opt(None, "min_clients of the fine-tuning / training rounds (None = min_clients)")
+    validate_min_clients: int | None = _opt(None, "min_clients of the federated evaluations (None = min_clients)")
+    task_timeout: int = _opt(3600, "seconds a site may take per task, from the second task on (0 = no limit)")
+    activation_timeout: int | None = _opt(None, "task_timeout of the activation phase (None = task_timeout)")
+    train_timeout: int | None = _opt(None, "task_timeout of a training round (None = task_timeout)")
+    validate_timeout: int | None = _opt(None, "task_timeout of an evaluation (None = task_timeout)")
     wait_time_after_min_received: int = _opt(10, "seconds to wait for other sites once min_clients answered")
     stop_cond: str | None = _opt(
         None,
@@ -294,14 +307,34 @@ class FederationOptions(OptionGroup):
 
     def __post_init__(self) -> None:
         _int("num_rounds", self.num_rounds, 0)
-        _int("min_clients", self.min_clients, 1)
+        _int("min_clients", self.min_clients, 1, allow_none=True)
         _int("task_timeout", self.task_timeout, 0)
+        for phase in PHASES:
+            _int(f"{phase}_min_clients", getattr(self, f"{phase}_min_clients"), 1, allow_none=True)
+            _int(f"{phase}_timeout", getattr(self, f"{phase}_timeout"), 0, allow_none=True)
         _int("wait_time_after_min_received", self.wait_time_after_min_received, 0)
         if self.stop_cond is not None and not _STOP_COND.fullmatch(str(self.stop_cond)):
             raise ValueError(
                 f"stop_cond must read '<metric> <op> <value>' with metric r_acc, u_acc or acc and op one of "
                 f">=, <=, >, <, = (e.g. 'r_acc >= 0.95'), got {self.stop_cond!r}"
             )
+
+    @staticmethod
+    def default_quorum(num_sites: int) -> int:
+        """All sites but one (at least one): the default that lets a job finish when one site dies."""
+        return max(1, int(num_sites) - 1)
+
+    def for_phase(self, phase: str, num_sites: int) -> tuple[int, int]:
+        """(quorum, task timeout) of ``phase`` in a federation of ``num_sites`` sites."""
+        check_choice(phase, "phase", PHASES)
+        quorum = getattr(self, f"{phase}_min_clients")
+        if quorum is None:
+            quorum = self.min_clients if self.min_clients is not None else self.default_quorum(num_sites)
+        timeout = getattr(self, f"{phase}_timeout")
+        return int(quorum), int(self.task_timeout if timeout is None else timeout)
+
+    def quorums(self, num_sites: int) -> dict[str, int]:
+        return {phase: self.for_phase(phase, num_sites)[0] for phase in PHASES}
 
 
 GROUPS: tuple[type[OptionGroup], ...] = (

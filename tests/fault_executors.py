@@ -52,3 +52,12 @@ class FaultyExecutor(UnlearningExecutor):
         if first_round and self._site_name == "site-4":
             self._sleep(abort_signal)
         return super()._train(model, fl_model, meta, fl_ctx, abort_signal)
+
+
+class CrashFromRound2Executor(UnlearningExecutor):
+    """Every site fails from fine-tuning round 2 on: the job stops after saving round 1 (the resume test)."""
+
+    def _train(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
+        if (fl_model.current_round or 0) >= 1:
+            raise RuntimeError("injected fault: every site crashes in fine-tuning round 2")
+        return super()._train(model, fl_model, meta, fl_ctx, abort_signal)

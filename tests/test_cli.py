@@ -136,7 +136,7 @@ def test_deprecated_flags_still_work_with_a_warning(tmp_path, capsys):
     assert "--sites is deprecated" in err and "--rounds is deprecated" in err
     server = json.loads((out / "retrain" / "app" / "config" / "config_fed_server.json").read_text())
     assert server["workflows"][0]["args"]["federation"]["num_rounds"] == 2
-    assert server["workflows"][0]["args"]["federation"]["min_clients"] == 3
+    assert server["workflows"][0]["args"]["federation"]["min_clients"] == 2  # default quorum: all sites but one
 
 
 def test_option_flags_are_the_option_names(capsys):

@@ -45,3 +45,24 @@ def test_unlearning_template_chains_pruning_and_fine_tuning():
     tasks = client["executors"][0]["tasks"]
     assert {"class_activations", "train", "validate"} <= set(tasks)
     assert set(TEMPLATES) == {d for d in os.listdir(COMMITTED) if os.path.isdir(os.path.join(COMMITTED, d))}
+
+
+def _strings(node):
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for v in node.values():
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)
+
+
+def test_job_folders_name_no_path_of_any_machine():
+    """The templates run on any server: no absolute path (the checkpoint is a name resolved in app/custom/)."""
+    found = []
+    for name, text in _tree(COMMITTED).items():
+        if name.endswith(".json"):
+            found += [(name, v) for v in _strings(json.loads(text)) if v.startswith(("/", "~")) or ":\\" in v]
+    assert not found, f"machine-specific paths in job_templates/: {found}"
+    assert not os.path.isabs(TEMPLATE_CKPT)

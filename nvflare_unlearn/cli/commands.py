@@ -35,10 +35,12 @@ def new_out_dir(path: str) -> str:
     return path
 
 
-def existing_file(path: str, what: str) -> str:
+def existing_file(path: str, what: str, keep_relative: bool = False) -> str:
+    """``path`` if it is a file (absolute, or as given with ``keep_relative``: a relative checkpoint travels in the
+    job, NVFlare 2.9's rule), else a usage error."""
     if not path or not os.path.isfile(path):
         raise CLIError(f"{what} {path!r} does not exist")
-    return os.path.abspath(path)
+    return path if keep_relative and not os.path.isabs(path) else os.path.abspath(path)
 
 
 class _QuietNVFlare:
@@ -61,37 +63,88 @@ class _QuietNVFlare:
             logger.setLevel(level)
 
 
+def make_env(args: argparse.Namespace, num_clients: int, workspace: str) -> Any:
+    """The NVFlare execution environment ``--env`` names: the simulator (workspace under the run's folder), a fresh
+    local POC system, or a production system reached through an admin startup kit (``--startup-kit``)."""
+    env = getattr(args, "env", "sim")
+    if env == "prod":
+        from nvflare.recipe import ProdEnv
+
+        kit = getattr(args, "startup_kit", None)
+        if not kit or not os.path.isdir(kit):
+            raise CLIError(f"--env prod needs --startup-kit: the admin's startup kit folder (got {kit!r})")
+        return ProdEnv(startup_kit_location=os.path.abspath(kit), username=args.username, login_timeout=30.0)
+    if getattr(args, "startup_kit", None):
+        raise CLIError("--startup-kit is only used with --env prod")
+    if env == "poc":
+        from nvflare_unlearn.fl.results import all_sites_poc_env
+
+        return all_sites_poc_env(num_clients)
+    from nvflare.recipe import SimEnv
+
+    from nvflare_unlearn.fl.job_utils import quiet_log_config
+
+    return SimEnv(
+        num_clients=num_clients,
+        num_threads=args.threads or num_clients,
+        workspace_root=workspace,
+        log_config=None if args.verbose else quiet_log_config(workspace, "ERROR"),
+    )
+
+
+def progress_line(p: dict, started: float) -> str:
+    """One line a person can follow: phase, round, U/R of the latest evaluation, elapsed, estimate to the phase end."""
+    parts = [f"phase {p.get('phase', '?')}"]
+    if p.get("phase") == "activation" and p.get("forget_class") is not None:
+        parts.append(f"class {p['forget_class']}")
+    if p.get("num_rounds") and p.get("phase") not in ("start", "activation", "done"):
+        parts.append(f"round {p.get('round', 0)}/{p['num_rounds']}")
+    if p.get("evaluated"):
+        parts.append(f"{p['evaluated']}: U {pct(p.get('u_acc')).strip()} R {pct(p.get('r_acc')).strip()}")
+    parts.append(f"elapsed {time.time() - started:.0f} s")
+    done, total = p.get("rounds_done") or 0, p.get("num_rounds") or 0
+    if done and total > done and p.get("phase_started") and p.get("updated"):
+        per_round = (p["updated"] - p["phase_started"]) / done
+        parts.append(f"about {per_round * (total - done):.0f} s left in this phase")
+    return ", ".join(parts)
+
+
 def run_recipe(recipe: Any, args: argparse.Namespace, workspace: str, label: str):
-    """Execute a recipe in SimEnv (workspace under the run's folder) or PocEnv; return its checked JobResult."""
-    from nvflare_unlearn.fl import read_job_result
+    """Run a recipe where ``--env`` says (results fetched into ``workspace`` before a POC system stops), printing
+    its progress; return its checked JobResult (RuntimeError when NVFlare or the job's record says it failed)."""
+    from nvflare_unlearn.fl.results import run_job
 
-    if args.env == "poc":
-        from nvflare.recipe import PocEnv
-
-        env = PocEnv(num_clients=recipe.num_clients)
-    else:
-        from nvflare.recipe import SimEnv
-
-        from nvflare_unlearn.fl.job_utils import quiet_log_config
-
-        env = SimEnv(
-            num_clients=recipe.num_clients,
-            num_threads=args.threads or recipe.num_clients,
-            workspace_root=workspace,
-            log_config=None if args.verbose else quiet_log_config(workspace, "ERROR"),
-        )
-    where = "POC" if args.env == "poc" else "simulated"
+    env = make_env(args, recipe.num_clients, workspace)
+    where = {"poc": "POC", "prod": "production"}.get(getattr(args, "env", "sim"), "simulated")
     say(f"{label}: running job '{recipe.name}' on {recipe.num_clients} {where} site(s)")
     started = time.time()
+    shown: set = set()
+
+    def on_progress(p: dict) -> None:
+        key = (p.get("phase"), p.get("forget_class"), p.get("round"), p.get("rounds_done"), p.get("evaluated"))
+        if key not in shown:
+            shown.add(key)
+            say(f"{label}: {progress_line(p, started)}")
+
     with _QuietNVFlare(args.verbose):
-        run = recipe.execute(env)
-        result_dir = run.get_result()
-    try:
-        result = read_job_result(result_dir)
-    except RuntimeError as e:
-        raise RuntimeError(f"{label} failed: {e}") from None
+        try:
+            result = run_job(
+                recipe, env, os.path.join(workspace, "result"), timeout=args.timeout or 0, on_progress=on_progress
+            )
+        except RuntimeError as e:
+            raise RuntimeError(f"{label} failed: {e}") from None
     say(f"{label}: done in {time.time() - started:.0f} s ({result.rounds} round(s))")
+    _report_missing_sites(result, label)
     return result
+
+
+def _report_missing_sites(result: Any, label: str) -> None:
+    """Say which sites a completed job went on without (report.json and the record have them per phase)."""
+    from nvflare_unlearn.fl.results import sites_per_phase
+
+    missing = sorted({s for p in sites_per_phase(result.metrics) for s in p["no_result"]})
+    if missing:
+        say(f"{label}: WARNING: site(s) {missing} dropped out; the job completed with the others (sites_per_phase)")
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict:
@@ -144,11 +197,17 @@ def _finish_unlearning(result, out: str) -> None:
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from nvflare_unlearn.fl import UnlearningRecipe
 
-    ckpt = existing_file(args.ckpt, "--ckpt")
+    server_path = args.env == "prod" and os.path.isabs(args.ckpt) and not os.path.isfile(args.ckpt)
+    ckpt = args.ckpt if server_path else existing_file(args.ckpt, "--ckpt", keep_relative=True)
+    resume = args.resume_from
+    if resume and not (args.env == "prod" and os.path.isabs(resume) and not os.path.isfile(resume)):
+        resume = existing_file(resume, "--resume-from", keep_relative=True)
     out = new_out_dir(args.out)
     recipe = UnlearningRecipe(
         name=args.name or "unlearn",
         initial_ckpt=ckpt,
+        check_ckpt=not server_path,
+        resume_from=resume,
         forget_classes=args.forget_classes,
         **_model_kwargs(args),
         **option_values(args, args.groups),
@@ -162,7 +221,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Pretrain small_cnn on the built-in digits with FedAvg, forget one class, fine-tune, evaluate."""
     from nvflare_unlearn.fl import PretrainRecipe, UnlearningRecipe
 
-    args.env = "sim"
+    args.env, args.timeout = "sim", 0
     out = new_out_dir(args.out)
     workspace = os.path.join(out, "workspace")
     base = dict(

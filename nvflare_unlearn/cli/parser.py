@@ -117,7 +117,16 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--num-classes", type=int, default=10)
     g.add_argument("--in-channels", type=int, default=None, help="input channels (default: from the dataset)")
-    g.add_argument("--env", choices=("sim", "poc"), default="sim", help="run in the simulator (default) or POC")
+    g.add_argument(
+        "--env",
+        choices=("sim", "poc", "prod"),
+        default="sim",
+        help="sim: NVFlare's simulator (default); poc: a fresh local POC system, stopped after the result is "
+        "downloaded; prod: your deployment, as the admin of --startup-kit",
+    )
+    g.add_argument("--startup-kit", default=None, help="--env prod: the admin user's startup kit folder")
+    g.add_argument("--username", default="admin@nvidia.com", help="--env prod: the admin user of the startup kit")
+    g.add_argument("--timeout", type=float, default=0, help="abort a POC / production job after this many seconds")
     g.add_argument("--threads", type=int, default=None, help="simulator threads (default: one per site)")
     g.add_argument("--verbose", action="store_true", help="show NVFlare's own log")
 
@@ -182,7 +191,18 @@ def build_parser(commands: dict[str, Any]) -> argparse.ArgumentParser:
         s.add_argument("--name", default=None, help="NVFlare job name")
         add_job_args(s)
         if name == "unlearn":
-            s.add_argument("--ckpt", required=True, help="the trained model to unlearn from (never modified)")
+            s.add_argument(
+                "--ckpt",
+                required=True,
+                help="the trained model to unlearn from (never modified); relative: carried in the job, absolute: "
+                "a path on the server (with --env prod it need not exist here)",
+            )
+            s.add_argument(
+                "--resume-from",
+                default=None,
+                help="go on with a stopped or crashed run of the same request: its unlearned_model.pt (or "
+                "pruned_model.pt); --ckpt must still name the original model",
+            )
         if name != "pretrain":
             add_forget_arg(s, required=True)
         add_option_groups(s, groups, PretrainRecipe.DEFAULTS if name != "unlearn" else {})

@@ -8,6 +8,7 @@ import shutil
 from typing import Optional
 
 from nvflare_unlearn.fl.defs import FINAL_MODEL_FILE, PLAN_FILE, PRUNED_MODEL_FILE, RECORD_FILE
+from nvflare_unlearn.fl.results import sites_per_phase
 
 
 def _acc(entry: Optional[dict]) -> dict:
@@ -35,6 +36,8 @@ def build_report(metrics: dict) -> dict:
         seconds=metrics.get("seconds"),
         verification=metrics.get("verification"),
         verification_original=metrics.get("verification_original"),
+        sites_per_phase=sites_per_phase(metrics),  # which sites each activation pass and round used
+        resumed=metrics.get("resumed"),  # set when the job went on from an earlier run's round (resume_from)
     )
 
 

@@ -14,9 +14,11 @@ import shutil
 import tempfile
 from typing import Any, Callable
 
-#: Where the unlearning templates expect the trained model ON THE SERVER MACHINE. ``poc/run_poc.sh`` copies the
-#: pretraining job's result there; in production, edit ``initial_ckpt`` in the server config.
-TEMPLATE_CKPT = "/tmp/nvflare_unlearn/pretrained_model.pt"
+#: The trained model the unlearning templates start from: a file NAME, which the server resolves in the job's own
+#: ``app/custom/`` folder (NVFlare 2.9's rule for a relative ``initial_ckpt``), so the folders name no path of any
+#: machine. Put the model there before ``nvflare job submit`` (``poc/run_poc.py`` does), or edit ``initial_ckpt``
+#: in ``app/config/config_fed_server.json`` to an absolute path on your server.
+TEMPLATE_CKPT = "pretrained_model.pt"
 
 _DIGITS = dict(model="small_cnn", num_classes=10, in_channels=1, dataset="digits", num_clients=2)
 

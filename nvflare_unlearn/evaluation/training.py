@@ -30,10 +30,12 @@ def train_epochs(
     after_step: Callable[[nn.Module], None] | None = None,
     precision: str = "fp32",
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    losses: list[float] | None = None,
 ) -> int:
     """SGD + cross-entropy over `loader` for `epochs` epochs (or until `max_steps`); returns optimizer steps.
 
-    `after_step(model)` runs after every optimizer step. The model's train/eval mode is restored afterwards.
+    `after_step(model)` runs after every optimizer step; `losses`, when given, receives each step's loss (a site
+    reports their mean through NVFlare's experiment tracking). The model's train/eval mode is restored afterwards.
     `precision="bf16"` runs forward and loss under bfloat16 autocast (weights and optimizer stay float32) with
     channels-last activations: about 2x the images per second on CPUs with AMX/AVX512-BF16, and on GPUs.
     `loss_fn(model, x, y)` replaces the cross-entropy (an unlearning method's objective, ``method.objectives``).
@@ -81,6 +83,8 @@ def train_epochs(
                 loss.backward()
                 optimizer.step()
                 steps += 1
+                if losses is not None:
+                    losses.append(float(loss.detach()))
                 if after_step is not None:
                     after_step(model)
     finally:

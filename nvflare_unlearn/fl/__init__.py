@@ -3,7 +3,8 @@
 Client: ``UnlearningExecutor`` (or the ``client_api`` helpers for your own Client API script).
 Server: ``UnlearningController`` / ``FedAvgEvalController`` (one per file), ``ActivationAggregator``,
 ``UnlearningModelPersistor``. Jobs: ``UnlearningRecipe``, ``PretrainRecipe``, ``RetrainRecipe`` (``recipes``) and what
-they need around them (``job_utils``); outputs via ``read_job_result``. May import anything in the package but ``cli``.
+they need around them (``job_utils``); run anywhere with ``run_job``, outputs via ``read_job_result``. May import
+anything in the package but ``cli``.
 """
 
 from nvflare_unlearn.fl.aggregator import ActivationAggregator
@@ -28,7 +29,7 @@ from nvflare_unlearn.fl.job_utils import (
 )
 from nvflare_unlearn.fl.persistor import UnlearningModelPersistor, UnlearnModelPersistor
 from nvflare_unlearn.fl.recipes import PretrainRecipe, RetrainRecipe, UnlearningRecipe
-from nvflare_unlearn.fl.results import JobResult, read_job_result
+from nvflare_unlearn.fl.results import JobResult, read_job_result, run_job
 from nvflare_unlearn.fl.unlearning_controller import UnlearningController
 
 __all__ = [
@@ -56,4 +57,5 @@ __all__ = [
     "authorize_site_config",
     "quiet_log_config",
     "read_job_result",
+    "run_job",
 ]

@@ -20,6 +20,11 @@
 
 Everything crosses the wire as numpy (the recipe sets NVFlare's NUMPY exchange format): the PyTorch exchange would
 reshape received weights to the shapes of the previous round, which breaks after pruning.
+
+Privacy: ``activation_result`` applies the job's min-count, per-image clipping and Gaussian noise (sent in the
+task's meta) with ``protected_report``, the very function ``UnlearningExecutor`` uses, and tells the server what it
+applied; the audit record lists that per site (a script that answers without these helpers is recorded as having
+applied nothing it can vouch for).
 """
 
 from __future__ import annotations
@@ -31,10 +36,13 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from torch import nn
 
 from nvflare_unlearn.fl.defs import (
+    META_DP_SIGMA,
     META_FORGET,
     META_HOOK_POINT,
     META_METHOD,
     META_PLAN,
+    META_PRIVACY,
+    META_PRIVACY_APPLIED,
     META_PRUNE_MODE,
     META_VERIFY,
     METRIC_CORRECT,
@@ -44,8 +52,15 @@ from nvflare_unlearn.fl.defs import (
     TASK_VALIDATE,
     TASK_VERIFY,
 )
-from nvflare_unlearn.fl.model_state import load_numpy_state, rebuild_model, split_teacher, state_to_numpy
-from nvflare_unlearn.method.activations import WIRE_SUMS_DTYPE
+from nvflare_unlearn.fl.model_state import (
+    load_numpy_state,
+    rebuild_model,
+    split_teacher,
+    state_to_numpy,
+    teacher_from,
+)
+from nvflare_unlearn.method.activations import WIRE_SUMS_DTYPE, ClassActivationReport
+from nvflare_unlearn.options import PrivacyOptions
 
 __all__ = [
     "TASK_ACTIVATIONS",
@@ -59,6 +74,8 @@ __all__ = [
     "prune_mode_of",
     "retained",
     "activation_result",
+    "effective_privacy",
+    "protected_report",
     "weights_result",
     "validation_result",
 ]
@@ -94,6 +111,74 @@ def retained(dataset, fl_model: FLModel):
     return filter_classes(dataset, drop=forget) if forget else dataset
 
 
+def effective_privacy(own: Optional[PrivacyOptions | dict] = None, requested: Optional[dict] = None) -> PrivacyOptions:
+    """The stricter of this site's own settings and the job's request: the larger min-count, the smaller clipping
+    bound, the smaller DP epsilon and delta. A site can tighten what the server asks for, never loosen it."""
+    a, b = PrivacyOptions.from_dict(own), PrivacyOptions.from_dict(requested)
+
+    def smaller(x, y):
+        return y if x is None else x if y is None else min(x, y)
+
+    return PrivacyOptions(
+        min_count=max(a.min_count, b.min_count),
+        clip_bound=smaller(a.clip_bound, b.clip_bound),
+        dp_epsilon=smaller(a.dp_epsilon, b.dp_epsilon),
+        dp_delta=smaller(a.dp_delta, b.dp_delta),
+    )
+
+
+def protected_report(
+    model: nn.Module,
+    loader: Iterable,
+    num_classes: int,
+    meta: Optional[dict] = None,
+    own_privacy: Optional[PrivacyOptions | dict] = None,
+    hook_point: str = "conv",
+    max_batches: Optional[int] = None,
+    device=None,
+) -> tuple[ClassActivationReport, dict]:
+    """A site's activation report with its privacy applied, and what was applied (the one code path of the
+    executor and of your own script).
+
+    Order: per-image clipping to ``[0, clip_bound]`` while collecting, then min-count (a class with fewer images
+    reports nothing), then Gaussian noise (each forget class of the request spends an equal share of epsilon and
+    delta; noise from fresh OS entropy, so the server cannot reproduce and subtract it).
+    """
+    import numpy as np
+
+    from nvflare_unlearn.method.activations import collect_class_activations
+    from nvflare_unlearn.protect.privacy import (
+        apply_min_count,
+        gaussian_noise,
+        gaussian_sigma,
+        sensitivity,
+        split_budget,
+        total_channels,
+    )
+
+    meta = meta or {}
+    privacy = effective_privacy(own_privacy, meta.get(META_PRIVACY))
+    report = collect_class_activations(
+        model,
+        loader,
+        num_classes,
+        hook_point=meta.get(META_HOOK_POINT, hook_point),
+        device=device,
+        max_batches=max_batches,
+        clip=privacy.clip_bound,
+    )
+    if privacy.min_count > 1:
+        report = apply_min_count(report, privacy.min_count)
+    applied = {**privacy.to_dict(), "dp_sigma": 0.0, "passes": None}
+    if privacy.dp:  # after min-count: counts are public, a dropped class stays at zero
+        passes = max(1, len(meta.get(META_FORGET) or []))
+        eps, delta = split_budget(privacy.dp_epsilon, privacy.dp_delta, passes)
+        report = gaussian_noise(report, eps, delta, privacy.clip_bound, np.random.default_rng())
+        applied["dp_sigma"] = float(gaussian_sigma(eps, delta, sensitivity(total_channels(report), privacy.clip_bound)))
+        applied["passes"] = passes
+    return report, applied
+
+
 def activation_result(
     model: nn.Module,
     loader: Iterable,
@@ -101,17 +186,22 @@ def activation_result(
     fl_model: Optional[FLModel] = None,
     hook_point: str = "conv",
     max_batches: Optional[int] = None,
+    privacy: Optional[PrivacyOptions | dict] = None,
 ) -> FLModel:
-    """Answer the activation task: per-class sums and counts on local training data (statistics only)."""
-    from nvflare_unlearn.method.activations import collect_class_activations
-
-    if fl_model is not None:
-        hook_point = (fl_model.meta or {}).get(META_HOOK_POINT, hook_point)
-    report = collect_class_activations(model, loader, num_classes, hook_point=hook_point, max_batches=max_batches)
+    """Answer the activation task: per-class sums and counts on local training data (statistics only), with the
+    job's privacy (from ``fl_model``'s meta, tightened by ``privacy``, this site's own settings) applied."""
+    meta = (fl_model.meta or {}) if fl_model is not None else {}
+    report, applied = protected_report(
+        model, loader, num_classes, meta, own_privacy=privacy, hook_point=hook_point, max_batches=max_batches
+    )
     return FLModel(
         params_type=ParamsType.FULL,
         params=report.to_dict(sums_dtype=WIRE_SUMS_DTYPE),
-        meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(report.counts.sum())},
+        meta={
+            FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(report.counts.sum()),
+            META_DP_SIGMA: applied["dp_sigma"],
+            META_PRIVACY_APPLIED: applied,
+        },
     )
 
 
@@ -161,7 +251,7 @@ def training_objective(
     teacher = None
     if options.needs_teacher:
         _own, weights = split_teacher(fl_model.params or {})
-        teacher = load_numpy_state(rebuild_model(model_name, num_classes, in_channels=in_channels), weights)
+        teacher = teacher_from(fl_model.meta or {}, weights, model_name, num_classes, in_channels)
     if options.needs_forget_data and forget_loader is None:
         options = MethodOptions.from_dict({**options.to_dict(), "method": "finetune"})  # no forget data here
     return UnlearningObjective(options, forget, num_classes, teacher=teacher, forget_loader=forget_loader, seed=seed)

@@ -23,6 +23,10 @@ META_OUTPUT_FILE = "output_file"  # persistor -> controller: the file name it sa
 META_METHOD = "unlearning_method"  # MethodOptions as a dict: the sites' training objective (method.objectives)
 META_VERIFY = "verify"  # TASK_VERIFY: {"round": "stats"} or {"round": "scores", "w": [...], "edges": [...]}
 TEACHER_PREFIX = "teacher/"  # params keys of the original model sent along when the objective distils from it
+META_TEACHER_PLAN = "teacher_plan"  # the plan of that original model, when it had been pruned before
+META_RESUME = "resume"  # controller <-> persistor: the job state saved with each round (resume_from=)
+META_PRIVACY = "privacy"  # activation task: the PrivacyOptions the job asks the sites to apply
+META_PRIVACY_APPLIED = "privacy_applied"  # activation report: what this site actually applied
 META_DP_SIGMA = "dp_sigma"  # DXO meta of an activation report: std of the Gaussian noise the site added (0 = none)
 
 # Keys of the per-class evaluation metrics a site returns for TASK_VALIDATE (counts only, never samples).
@@ -36,3 +40,7 @@ PRUNED_MODEL_FILE = "pruned_model.pt"
 PLAN_FILE = "pruning_plan.json"
 RECORD_FILE = "unlearning_record.json"  # audit record (nvflare_unlearn.protect.audit), unlearning jobs only
 GLOBAL_MODEL_FILE = "global_model.pt"  # pretraining / retraining output
+PROGRESS_FILE = "progress.json"  # phase, round, U/R so far: what the CLI shows while a job runs
+
+# The group under which the controllers answer the admin's ``show_stats`` (POC / production progress).
+PROGRESS_STATS_GROUP = "unlearning_progress"

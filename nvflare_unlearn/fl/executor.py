@@ -17,6 +17,7 @@ import zlib
 from typing import Any, Optional, Sequence
 
 import torch
+from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
@@ -24,6 +25,7 @@ from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
+from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 from nvflare.security.logging import secure_format_exception
 from torch.utils.data import DataLoader
@@ -33,9 +35,9 @@ from nvflare_unlearn.evaluation.data import EpochPermutation, site_shuffle_seed
 from nvflare_unlearn.fl.defs import (
     META_DP_SIGMA,
     META_FORGET,
-    META_HOOK_POINT,
     META_METHOD,
     META_PLAN,
+    META_PRIVACY_APPLIED,
     META_PRUNE_MODE,
     META_VERIFY,
     METRIC_CORRECT,
@@ -45,7 +47,13 @@ from nvflare_unlearn.fl.defs import (
     TASK_VALIDATE,
     TASK_VERIFY,
 )
-from nvflare_unlearn.fl.model_state import load_numpy_state, rebuild_model, split_teacher, state_to_numpy
+from nvflare_unlearn.fl.model_state import (
+    load_numpy_state,
+    rebuild_model,
+    split_teacher,
+    state_to_numpy,
+    teacher_from,
+)
 from nvflare_unlearn.fl.site_data import load_site_split
 from nvflare_unlearn.method.activations import WIRE_SUMS_DTYPE
 from nvflare_unlearn.options import (
@@ -199,49 +207,32 @@ class UnlearningExecutor(Executor):
         return DataLoader(data, batch_size=self._training.batch_size, sampler=sampler, num_workers=0)
 
     def _class_activations(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
-        from nvflare_unlearn.method.activations import collect_class_activations
+        from nvflare_unlearn.fl.client_api import protected_report
 
-        data = self._data("train")
-        report = collect_class_activations(
+        report, applied = protected_report(  # the same code path as a user's Client API script
             model,
-            self._loader(data, shuffle=False, round_num=None),
+            self._loader(self._data("train"), shuffle=False, round_num=None),
             self.num_classes,
-            hook_point=meta.get(META_HOOK_POINT, self._scoring.hook_point),
-            device=self._device,
+            meta,
+            own_privacy=self._privacy,
+            hook_point=self._scoring.hook_point,
             max_batches=self._scoring.max_activation_batches,
-            clip=self._privacy.clip_bound,
+            device=self._device,
         )
-        if self._privacy.min_count > 1:
-            from nvflare_unlearn.protect.privacy import apply_min_count
-
-            report = apply_min_count(report, self._privacy.min_count)
-        sigma = 0.0
-        if self._privacy.dp:  # after min-count: counts are public, a dropped class stays at zero
-            import numpy as np
-
-            from nvflare_unlearn.protect.privacy import (
-                gaussian_noise,
-                gaussian_sigma,
-                sensitivity,
-                split_budget,
-                total_channels,
-            )
-
-            passes = max(1, len(meta.get(META_FORGET) or []))  # one pass per forget class of this request
-            eps, delta = split_budget(self._privacy.dp_epsilon, self._privacy.dp_delta, passes)
-            bound = self._privacy.clip_bound
-            report = gaussian_noise(report, eps, delta, bound, np.random.default_rng())
-            sigma = gaussian_sigma(eps, delta, sensitivity(total_channels(report), bound))
         counts = [int(c) for c in report.counts]
         self.log_info(
             fl_ctx,
             f"activation report: {sum(counts)} samples, per class {counts}, {report.nbytes} bytes, "
-            f"noise sigma {sigma:g}",
+            f"privacy applied {applied}",
         )
         return DXO(
             data_kind=DataKind.COLLECTION,
             data=report.to_dict(sums_dtype=WIRE_SUMS_DTYPE),
-            meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(sum(counts)), META_DP_SIGMA: float(sigma)},
+            meta={
+                FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(sum(counts)),
+                META_DP_SIGMA: float(applied["dp_sigma"]),
+                META_PRIVACY_APPLIED: applied,
+            },
         )
 
     def _forget_set(self, meta) -> list[int]:
@@ -272,6 +263,7 @@ class UnlearningExecutor(Executor):
 
             after_step = enforce_masks  # pruned channels must stay at zero through training
         objective = self._objective(meta, forget, fl_model.current_round)
+        losses: list[float] = []
         steps = train_epochs(
             model,
             self._loader(data, shuffle=True, round_num=fl_model.current_round),
@@ -282,10 +274,23 @@ class UnlearningExecutor(Executor):
             weight_decay=self._training.weight_decay,
             after_step=after_step,
             loss_fn=objective.batch_loss if objective is not None else None,
+            losses=losses,
         )
+        mean_loss = sum(losses) / len(losses) if losses else None
         self.log_info(
-            fl_ctx, f"trained {self._training.local_epochs} epoch(s), {steps} steps on {n} samples (dropped {forget})"
+            fl_ctx,
+            f"trained {self._training.local_epochs} epoch(s), {steps} steps on {n} samples (dropped {forget}), "
+            f"mean loss {mean_loss}",
         )
+        if mean_loss is not None and fl_ctx.get_engine() is not None:  # NVFlare experiment tracking: the server's
+            # receivers (TensorBoard, MLflow) log it; a unit test or benchmark driving execute() has no engine
+            dxo = create_analytic_dxo(
+                tag="train_loss",
+                value=mean_loss,
+                data_type=AnalyticsDataType.SCALAR,
+                global_step=fl_model.current_round,
+            )
+            send_analytic_dxo(self, dxo, fl_ctx)
         return DXO(
             data_kind=DataKind.WEIGHTS,
             data=state_to_numpy(model),
@@ -302,10 +307,7 @@ class UnlearningExecutor(Executor):
             return None
         teacher = None
         if options.needs_teacher:
-            if not self._teacher_params:
-                raise ValueError(f"method {options.method!r} with recovery {options.recovery!r} needs the teacher")
-            teacher = rebuild_model(self.model_name, self.num_classes, in_channels=self.in_channels)
-            load_numpy_state(teacher, self._teacher_params)
+            teacher = teacher_from(meta, self._teacher_params, self.model_name, self.num_classes, self.in_channels)
             teacher.to(self._device)
         forget_loader = None
         if options.needs_forget_data:

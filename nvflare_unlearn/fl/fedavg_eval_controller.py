@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.apis.fl_constant import FLMetaKey
+from nvflare.apis.fl_context import FLContext
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
@@ -25,6 +26,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.math_utils import parse_compare_criteria
 from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
 from nvflare.security.logging import secure_format_exception
+from nvflare.widgets.info_collector import GroupInfoCollector, InfoCollector
 
 from nvflare_unlearn._validation import check_num_classes, normalize_forget_classes
 from nvflare_unlearn.fl.defs import (
@@ -33,14 +35,26 @@ from nvflare_unlearn.fl.defs import (
     META_NUM_CLASSES,
     META_PLAN,
     META_PRUNE_MODE,
+    META_RESUME,
     METRIC_CORRECT,
     METRIC_TOTAL,
     METRICS_FILE,
+    PROGRESS_FILE,
+    PROGRESS_STATS_GROUP,
+    TASK_ACTIVATIONS,
     TASK_TRAIN,
     TASK_VALIDATE,
+    TASK_VERIFY,
 )
 from nvflare_unlearn.fl.model_state import count_params, load_numpy_state, rebuild_model
 from nvflare_unlearn.options import PRUNE_MODES, FederationOptions, fold_legacy
+
+_PHASE_OF_TASK = {
+    TASK_ACTIVATIONS: "activation",
+    TASK_TRAIN: "train",
+    TASK_VALIDATE: "validate",
+    TASK_VERIFY: "validate",  # the forgetting check: evaluation-like passes over the sites' data
+}
 
 
 def site_weight(result: FLModel) -> float:
@@ -134,6 +148,7 @@ class FedAvgEvalController(BaseFedAvg):
         self._test_loader = None
         self._no_result: list[str] = []  # sites of the last task that returned nothing usable
         self._tasks_sent = 0
+        self._progress: dict[str, Any] = {"job_kind": job_kind}
 
     # ------------------------------------------------------------------ plumbing
     def task_meta(self) -> dict:
@@ -167,14 +182,24 @@ class FedAvgEvalController(BaseFedAvg):
         )
 
     def send_to_sites(self, task_name: str, model: FLModel, max_wait: Optional[int] = None) -> list[FLModel]:
-        """Broadcast a task to all sites; at least ``min_clients`` results or a clear error.
+        """Broadcast a task to all sites; at least the phase's quorum of results, or a clear error.
 
-        ``max_wait``: seconds this task may take at most, also when ``task_timeout`` is 0 (no limit).
+        The quorum and timeout are the task's phase's (``FederationOptions.for_phase``): by default every site but
+        one, so a site that dies mid-job costs at most ``wait_time_after_min_received`` per task, not the job.
+        ``max_wait``: seconds this task may take at most, also when the phase's timeout is 0 (no limit).
         """
-        min_clients = self._fed.min_clients
-        clients = self.sample_clients()
+        phase = _PHASE_OF_TASK.get(task_name, "validate")
+        everyone = self.sample_clients()
+        min_clients, timeout = self._fed.for_phase(phase, len(everyone))
+        # NVFlare deems a site disconnected some time (its dead-client grace period) after the site's job process
+        # vanished: later tasks stop waiting for it
+        deemed_gone = getattr(self.communicator, "get_client_disconnect_time", None)
+        gone = [c for c in everyone if deemed_gone is not None and deemed_gone(c)]
+        clients = [c for c in everyone if c not in gone]
         if len(clients) < min_clients:
-            raise RuntimeError(f"only {len(clients)} site(s) connected, the job needs min_clients={min_clients}")
+            raise RuntimeError(
+                f"only {len(clients)} site(s) connected, the {phase} phase needs min_clients={min_clients}"
+            )
         results = self.broadcast_model(
             task_name=task_name,
             data=model,
@@ -182,13 +207,19 @@ class FedAvgEvalController(BaseFedAvg):
             min_responses=min_clients,
             # The first task also waits for the sites to start (the simulator needs ~10 s for 4 sites), so
             # task_timeout would cut off healthy sites: it is bounded by min_clients + the straggler wait instead.
-            timeout=_bounded(self._fed.task_timeout if self._tasks_sent else 0, max_wait),
+            timeout=_bounded(timeout if self._tasks_sent else 0, max_wait),
             wait_time_after_min_received=self._fed.wait_time_after_min_received,
         )
         self._tasks_sent += 1
+        if self.abort_signal.triggered:  # not a quorum problem: the whole run is being ended
+            raise RuntimeError(
+                f"NVFlare aborted the run while task {task_name!r} was out (an admin's abort, or a site whose job "
+                "process failed: NVFlare 2.9 ends the whole job then; the server's log.txt names the site in "
+                "'Failing job ... due to reported failure from <site>')"
+            )
         results = sorted(results, key=site_name)  # arrival order must not change sums (reproducible plans)
         answered = {site_name(r) for r in results}
-        self._no_result = sorted(str(c) for c in clients if str(c) not in answered)
+        self._no_result = sorted(str(c) for c in everyone if str(c) not in answered)
         if self._no_result:
             self.warning(
                 f"task {task_name!r}: no result from {self._no_result} (error, timeout or disconnect; see their logs); "
@@ -197,9 +228,40 @@ class FedAvgEvalController(BaseFedAvg):
         if len(results) < min_clients:
             raise RuntimeError(
                 f"task {task_name!r}: {len(results)} of {len(clients)} site(s) returned a result, "
-                f"min_clients={min_clients}; see the site logs for their errors"
+                f"the {phase} phase needs min_clients={min_clients}; no result from {self._no_result}: "
+                "see their logs (a site that died cannot rejoin a running job)"
             )
         return results
+
+    def quorum(self, phase: str) -> int:
+        """The quorum of ``phase`` for the sites connected now."""
+        return self._fed.for_phase(phase, len(self.sample_clients()))[0]
+
+    # ------------------------------------------------------------------ progress (what an operator watches)
+    def set_progress(self, **fields: Any) -> None:
+        """Update the job's progress: kept for ``show_stats`` (POC / production) and written to ``progress.json``
+        in the run directory (the simulator), so the CLI can print phase, round and U/R while the job runs."""
+        now = time.time()
+        if "phase" in fields and fields["phase"] != self._progress.get("phase"):
+            self._progress["phase_started"] = now
+        self._progress.update(jsonable(fields))
+        self._progress.setdefault("started", now)
+        self._progress["updated"] = now
+        try:
+            path = os.path.join(self.get_run_dir(), PROGRESS_FILE)
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(self._progress, f)
+            os.replace(tmp, path)
+        except Exception as e:  # progress is for people watching: never fail the job over it
+            self.debug(f"could not write progress: {secure_format_exception(e)}")
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        super().handle_event(event_type, fl_ctx)
+        if event_type == InfoCollector.EVENT_TYPE_GET_STATS:  # the admin's show_stats (as ScatterAndGather does)
+            collector = fl_ctx.get_prop(InfoCollector.CTX_KEY_STATS_COLLECTOR, None)
+            if isinstance(collector, GroupInfoCollector):
+                collector.add_info(group_name=PROGRESS_STATS_GROUP, info=dict(self._progress))
 
     def track(self, tag: str, value: Optional[float], step: int) -> None:
         """Log one scalar through NVFlare experiment tracking (a receiver on the server writes it)."""
@@ -246,9 +308,10 @@ class FedAvgEvalController(BaseFedAvg):
             correct += c
             total += t
             sites.append(site_name(r))
-        if len(sites) < self._fed.min_clients:
+        if len(sites) < self.quorum("validate"):
             raise RuntimeError(
-                f"{stage}: only {len(sites)} valid evaluation result(s), min_clients={self._fed.min_clients}"
+                f"{stage}: only {len(sites)} valid evaluation result(s), the validate phase needs "
+                f"min_clients={self.quorum('validate')}"
             )
         entry = dict(u_r_accuracy(correct, total, self.forget_classes))
         entry.update(
@@ -263,6 +326,7 @@ class FedAvgEvalController(BaseFedAvg):
             f"[{stage}] federated accuracy: U={_fmt(entry.get('u_acc'))} R={_fmt(entry.get('r_acc'))} "
             f"all={_fmt(entry['acc'])} ({int(total.sum())} samples, {len(sites)} site(s))"
         )
+        self.set_progress(evaluated=stage, u_acc=entry.get("u_acc"), r_acc=entry.get("r_acc"), acc=entry["acc"])
         group = "original" if stage == "original" else "accuracy"  # step 0 of "accuracy" = the pruned model
         for key in ("u_acc", "r_acc", "acc"):
             self.track(f"{group}/{key}", entry.get(key), step)
@@ -298,16 +362,22 @@ class FedAvgEvalController(BaseFedAvg):
         return model
 
     def run_rounds(
-        self, model: FLModel, stage: str = "train", first_step: int = 1, last_eval: Optional[dict] = None
+        self,
+        model: FLModel,
+        stage: str = "train",
+        first_step: int = 1,
+        last_eval: Optional[dict] = None,
+        history: Optional[list[dict]] = None,
     ) -> tuple[FLModel, list[dict]]:
         """FedAvg rounds on the retained classes, evaluating and persisting after each; returns (model, history).
 
         ``last_eval``: the evaluation of ``model`` as it comes in, so ``stop_cond`` can end the phase before round 1.
+        ``history``: rounds already done (a resumed job): the rounds go on from the next one.
         """
         plan_json = (model.meta or {}).get(META_PLAN)
-        history: list[dict] = []
+        history = list(history or [])
         self.fl_ctx.set_prop(AppConstants.NUM_ROUNDS, self.num_rounds, private=True, sticky=False)
-        for current_round in range(self.start_round, self.start_round + self.num_rounds):
+        for current_round in range(self.start_round + len(history), self.start_round + self.num_rounds):
             self.current_round = current_round  # BaseFedAvg's attribute: components read it
             if self.should_stop_rounds(history[-1] if history else last_eval):
                 break
@@ -315,6 +385,9 @@ class FedAvgEvalController(BaseFedAvg):
                 raise RuntimeError("job aborted")
             step = first_step + self.current_round - self.start_round
             self.info(f"{stage} round {self.current_round + 1}/{self.num_rounds}")
+            self.set_progress(
+                phase=stage, round=self.current_round + 1, num_rounds=self.num_rounds, rounds_done=len(history)
+            )
             model = self.global_model(model.params, plan_json, self.current_round)
             results = self.send_to_sites(TASK_TRAIN, self.train_task_model(model))
             no_result = list(self._no_result)  # crashed or timed-out sites: the round goes on without them
@@ -326,7 +399,6 @@ class FedAvgEvalController(BaseFedAvg):
             aggr = self.aggregate(results, aggregate_fn=self._fedavg)
             model = self.update_model(model, aggr)
             model = self.global_model(model.params, plan_json, self.current_round)  # re-attach the plan
-            self.save_model(model)
             entry = self.evaluate(model, f"{stage} round {self.current_round + 1}", step)
             entry.update(
                 round=self.current_round + 1,
@@ -335,7 +407,19 @@ class FedAvgEvalController(BaseFedAvg):
                 no_result=no_result,
             )
             history.append(entry)
+            self._record["per_round"] = list(history)  # a job that fails later still records its rounds
+            self._record["rounds"] = len(history)
+            state = self.resume_state(len(history), history)
+            if state is not None:  # saved with the weights: a stopped job can be resubmitted to go on from here
+                model.meta[META_RESUME] = state
+            self.save_model(model)
+            model.meta.pop(META_RESUME, None)
+            self.set_progress(rounds_done=len(history))
         return model, history
+
+    def resume_state(self, rounds_done: int, history: Optional[list] = None) -> Optional[dict]:
+        """The job state saved with each round's model (None: this job cannot be resumed)."""
+        return None
 
     # ------------------------------------------------------------------ outputs
     def write_metrics(self, status: str, error: Optional[str] = None) -> str:
@@ -377,10 +461,12 @@ class FedAvgEvalController(BaseFedAvg):
             params=count_params(net),
             params_full=count_params(build_model(self.model_name, self.num_classes, self.in_channels)),
         )
+        self.set_progress(phase="start", num_rounds=self.num_rounds)
         self._record["initial"] = self.evaluate(model, "initial", 0)
         model, history = self.run_rounds(model, stage="train", first_step=1)
         self._record["per_round"] = history
         self._record["rounds"] = len(history)
         self._record["final"] = history[-1] if history else self._record["initial"]
         self.save_model(model)
+        self.set_progress(phase="done")
         self.write_metrics("completed")

@@ -2,6 +2,7 @@
 
 - ``model_files_to_ship``: the source files of a user's own model module that the job must carry to the server
   and every site (an installed module is referenced by name instead);
+- ``package_bundle``: a clean copy of the whole plugin package, for jobs that carry it (``bundle_code=True``);
 - ``authorize_site_config`` / ``authorize_poc_workspace``: allow ``nvflare_unlearn.fl`` in a site's
   ``class_allow_list`` (non-BYOC jobs);
 - ``quiet_log_config``: a simulator log config that keeps NVFlare's console quiet;
@@ -57,6 +58,32 @@ def model_files_to_ship(model_name: str) -> Optional[list[str]]:
             files.append(os.path.realpath(init))
         parent = parent.rsplit(".", 1)[0] if "." in parent else None
     return files
+
+
+_BUNDLE_IGNORE = ("__pycache__", "*.pyc", "*.pyo", "*.tmp*")
+_bundle_dir: Optional[str] = None
+
+
+def package_bundle() -> str:
+    """A clean copy of the installed ``nvflare_unlearn`` package (every module, subpackage, ``__init__.py`` and data
+    file; no bytecode caches), made once per process; returns the folder to copy into a job's ``custom/``.
+
+    FedJob alone copies only the modules it sees imported by the components, which leaves a package that fails to
+    import where it is not installed; a job that carries the plugin carries all of it.
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    global _bundle_dir
+    if _bundle_dir is None or not os.path.isdir(_bundle_dir):
+        source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the nvflare_unlearn package folder
+        root = tempfile.mkdtemp(prefix="nvflare_unlearn_bundle_")
+        atexit.register(shutil.rmtree, root, True)
+        target = os.path.join(root, "nvflare_unlearn")
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns(*_BUNDLE_IGNORE))
+        _bundle_dir = target
+    return _bundle_dir
 
 
 def authorize_site_config(local_dir: str) -> str:

@@ -105,3 +105,19 @@ def split_teacher(params: Mapping[str, object]) -> tuple[dict, dict]:
     own = {k: v for k, v in params.items() if not k.startswith(TEACHER_PREFIX)}
     teacher = {k[len(TEACHER_PREFIX) :]: v for k, v in params.items() if k.startswith(TEACHER_PREFIX)}
     return own, teacher
+
+
+def teacher_from(meta: Mapping[str, object], teacher_params: Mapping[str, object], model_name: str, num_classes: int,
+                 in_channels: Optional[int] = None) -> nn.Module:  # fmt: skip
+    """The original model a distilling objective learns from: its weights came with the task (``split_teacher``),
+    its plan (when the original had been pruned before) in ``META_TEACHER_PLAN``."""
+    from nvflare_unlearn.fl.defs import META_PRUNE_MODE, META_TEACHER_PLAN
+
+    if not teacher_params:
+        raise ValueError("this method distils from the original model, but the task carries no teacher weights")
+    mode = meta.get(META_PRUNE_MODE, "remove")
+    teacher = rebuild_model(
+        model_name, num_classes, meta.get(META_TEACHER_PLAN), mode if mode in ("remove", "mask") else "remove",
+        in_channels,
+    )  # fmt: skip
+    return load_numpy_state(teacher, teacher_params)

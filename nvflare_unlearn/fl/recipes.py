@@ -12,7 +12,13 @@ Components are created by ``_create_persistor`` / ``_create_controller`` / ``_cr
 swap one); client apps are prepared late, so ``set_per_site_config`` can change any site-side option per site.
 Components are referenced by import path (``nvflare_unlearn`` installed on every site), so sites must allow
 ``nvflare_unlearn.fl`` in their ``class_allow_list``: the recipes do that for ``SimEnv``; ``PocEnv`` jobs bundle the
-code; production site admins allow the package, or build the job with ``bundle_code=True``.
+code; production site admins allow the package, or build the job with ``bundle_code=True`` (the whole package travels
+in the job's ``custom/`` folders).
+
+Checkpoints follow NVFlare 2.9's recipes (``nvflare.recipe.utils.prepare_initial_ckpt``): a relative ``initial_ckpt``
+(or ``resume_from``) is a file here that the job carries in the server app; an absolute one is a path on the server.
+Quorum and task timeouts are per phase (``FederationOptions``): by default every site but one must answer, so one dead
+site slows a job down by at most ``wait_time_after_min_received`` per task instead of stopping it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from __future__ import annotations
 import os
 from typing import Any, ClassVar, Optional, Sequence, Union
 
+from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE
+from nvflare.apis.job_def import ALL_SITES
+from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
 from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import ExecEnv, Recipe
@@ -36,8 +45,8 @@ from nvflare_unlearn.fl.defs import (
 )
 from nvflare_unlearn.fl.executor import UnlearningExecutor
 from nvflare_unlearn.fl.fedavg_eval_controller import FedAvgEvalController
-from nvflare_unlearn.fl.job_utils import authorize_site_config, model_files_to_ship, script_runner
-from nvflare_unlearn.fl.persistor import UnlearningModelPersistor, load_initial_model
+from nvflare_unlearn.fl.job_utils import authorize_site_config, model_files_to_ship, package_bundle, script_runner
+from nvflare_unlearn.fl.persistor import UnlearningModelPersistor, load_initial_model, resume_state
 from nvflare_unlearn.fl.unlearning_controller import UnlearningController
 from nvflare_unlearn.models import model_spec
 from nvflare_unlearn.options import (
@@ -49,6 +58,7 @@ from nvflare_unlearn.options import (
     ScoringOptions,
     SiteDataOptions,
     TrainingOptions,
+    rename_deprecated,
     split_options,
 )
 
@@ -75,6 +85,7 @@ class _JobRecipe(Recipe):
         num_classes: int,
         forget_classes: Optional[Union[int, Sequence[int]]],
         initial_ckpt: Optional[str],
+        check_ckpt: bool,
         in_channels: Optional[int],
         input_shape: Optional[Sequence[int]],
         test_dataset: Optional[str],
@@ -85,26 +96,37 @@ class _JobRecipe(Recipe):
         train_args: str,
         groups: dict[str, Any],
         options: dict[str, Any],
+        resume_from: Optional[str] = None,
     ):
         where = type(self).__name__
         flat = {**{k: v for k, v in self.DEFAULTS.items() if not _given(k, options, groups)}, **options}
         parsed, rest = split_options(flat, self.GROUPS, where, given=groups)
         if rest:
             raise TypeError(f"{where}() got unexpected keyword argument(s) {sorted(rest)}")
-        if "min_clients" not in options and not (groups.get("federation") or {}).get("min_clients"):
-            parsed["federation"] = FederationOptions.from_dict(
-                {**parsed["federation"].to_dict(), "min_clients": parsed["site_data"].num_clients}
-            )  # default quorum: every site
+        fed = parsed["federation"]
+        if fed.min_clients is None:  # written into the job explicitly: every site but one
+            quorum = fed.default_quorum(parsed["site_data"].num_clients)
+            fed = FederationOptions.from_dict({**fed.to_dict(), "min_clients": quorum})
+            parsed["federation"] = fed
         self.options: dict[str, OptionGroup] = parsed
         self.model_name = model_spec(model, input_shape)
         self.num_classes = check_num_classes(num_classes)
         self.forget_classes = normalize_forget_classes(forget_classes, self.num_classes, required=False)
         self.num_clients = parsed["site_data"].num_clients
-        self.min_clients = parsed["federation"].min_clients
-        if self.min_clients > self.num_clients:
-            raise ValueError(f"min_clients={self.min_clients} exceeds num_clients={self.num_clients}")
+        quorums = fed.quorums(self.num_clients)
+        too_many = {p: q for p, q in quorums.items() if q > self.num_clients}
+        if too_many:
+            raise ValueError(
+                f"min_clients exceeds num_clients={self.num_clients} in phase(s) {too_many}: a quorum can be at most "
+                "the number of sites"
+            )
+        self.min_clients = min(quorums.values())  # NVFlare deploys and keeps the job while this many sites live
         self.num_rounds = parsed["federation"].num_rounds
         self.initial_ckpt = initial_ckpt
+        self.resume_from = resume_from
+        self._carried: dict[str, str] = {}  # file name in the server app's custom/ -> local file the job carries
+        self._ckpt_arg = self._server_file(initial_ckpt, "initial_ckpt", check_ckpt)
+        self._resume_arg = self._server_file(resume_from, "resume_from", check_ckpt)
         self.in_channels = in_channels
         self.test_dataset = test_dataset
         self.test_data_root = test_data_root
@@ -116,8 +138,9 @@ class _JobRecipe(Recipe):
         self._per_site: dict[str, dict] = {}
 
         job = FedJob(name=name, min_clients=self.min_clients)
-        if not bundle_code:
-            job.set_app_packages(["nvflare_unlearn"])  # installed on every site: reference by import path
+        # Never let FedJob copy single modules of the plugin: it is either installed on every site (referenced by
+        # import path) or bundled whole (``_bundle``), never half.
+        job.set_app_packages(["nvflare_unlearn"])
         persistor_id = job.to_server(self._create_persistor(), id="persistor")
         job.to_server(self._create_controller(persistor_id), id="controller")
         self._add_server_components(job)
@@ -125,14 +148,19 @@ class _JobRecipe(Recipe):
             job.to_server(TBAnalyticsReceiver(), id="tb_receiver")
         for source in model_files_to_ship(self.model_name) or []:  # the user's model module, when not installed
             job.to_server(source)
+        for local in self._carried.values():  # relative checkpoints travel in the server app (NVFlare 2.9's rule)
+            job.add_file_to_server(local)
         super().__init__(job)
+        if bundle_code:
+            self._bundle(["server"])
 
     # -- hooks (override to swap a component) ------------------------------------------------------------------
     def _create_persistor(self) -> UnlearningModelPersistor:
         return UnlearningModelPersistor(
             self.model_name,
             self.num_classes,
-            initial_ckpt=self.initial_ckpt,
+            initial_ckpt=self._ckpt_arg,
+            resume_from=self._resume_arg,
             output_file=self.OUTPUT_FILE,
             prune_mode=self._group("plan", PlanOptions).prune_mode,
             in_channels=self.in_channels,
@@ -157,12 +185,18 @@ class _JobRecipe(Recipe):
         script = site_config.get("train_script", self.train_script)
         if script is not None:
             return script_runner(script, site_config.get("train_args", self.train_args))
-        groups, _ = split_options(
+        # this site's values override the recipe's, field by field, and are validated with their group
+        overrides, _ = split_options(
             {k: v for k, v in site_config.items() if k not in _SCRIPT_KEYS},
             SITE_GROUPS,
             f"{type(self).__name__} site config",
-            given=self._site_groups(),
         )
+        given = {k for k in rename_deprecated(dict(site_config), "site config") if k not in _SCRIPT_KEYS}
+        groups = {}
+        for g in SITE_GROUPS:
+            merged = self._group(g.GROUP, g).to_dict()
+            merged.update({k: v for k, v in overrides[g.GROUP].to_dict().items() if k in given})
+            groups[g.GROUP] = g.from_dict(merged)
         return UnlearningExecutor(
             self.model_name,
             self.num_classes,
@@ -190,15 +224,19 @@ class _JobRecipe(Recipe):
     def _prepare_client_apps(self) -> None:
         tasks = [TASK_ACTIVATIONS, TASK_TRAIN, TASK_VALIDATE, TASK_VERIFY]
         sources = model_files_to_ship(self.model_name) or []
-        if not self._per_site:
-            self._job.to_clients(self._create_executor({}), tasks=tasks)
+        targets = {ALL_SITES: {}} if not self._per_site else self._per_site
+        for target, cfg in targets.items():
+            self._job.to(self._create_executor(cfg), target, tasks=tasks)
+            # site-side experiment tracking (the executor's training loss) reaches the server's receivers
+            self._job.to(
+                ConvertToFedEvent(events_to_convert=[ANALYTIC_EVENT_TYPE], fed_event_prefix="fed."),
+                target,
+                id="event_to_fed",
+            )
             for source in sources:
-                self._job.to_clients(source)
-            return
-        for site, cfg in self._per_site.items():
-            self._job.to(self._create_executor(cfg), site, tasks=tasks)
-            for source in sources:
-                self._job.to(source, site)
+                self._job.to(source, target)
+        if self.bundle_code:
+            self._bundle(list(targets))
 
     def process_env(self, env: ExecEnv):
         """Make the components loadable where the recipe can arrange it.
@@ -216,8 +254,51 @@ class _JobRecipe(Recipe):
         if isinstance(env, SimEnv):
             authorize_site_config(os.path.join(env.workspace_root, self.name, "local"))
         elif isinstance(env, PocEnv):
-            self._job.set_app_packages([])
             self.bundle_code = True
+            self._bundle(["server", *[t for t in self._job._deploy_map if t != "server"]])
+
+    def _bundle(self, targets: list[str]) -> None:
+        """Carry the WHOLE plugin package (every subpackage, ``__init__.py`` and data file) in the apps' custom/
+        folders, for sites where it is not installed (NVFlare puts ``custom/`` on the import path)."""
+        source = package_bundle()
+        for target in targets:
+            self._job.add_file_to(source, target, dest_dir="nvflare_unlearn")
+
+    def _server_file(self, path: Optional[str], what: str, check: bool) -> Optional[str]:
+        """NVFlare 2.9's rule for a checkpoint: relative = a file here that the job carries in the server app's
+        custom/ (the persistor gets its name); absolute = a path on the server (checked here unless ``check`` is
+        off). A relative name that does not exist here with ``check=False`` is expected in the server app's custom/
+        at run time (job folders that the submitter completes, like ``job_templates/``)."""
+        if path is None:
+            return None
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"{what} must be a checkpoint path, got {path!r}")
+        if os.path.isabs(path):
+            if check and not os.path.isfile(path):
+                raise ValueError(
+                    f"{what} {path!r} does not exist: give the checkpoint's path (a relative path is carried in the "
+                    "job; for an absolute path on another server machine pass check_ckpt=False)"
+                )
+            return path
+        if not os.path.isfile(path):
+            if check:
+                raise ValueError(
+                    f"{what} {path!r} does not exist here: a relative path names a file on this machine that the job "
+                    "carries to the server (NVFlare 2.9's rule); give an existing file or an absolute server path"
+                )
+            return path
+        name = os.path.basename(path)
+        if name in self._carried:
+            raise ValueError(f"{what} {path!r}: another carried checkpoint is also named {name!r}; rename one")
+        self._carried[name] = os.path.abspath(path)
+        return name
+
+    def _local_ckpt(self, arg: Optional[str]) -> Optional[str]:
+        """The file on this machine behind a checkpoint argument, if there is one (to validate it now)."""
+        if arg is None:
+            return None
+        local = self._carried.get(arg, arg)
+        return local if os.path.isfile(local) else None
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def _group(self, name: str, kind: type[OptionGroup]) -> Any:
@@ -267,14 +348,13 @@ class PretrainRecipe(_JobRecipe):
         federation: Optional[dict] = None,
         **options: Any,
     ):
-        if initial_ckpt is not None and not os.path.isfile(initial_ckpt):
-            raise ValueError(f"initial_ckpt {initial_ckpt!r} does not exist")
         super().__init__(
             name=name,
             model=model,
             num_classes=num_classes,
             forget_classes=forget_classes,
-            initial_ckpt=os.path.abspath(initial_ckpt) if initial_ckpt else None,
+            initial_ckpt=initial_ckpt,
+            check_ckpt=True,
             in_channels=in_channels,
             input_shape=input_shape,
             test_dataset=test_dataset,
@@ -311,9 +391,9 @@ class UnlearningRecipe(_JobRecipe):
     Args:
         model / num_classes / in_channels / input_shape: the trained model's architecture: a registry name, your
             own model as an import path ``"package.module:factory"``, or the factory itself (``models.model_spec``).
-        initial_ckpt: the trained model (our checkpoint, a state_dict .pt, or NVFlare's FL_global_model.pt), as a
-            path on this machine (checked here) or, with ``check_ckpt=False``, an absolute path as seen by the
-            server. Never modified.
+        initial_ckpt: the trained model (our checkpoint, a state_dict .pt, or NVFlare's FL_global_model.pt). As in
+            NVFlare 2.9's recipes: a relative path is a file here that the job carries in the server app; an absolute
+            path is a file on the server (checked here, unless ``check_ckpt=False``). Never modified.
         forget_classes: class id(s) to forget; one statistics + pruning pass per class.
         unlearning / scoring / plan / privacy / site_data / training / federation: the option groups
             (``nvflare_unlearn.options``), as dicts or group objects; any field may also be given flat
@@ -321,7 +401,10 @@ class UnlearningRecipe(_JobRecipe):
             ``lr=0.01``; ``method="prune"`` (the paper).
         test_dataset / test_data_root: optional server-side test set evaluated centrally at every stage.
         tensorboard: add NVFlare's TensorBoard receiver (U/R accuracy by round under the run's tb_events/).
-        bundle_code: copy the plugin's code into the job (BYOC) instead of referencing the installed package.
+        bundle_code: copy the plugin's whole package into the job (BYOC) instead of referencing the installed one.
+        resume_from: a round checkpoint (``unlearned_model.pt`` or ``pruned_model.pt``) of an earlier run of this
+            request that stopped or crashed: fine-tuning goes on after its last saved round with its plan (same path
+            rule as ``initial_ckpt``, which must still name the original model); the record says so.
         train_script / train_args: run your own Client API script on the sites instead of the plugin's executor
             (it must answer the three tasks, see ``nvflare_unlearn.fl.client_api``); the site_data options are
             then unused, the script loads its own data.
@@ -357,6 +440,7 @@ class UnlearningRecipe(_JobRecipe):
         train_args: str = "",
         check_ckpt: bool = True,
         unlearning: Optional[dict] = None,
+        resume_from: Optional[str] = None,
         scoring: Optional[dict] = None,
         plan: Optional[dict] = None,
         privacy: Optional[dict] = None,
@@ -367,21 +451,15 @@ class UnlearningRecipe(_JobRecipe):
     ):
         if not initial_ckpt or not isinstance(initial_ckpt, str):
             raise ValueError("initial_ckpt must name the trained model's checkpoint file")
-        if check_ckpt and not os.path.isfile(initial_ckpt):
-            raise ValueError(
-                f"initial_ckpt {initial_ckpt!r} does not exist: give the trained model's checkpoint "
-                "(e.g. the global_model.pt a PretrainRecipe run wrote); for a job exported to run on another "
-                "machine pass check_ckpt=False and an absolute path as seen by the server"
-            )
-        if not check_ckpt and not os.path.isabs(initial_ckpt):
-            raise ValueError(f"initial_ckpt {initial_ckpt!r} must be an absolute path as seen by the server")
         normalize_forget_classes(forget_classes, num_classes)
         super().__init__(
             name=name,
             model=model,
             num_classes=num_classes,
             forget_classes=forget_classes,
-            initial_ckpt=os.path.abspath(initial_ckpt),
+            initial_ckpt=initial_ckpt,
+            check_ckpt=check_ckpt,
+            resume_from=resume_from,
             in_channels=in_channels,
             input_shape=input_shape,
             test_dataset=test_dataset,
@@ -402,10 +480,24 @@ class UnlearningRecipe(_JobRecipe):
             options=options,
         )
         self.prune_ratio = self.options["plan"].prune_ratio
-        if check_ckpt:  # corrupt file or wrong architecture: say so now, not from inside the server's run
-            load_initial_model(
-                self.initial_ckpt, self.model_name, self.num_classes, self.in_channels, self.options["plan"].prune_mode
-            )
+        mode = self.options["plan"].prune_mode
+        for arg in (self._ckpt_arg, self._resume_arg):  # corrupt file or wrong architecture: say so now
+            local = self._local_ckpt(arg)
+            if local is not None:
+                load_initial_model(local, self.model_name, self.num_classes, self.in_channels, mode)
+        local_resume = self._local_ckpt(self._resume_arg)
+        if local_resume is not None:
+            state = resume_state(local_resume)
+            if list(state.get("forget_classes") or []) != list(self.forget_classes):
+                raise ValueError(
+                    f"resume_from {resume_from!r} continues a job forgetting {state.get('forget_classes')}, not "
+                    f"{self.forget_classes}"
+                )
+            if int(state["round"]) >= self.num_rounds:
+                raise ValueError(
+                    f"resume_from {resume_from!r} already holds {state['round']} fine-tuning round(s); "
+                    f"num_rounds={self.num_rounds} leaves nothing to do"
+                )
 
     def _create_controller(self, persistor_id: str) -> UnlearningController:
         o = self.options

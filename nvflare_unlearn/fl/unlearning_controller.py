@@ -30,6 +30,10 @@ from nvflare_unlearn.fl.defs import (
     META_ORIGINAL_CKPT,
     META_OUTPUT_FILE,
     META_PLAN,
+    META_PRIVACY,
+    META_PRIVACY_APPLIED,
+    META_RESUME,
+    META_TEACHER_PLAN,
     META_VERIFY,
     METRICS_FILE,
     PLAN_FILE,
@@ -119,9 +123,11 @@ class UnlearningController(FedAvgEvalController):
         self._privacy = PrivacyOptions.from_dict(self.privacy)
         self._method = MethodOptions.from_dict(self.unlearning)
         self._teacher: Optional[dict] = None  # the original weights, sent with train tasks when the objective distils
+        self._teacher_plan: Optional[str] = None  # ... and the plan that shaped them (an original pruned before)
 
     def task_meta(self) -> dict:
-        return {**super().task_meta(), META_HOOK_POINT: self._scoring.hook_point}
+        # the privacy the job asks for: a site applies it (or stricter settings of its own) and says what it applied
+        return {**super().task_meta(), META_HOOK_POINT: self._scoring.hook_point, META_PRIVACY: dict(self.privacy)}
 
     def _aggregator(self) -> ActivationAggregator:
         agg = self.engine.get_component(self.aggregator_id)
@@ -148,18 +154,21 @@ class UnlearningController(FedAvgEvalController):
         results = self.send_to_sites(TASK_ACTIVATIONS, model)
         no_result = list(self._no_result)
         sigmas = {site_name(r): (r.meta or {}).get(META_DP_SIGMA) for r in results}
+        applied = {site_name(r): (r.meta or {}).get(META_PRIVACY_APPLIED) for r in results}
         for r in results:
             aggregator.accept_model(r)
         accepted = aggregator.accepted_sites
-        if len(accepted) < self._fed.min_clients:
+        quorum = self.quorum("activation")
+        if len(accepted) < quorum:
             raise RuntimeError(
-                f"class {forget_class}: {len(accepted)} valid activation report(s), "
-                f"min_clients={self._fed.min_clients}; rejected: {aggregator.rejected}, "
-                f"no result from: {no_result or 'none'}"
+                f"class {forget_class}: {len(accepted)} valid activation report(s), the activation phase needs "
+                f"min_clients={quorum}; rejected: {aggregator.rejected}, no result from: {no_result or 'none'}"
             )
         merged = aggregator.aggregate_model()
         merged.meta["no_result"] = no_result
         merged.meta["dp_sigma"] = {s: sigmas.get(s) for s in accepted}
+        # None: the site's code did not say what it applied (a script answering without the client_api helpers)
+        merged.meta["privacy_applied"] = {s: jsonable(applied.get(s)) for s in accepted}
         if merged.meta["counts"][forget_class] == 0:
             raise RuntimeError(
                 f"no site holds samples of class {forget_class}: its channels cannot be identified; "
@@ -168,7 +177,6 @@ class UnlearningController(FedAvgEvalController):
         return merged.params, merged.meta
 
     def run_workflow(self) -> None:
-        from nvflare_unlearn.method.checkpoint import save_checkpoint
         from nvflare_unlearn.protect.audit import sha256_file
 
         started = time.time()
@@ -186,60 +194,47 @@ class UnlearningController(FedAvgEvalController):
         plan_json = loaded_meta.get(META_PLAN)
         model = self.global_model(loaded.params, plan_json)
         net = self.to_torch(model)
-        self._teacher = state_to_numpy(net) if self._method.needs_teacher else None
-        self._record.update(
-            model_name=self.model_name,
-            num_classes=self.num_classes,
-            forget_classes=self.forget_classes,
-            options=self.options(),
-            started_at=started,
-            params_before=count_params(net),
-            original_model={"path": original_path, "sha256": original_sha},
-        )
-        self._record["original"] = self.evaluate(model, "original", 0)
-        if self._method.verify:
-            self._record["verification_original"] = self.verify(model, "original")
+        if self._method.needs_teacher:
+            self._set_teacher(original_path)
+        resume = loaded_meta.get(META_RESUME)
+        self.set_progress(phase="start", num_rounds=self.num_rounds, forget_classes=self.forget_classes)
+        if resume:
+            plan, last_eval, done = self._resume(resume, original_path, original_sha, plan_json, started)
+            if plan is not None and plan.steps:
+                with open(os.path.join(self.get_run_dir(), PLAN_FILE), "w") as f:
+                    f.write(plan.to_json())  # the outputs of a resumed job are complete too
+        else:
+            self._record.update(
+                model_name=self.model_name,
+                num_classes=self.num_classes,
+                forget_classes=self.forget_classes,
+                options=self.options(),
+                quorum=self._fed.quorums(len(self.sample_clients())),
+                started_at=started,
+                params_before=count_params(net),
+                original_model={"path": original_path, "sha256": original_sha},
+            )
+            self._record["original"] = self.evaluate(model, "original", 0)
+            if self._method.verify:
+                self._record["verification_original"] = self.verify(model, "original")
+            plan, net, model = self._prepare(model, net, parse_plan(plan_json))
+            last_eval, done = self._record["pruned"], []
 
-        # Phase 2: the method's preparation. Pruning: one statistics + pruning pass per forget class.
-        plan = parse_plan(plan_json)
-        if self._method.method == "prune":
-            model, net, plan = self._prune(model, net, plan)
-        if self._method.reset_rows:
-            from nvflare_unlearn.method.reinit import reset_classifier_rows
-
-            net = reset_classifier_rows(net, self.forget_classes, seed=0)
-            model = self.global_model(state_to_numpy(net), (model.meta or {}).get(META_PLAN))
-        self._record["params_after"] = count_params(net)
-
-        # Phase 3: persist the prepared model and its plan (new files), evaluate it.
-        run_dir = self.get_run_dir()
-        if plan is not None and plan.steps:
-            with open(os.path.join(run_dir, PLAN_FILE), "w") as f:
-                f.write(plan.to_json())
-        applied = parse_plan((model.meta or {}).get(META_PLAN))
-        save_checkpoint(
-            os.path.join(run_dir, PRUNED_MODEL_FILE),
-            net,
-            applied,
-            self.model_name,
-            self.num_classes,
-            extra={"prune_mode": self.prune_mode, "stage": "prepared", "forget_classes": self.forget_classes},
-        )
-        self._record["pruned"] = self.evaluate(model, "pruned", 0)
-
-        # Phase 4: FedAvg fine-tuning on the retained classes (the method's objective), plan attached every round.
-        model, history = self.run_rounds(model, stage="finetune", first_step=1, last_eval=self._record["pruned"])
+        # Phase 4: FedAvg fine-tuning on the retained classes with the method's objective, plan attached every
+        # round (resumed: from the round after the checkpoint's, with its plan).
+        model, history = self.run_rounds(model, stage="finetune", first_step=1, last_eval=last_eval, history=done)
         self._record["per_round"] = history
         self._record["rounds"] = len(history)
         self._record["unlearned"] = history[-1] if history else self._record["pruned"]
         if self._method.verify:
-            after = self.verify(model, "unlearned")
-            self._record["verification"] = self._verdict(after)
+            self.set_progress(phase="verify")
+            self._record["verification"] = self._verdict(self.verify(model, "unlearned"))
 
         # Phase 5: the final model (weights + plan) through the persistor, the audit record, then the metrics.
         self.save_model(model)
         if sha256_file(original_path) != original_sha:
             raise RuntimeError(f"the original checkpoint {original_path} changed during the job")
+        run_dir = self.get_run_dir()
         final_path = os.path.join(run_dir, loaded_meta.get(META_OUTPUT_FILE) or "")
         if plan is None:  # a method without pruning: the record states an empty plan of the original architecture
             plan = self._empty_plan()
@@ -248,7 +243,41 @@ class UnlearningController(FedAvgEvalController):
             pruned_model=PRUNED_MODEL_FILE, plan=PLAN_FILE, metrics=METRICS_FILE, record=RECORD_FILE
         )
         self._record["seconds"] = round(time.time() - started, 3)
+        self.set_progress(phase="done")
         self.write_metrics("completed")
+
+    def _prepare(self, model: FLModel, net, plan):
+        """Phases 2-3: the method's preparation (pruning: statistics -> plan per forget class; classifier rows), then
+        the prepared model and its plan persisted (new files) and evaluated. Returns (plan, net, model)."""
+        from nvflare_unlearn.method.checkpoint import save_checkpoint
+
+        if self._method.method == "prune":
+            model, net, plan = self._prune(model, net, plan)
+        if self._method.reset_rows:
+            from nvflare_unlearn.method.reinit import reset_classifier_rows
+
+            net = reset_classifier_rows(net, self.forget_classes, seed=0)
+            model = self.global_model(state_to_numpy(net), (model.meta or {}).get(META_PLAN))
+        self._record["params_after"] = count_params(net)
+        run_dir = self.get_run_dir()
+        if plan is not None and plan.steps:
+            with open(os.path.join(run_dir, PLAN_FILE), "w") as f:
+                f.write(plan.to_json())
+        self._record["pruned"] = self.evaluate(model, "pruned", 0)
+        save_checkpoint(
+            os.path.join(run_dir, PRUNED_MODEL_FILE),
+            net,
+            parse_plan((model.meta or {}).get(META_PLAN)),  # reinit: the dense model carries no plan
+            self.model_name,
+            self.num_classes,
+            extra={
+                "prune_mode": self.prune_mode,
+                "stage": "prepared",
+                "forget_classes": self.forget_classes,
+                "resume": self.resume_state(0),  # a job that dies in round 1 can resume from here
+            },
+        )
+        return plan, net, model
 
     def _prune(self, model: FLModel, net, plan):
         """The paper's phase 2: per forget class, federated statistics -> ``unlearning_step`` -> apply the plan.
@@ -263,8 +292,9 @@ class UnlearningController(FedAvgEvalController):
         dense = copy.deepcopy(net) if reinit else None
         apply_mode = "mask" if reinit else self.prune_mode
         activation_rounds = []
-        for forget_class in self.forget_classes:
+        for index, forget_class in enumerate(self.forget_classes):
             t0 = time.time()
+            self.set_progress(phase="activation", forget_class=forget_class, pass_index=index + 1)
             channels = int(sum(conv_channels(net).values()))  # this pass's DP sensitivity depends on it
             means, info = self.collect_means(model, net, forget_class)
             if self._privacy.dp:
@@ -292,6 +322,7 @@ class UnlearningController(FedAvgEvalController):
                     channels=channels,
                     site_counts=info["site_counts"],
                     dp_sigma=info["dp_sigma"],
+                    privacy_applied=info["privacy_applied"],
                     params=count_params(net),
                     seconds=round(time.time() - t0, 3),
                 )
@@ -305,6 +336,16 @@ class UnlearningController(FedAvgEvalController):
             net = reinitialise_channels(dense, plan, seed=0)
             model = self.global_model(state_to_numpy(net), None)
         return model, net, plan
+
+    def _set_teacher(self, original_path: str) -> None:
+        """The original model, sent with every train task of a distilling objective (resumed jobs included)."""
+        from nvflare_unlearn.fl.persistor import load_initial_model
+
+        teacher, teacher_plan = load_initial_model(
+            original_path, self.model_name, self.num_classes, self.in_channels, self.prune_mode
+        )
+        self._teacher = state_to_numpy(teacher)
+        self._teacher_plan = teacher_plan.to_json() if teacher_plan is not None else None
 
     def _empty_plan(self):
         from nvflare_unlearn.method.graph import conv_modules, coupled_groups
@@ -372,7 +413,78 @@ class UnlearningController(FedAvgEvalController):
         model.meta[META_METHOD] = self._method.to_dict()
         if self._teacher is not None:
             model.params = {**model.params, **{TEACHER_PREFIX + k: v for k, v in self._teacher.items()}}
+            if self._teacher_plan:
+                model.meta[META_TEACHER_PLAN] = self._teacher_plan
         return model
+
+    # ------------------------------------------------------------------ resume
+    def resume_state(self, rounds_done: int, history: Optional[list] = None) -> Optional[dict]:
+        """What a later job needs to go on after ``rounds_done`` fine-tuning rounds (saved with the model)."""
+        if "pruned" not in self._record:
+            return None
+        keep = ("original", "pruned", "activation_rounds", "plan_summary", "params_before", "params_after")
+        record = {k: self._record[k] for k in keep if k in self._record}
+        record["per_round"] = list(history or [])
+        return jsonable(
+            dict(
+                round=int(rounds_done),
+                forget_classes=list(self.forget_classes),
+                prune_mode=self.prune_mode,
+                options={
+                    "unlearning": self.unlearning,
+                    "scoring": self.scoring,
+                    "plan": self.plan,
+                    "privacy": self.privacy,
+                },
+                original_sha256=self._record["original_model"]["sha256"],
+                started_at=self._record.get("started_at"),
+                record=record,
+            )
+        )
+
+    def _resume(self, state: dict, original_path: str, original_sha: str, plan_json: Optional[str], started: float):
+        """Check that a resume checkpoint belongs to this request and restore the record of the rounds it holds."""
+        if list(state.get("forget_classes") or []) != list(self.forget_classes):
+            raise RuntimeError(
+                f"resume_from was saved by a job forgetting {state.get('forget_classes')}, this job forgets "
+                f"{self.forget_classes}: resume with the same request"
+            )
+        if state.get("original_sha256") != original_sha:
+            raise RuntimeError(
+                "resume_from was saved from another original model (SHA-256 differs from initial_ckpt's): "
+                "give the original checkpoint of the interrupted job as initial_ckpt"
+            )
+        if state.get("prune_mode") != self.prune_mode:
+            raise RuntimeError(
+                f"resume_from was pruned in {state.get('prune_mode')!r} mode, this job uses {self.prune_mode!r}"
+            )
+        done_rounds = int(state["round"])
+        if done_rounds >= self.num_rounds:
+            raise RuntimeError(
+                f"resume_from already holds {done_rounds} fine-tuning round(s) and num_rounds={self.num_rounds}: "
+                "nothing left to do (raise num_rounds to fine-tune further)"
+            )
+        saved = dict(state.get("record") or {})
+        history = list(saved.pop("per_round", []))[:done_rounds]
+        self._record.update(saved)
+        self._record.update(
+            model_name=self.model_name,
+            num_classes=self.num_classes,
+            forget_classes=self.forget_classes,
+            options={**self.options(), **(state.get("options") or {})},  # the plan's options are the first job's
+            quorum=self._fed.quorums(len(self.sample_clients())),
+            started_at=state.get("started_at") or started,
+            original_model={"path": original_path, "sha256": original_sha},
+            resumed={
+                "from": state.get("path"),
+                "sha256": state.get("sha256"),
+                "after_round": done_rounds,
+                "at": started,
+            },
+        )
+        self.info(f"resuming fine-tuning after round {done_rounds} of {self.num_rounds} from {state.get('path')}")
+        last_eval = history[-1] if history else self._record.get("pruned")
+        return parse_plan(plan_json), last_eval, history
 
     def _write_audit_record(self, original_path, final_path, plan, activation_rounds, started) -> str:
         """``unlearning_record.json`` (``protect.audit.build_record``): what was asked, done and measured."""
@@ -380,6 +492,13 @@ class UnlearningController(FedAvgEvalController):
         from nvflare_unlearn.protect.privacy import gaussian_sigma, sensitivity, split_budget
 
         params: dict[str, Any] = self.options()
+        # what each site says it applied to its upload (None: its code did not say, e.g. a script without the
+        # client_api helpers): the request above is what was asked, this is what the sites vouch for
+        params["privacy_applied"] = {
+            f"class {a['forget_class']}": a.get("privacy_applied") or {} for a in activation_rounds
+        }
+        if self._record.get("resumed"):
+            params["resumed"] = self._record["resumed"]
         if self._privacy.dp:
             eps, delta = split_budget(self._privacy.dp_epsilon, self._privacy.dp_delta, len(self.forget_classes))
             params["dp_per_pass"] = {"epsilon": eps, "delta": delta, "passes": len(self.forget_classes)}

@@ -19,7 +19,7 @@ from nvflare_unlearn.method.plan import PruningPlan
 from nvflare_unlearn.method.prune import apply_pruning_plan, enforce_masks, masked_plan
 from nvflare_unlearn.models.registry import INPUT_SHAPE_ATTR, MODEL_NAMES, build_model, check_model_name, is_import_path
 
-_FORMAT = "nvflare_unlearn.method.checkpoint"
+_FORMAT = "nvflare_unlearn.checkpoint"  # the on-disk format name (stable across package layouts)
 _VERSION = 1
 
 
