@@ -114,3 +114,16 @@ def test_a_non_pruning_method_runs_as_a_job_and_verifies(tmp_path):
     assert record["sites"]["trained"] == ["site-1", "site-2"] and record["plan"]["num_pruned"] == 0
     hist = np.asarray(record["verification"]["membership"]["n_positive"])
     assert hist > 0
+
+
+@pytest.mark.parametrize("method", ["finetune", "neggrad"])
+def test_a_training_method_without_rounds_is_refused(tmp_path, method):
+    """Only pruning changes the model before fine-tuning: any other method with num_rounds=0 would return the
+    original unchanged under an "unlearned" name."""
+    from nvflare_unlearn.fl import UnlearningRecipe
+
+    ckpt = tmp_path / "trained.pt"
+    save_checkpoint(ckpt, trained_digits_cnn(), None, "small_cnn", 10)
+    with pytest.raises(ValueError, match="num_rounds=0 would leave the model unchanged"):
+        UnlearningRecipe(model="small_cnn", num_classes=10, in_channels=1, initial_ckpt=str(ckpt),
+                         forget_classes=FORGET, method=method, num_rounds=0, num_clients=2)  # fmt: skip

@@ -481,6 +481,12 @@ class UnlearningRecipe(_JobRecipe):
         )
         self.prune_ratio = self.options["plan"].prune_ratio
         mode = self.options["plan"].prune_mode
+        method = self.options["unlearning"].method
+        if method != "prune" and self.num_rounds == 0:
+            raise ValueError(
+                f"method={method!r} unlearns by training at the sites: num_rounds=0 would leave the model unchanged; "
+                "give num_rounds >= 1"
+            )
         for arg in (self._ckpt_arg, self._resume_arg):  # corrupt file or wrong architecture: say so now
             local = self._local_ckpt(arg)
             if local is not None:

@@ -202,6 +202,11 @@ def build_record(
     final = Path(final_model_path)
     if original.resolve() == final.resolve():
         raise ValueError("original and final model paths are the same file: the original must never be overwritten")
+    if not site_counts and not trained_sites:
+        raise ValueError(
+            "site_counts and trained_sites are both empty: a record must name the sites that reported statistics "
+            "or trained the model"
+        )
     plan_data = _plan_obj(plan)
     pruned = _pruned_channels(plan)
     record: dict[str, Any] = {
