@@ -31,6 +31,7 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from torch import nn
 
 from nvflare_unlearn.fl.defs import (
+    META_DP_SIGMA,
     META_FORGET,
     META_HOOK_POINT,
     META_PLAN,
@@ -41,7 +42,7 @@ from nvflare_unlearn.fl.defs import (
     TASK_TRAIN,
     TASK_VALIDATE,
 )
-from nvflare_unlearn.fl.model_state import load_numpy_state, rebuild_model, state_to_numpy
+from nvflare_unlearn.fl.model_state import load_numpy_state, model_key, rebuild_model, state_to_numpy
 from nvflare_unlearn.method.activations import WIRE_SUMS_DTYPE
 
 __all__ = [
@@ -94,17 +95,42 @@ def activation_result(
     fl_model: Optional[FLModel] = None,
     hook_point: str = "conv",
     max_batches: Optional[int] = None,
+    privacy: Optional[dict] = None,
+    ledger_path: Optional[str] = None,
 ) -> FLModel:
-    """Answer the activation task: per-class sums and counts on local training data (statistics only)."""
-    from nvflare_unlearn.method.activations import collect_class_activations
+    """Answer the activation task: per-class sums and counts on local training data (statistics only).
 
-    if fl_model is not None:
-        hook_point = (fl_model.meta or {}).get(META_HOOK_POINT, hook_point)
-    report = collect_class_activations(model, loader, num_classes, hook_point=hook_point, max_batches=max_batches)
+    ``privacy``: ``PrivacyOptions`` as a dict, applied exactly as the plugin's executor does (per-image clipping,
+    min-count, Gaussian noise of ``dp_unit``'s sensitivity); with DP, ``ledger_path`` (this site's privacy ledger
+    file, kept across jobs) is required, so a release beyond the site's budget is refused.
+    """
+    import numpy as np
+
+    from nvflare_unlearn.method.activations import collect_class_activations
+    from nvflare_unlearn.options import PrivacyOptions
+    from nvflare_unlearn.protect.privacy import privatize_report, site_ledger
+
+    opts = PrivacyOptions.from_dict(privacy)
+    if opts.dp and not ledger_path:
+        raise ValueError("DP needs ledger_path: the site's privacy ledger that refuses releases beyond its budget")
+    meta = (fl_model.meta or {}) if fl_model is not None else {}
+    hook_point = meta.get(META_HOOK_POINT, hook_point)
+    report = collect_class_activations(
+        model, loader, num_classes, hook_point=hook_point, max_batches=max_batches, clip=opts.clip_bound
+    )
+    ledger = site_ledger(opts, ledger_path) if opts.dp else None
+    report, sigma = privatize_report(
+        report,
+        opts,
+        max(1, len(meta.get(META_FORGET) or [])),
+        np.random.default_rng(),
+        ledger=ledger,
+        model=model_key(fl_model.params if fl_model is not None else {}, meta.get(META_PLAN)) if ledger else "",
+    )
     return FLModel(
         params_type=ParamsType.FULL,
         params=report.to_dict(sums_dtype=WIRE_SUMS_DTYPE),
-        meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(report.counts.sum())},
+        meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(report.counts.sum()), META_DP_SIGMA: float(sigma)},
     )
 
 

@@ -13,9 +13,11 @@ round), loads the numpy weights, and works on this site's own data:
 
 from __future__ import annotations
 
+import os
 import zlib
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.event_type import EventType
@@ -41,7 +43,7 @@ from nvflare_unlearn.fl.defs import (
     TASK_TRAIN,
     TASK_VALIDATE,
 )
-from nvflare_unlearn.fl.model_state import load_numpy_state, rebuild_model, state_to_numpy
+from nvflare_unlearn.fl.model_state import load_numpy_state, model_key, rebuild_model, state_to_numpy
 from nvflare_unlearn.fl.site_data import load_site_split
 from nvflare_unlearn.method.activations import WIRE_SUMS_DTYPE
 from nvflare_unlearn.options import (
@@ -82,8 +84,10 @@ class UnlearningExecutor(Executor):
             scoring: ``ScoringOptions``: the activation hook when the task does not say, and the pass's batch cap.
             privacy: ``PrivacyOptions``: min-count, per-image clipping and Gaussian noise on this site's upload.
                 ``dp_epsilon`` / ``dp_delta`` are the whole request's budget: each activation pass (one per forget
-                class named in the task) spends an equal share (basic composition). The noise is drawn from fresh
-                OS entropy: the server must not be able to reproduce and subtract it.
+                class named in the task) spends an equal share (basic composition), charged first to this site's
+                privacy ledger, which refuses a release beyond ``dp_budget_*`` (default: one request). ``dp_unit``
+                says what epsilon protects. The noise is drawn from fresh OS entropy: the server must not be able
+                to reproduce and subtract it.
             forget_classes: classes this site never trains on (the server also sends them in each task's meta;
                 the union is dropped). Used alone by retraining from scratch.
             torch_threads: torch intra-op threads in this client process (1 keeps simulated sites from fighting).
@@ -201,27 +205,18 @@ class UnlearningExecutor(Executor):
             max_batches=self._scoring.max_activation_batches,
             clip=self._privacy.clip_bound,
         )
-        if self._privacy.min_count > 1:
-            from nvflare_unlearn.protect.privacy import apply_min_count
+        from nvflare_unlearn.protect.privacy import privatize_report
 
-            report = apply_min_count(report, self._privacy.min_count)
-        sigma = 0.0
-        if self._privacy.dp:  # after min-count: counts are public, a dropped class stays at zero
-            import numpy as np
-
-            from nvflare_unlearn.protect.privacy import (
-                gaussian_noise,
-                gaussian_sigma,
-                sensitivity,
-                split_budget,
-                total_channels,
-            )
-
-            passes = max(1, len(meta.get(META_FORGET) or []))  # one pass per forget class of this request
-            eps, delta = split_budget(self._privacy.dp_epsilon, self._privacy.dp_delta, passes)
-            bound = self._privacy.clip_bound
-            report = gaussian_noise(report, eps, delta, bound, np.random.default_rng())
-            sigma = gaussian_sigma(eps, delta, sensitivity(total_channels(report), bound))
+        passes = max(1, len(meta.get(META_FORGET) or []))  # one pass per forget class of this request
+        ledger = self._ledger(fl_ctx)
+        report, sigma = privatize_report(
+            report,
+            self._privacy,
+            passes,
+            np.random.default_rng(),  # fresh OS entropy: the server cannot reproduce and subtract the noise
+            ledger=ledger,
+            model=model_key(fl_model.params, meta.get(META_PLAN)) if ledger is not None else "",
+        )
         counts = [int(c) for c in report.counts]
         self.log_info(
             fl_ctx,
@@ -233,6 +228,17 @@ class UnlearningExecutor(Executor):
             data=report.to_dict(sums_dtype=WIRE_SUMS_DTYPE),
             meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(sum(counts)), META_DP_SIGMA: float(sigma)},
         )
+
+    def _ledger(self, fl_ctx: FLContext):
+        """This site's privacy ledger (DP on): ``dp_ledger``, or ``privacy_ledger.json`` in the site's workspace."""
+        if not self._privacy.dp:
+            return None
+        from nvflare_unlearn.protect.privacy import site_ledger
+
+        path = self._privacy.dp_ledger
+        if path is None:
+            path = os.path.join(fl_ctx.get_engine().get_workspace().get_root_dir(), "privacy_ledger.json")
+        return site_ledger(self._privacy, path.replace("{site_name}", str(self._site_name)))
 
     def _forget_set(self, meta) -> list[int]:
         forget = set(self.forget_classes)

@@ -115,11 +115,7 @@ class UnlearningModelPersistor(ModelPersistor):
         mode = meta.get(META_PRUNE_MODE, self.prune_mode)
         model = rebuild_model(self.model_name, self.num_classes, plan_json, mode, self.in_channels)
         load_numpy_state(model, model_learnable[ModelLearnableKey.WEIGHTS])
-        tmp = f"{path}.tmp-{os.getpid()}"
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        save_checkpoint(tmp, model, parse_plan(plan_json), self.model_name, self.num_classes)
-        os.replace(tmp, path)
+        save_checkpoint(path, model, parse_plan(plan_json), self.model_name, self.num_classes, overwrite=True)
         return path
 
 

@@ -6,7 +6,8 @@
 3. persist the pruned model with its plan (new files; the original checkpoint is never touched), evaluate it;
 4. fine-tune with FedAvg on the retained classes (``FedAvgEvalController.run_rounds``; the plan rides in the meta
    of EVERY round) for ``num_rounds`` rounds or until ``stop_cond`` holds, evaluating each round;
-5. write the final model, ``unlearning_metrics.json`` and the audit record into the server's run directory.
+5. write the final model, ``unlearning_metrics.json`` and the SIGNED audit record (with the public key beside it)
+   into the server's run directory.
 
 All math is in ``nvflare_unlearn.method``; this file only moves data between it and the sites.
 """
@@ -20,6 +21,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from nvflare.app_common.abstract.fl_model import FLModel
 
+from nvflare_unlearn import _io
 from nvflare_unlearn._validation import normalize_forget_classes
 from nvflare_unlearn.fl.aggregator import ActivationAggregator
 from nvflare_unlearn.fl.defs import (
@@ -32,14 +34,22 @@ from nvflare_unlearn.fl.defs import (
     PLAN_FILE,
     PRUNED_MODEL_FILE,
     RECORD_FILE,
+    RECORD_PUBLIC_KEY_FILE,
     TASK_ACTIVATIONS,
 )
 from nvflare_unlearn.fl.fedavg_eval_controller import FedAvgEvalController, jsonable, site_name
 from nvflare_unlearn.fl.model_state import count_params, parse_plan, state_to_numpy
 from nvflare_unlearn.method.graph import conv_channels
-from nvflare_unlearn.options import FederationOptions, PlanOptions, PrivacyOptions, ScoringOptions, fold_legacy
+from nvflare_unlearn.options import (
+    FederationOptions,
+    PlanOptions,
+    PrivacyOptions,
+    ScoringOptions,
+    SecurityOptions,
+    fold_legacy,
+)
 
-_GROUPS = (ScoringOptions, PlanOptions, PrivacyOptions, FederationOptions)
+_GROUPS = (ScoringOptions, PlanOptions, PrivacyOptions, FederationOptions, SecurityOptions)
 
 
 class UnlearningController(FedAvgEvalController):
@@ -59,25 +69,27 @@ class UnlearningController(FedAvgEvalController):
         test_data_root: Optional[str] = None,
         persistor_id: str = "persistor",
         aggregator_id: str = "activation_aggregator",
+        security: Optional[dict] = None,
         **legacy: Any,
     ):
         """
         Args:
             forget_classes: class ids to forget, one statistics + pruning pass each (the paper's multi-class rule).
-            scoring / plan / privacy / federation: the option groups as dicts (``nvflare_unlearn.options``).
-                ``privacy`` is what the sites were configured with; the audit record states it.
+            scoring / plan / privacy / federation / security: the option groups as dicts
+                (``nvflare_unlearn.options``). ``privacy`` is what the sites were configured with; the audit record
+                states it. ``security.signing_key``: the key the record is signed with (see ``_signing_key``).
             aggregator_id: the ``ActivationAggregator`` component that screens and combines the sites' reports.
             legacy: version 0.1's flat keywords (``prune_ratio=...``), accepted with a FutureWarning.
             Other arguments: see ``FedAvgEvalController``.
         """
         if legacy:
             folded = fold_legacy(
-                dict(scoring=scoring, plan=plan, privacy=privacy, federation=federation),
+                dict(scoring=scoring, plan=plan, privacy=privacy, federation=federation, security=security),
                 legacy,
                 _GROUPS,
                 type(self).__name__,
             )
-            scoring, plan, privacy, federation = (folded[g.GROUP] for g in _GROUPS)
+            scoring, plan, privacy, federation, security = (folded[g.GROUP] for g in _GROUPS)
         plan_opts = PlanOptions.from_dict(plan)
         super().__init__(
             model_name=model_name,
@@ -90,6 +102,7 @@ class UnlearningController(FedAvgEvalController):
             test_data_root=test_data_root,
             persistor_id=persistor_id,
             job_kind="unlearn",
+            security=security,
         )
         self.forget_classes = normalize_forget_classes(forget_classes, self.num_classes)
         self.scoring = ScoringOptions.from_dict(scoring).to_dict()
@@ -113,7 +126,13 @@ class UnlearningController(FedAvgEvalController):
         return agg
 
     def options(self) -> dict:
-        return {"scoring": self.scoring, "plan": self.plan, "privacy": self.privacy, "federation": self.federation}
+        return {
+            "scoring": self.scoring,
+            "plan": self.plan,
+            "privacy": self.privacy,
+            "federation": self.federation,
+            "security": self.security,
+        }
 
     def collect_means(self, model: FLModel, net, forget_class: int) -> tuple[dict, dict]:
         """One activation round: broadcast, screen and aggregate the sites' reports into class means."""
@@ -175,6 +194,7 @@ class UnlearningController(FedAvgEvalController):
 
         # Phase 2: one statistics + pruning pass per forget class; the plan composes across classes.
         plan = parse_plan(plan_json)
+        steps_before = len(plan.steps) if plan is not None else 0
         activation_rounds = []
         for forget_class in self.forget_classes:
             t0 = time.time()
@@ -200,6 +220,7 @@ class UnlearningController(FedAvgEvalController):
                     forget_class=forget_class,
                     sites=info["sites"],
                     rejected=info["rejected"],
+                    capped=info.get("capped", {}),
                     counts=info["counts"],
                     no_result=info["no_result"],
                     channels=channels,
@@ -216,8 +237,7 @@ class UnlearningController(FedAvgEvalController):
 
         # Phase 3: persist the pruned model and its plan (new files), evaluate it.
         run_dir = self.get_run_dir()
-        with open(os.path.join(run_dir, PLAN_FILE), "w") as f:
-            f.write(plan.to_json())
+        _io.write_text(os.path.join(run_dir, PLAN_FILE), plan.to_json())
         save_checkpoint(
             os.path.join(run_dir, PRUNED_MODEL_FILE),
             net,
@@ -239,16 +259,36 @@ class UnlearningController(FedAvgEvalController):
         if sha256_file(original_path) != original_sha:
             raise RuntimeError(f"the original checkpoint {original_path} changed during the job")
         final_path = os.path.join(run_dir, loaded_meta.get(META_OUTPUT_FILE) or "")
-        self._write_audit_record(original_path, final_path, plan, activation_rounds, started)
+        self._write_audit_record(original_path, final_path, plan, activation_rounds, started, steps_before)
         self._record["files"] = dict(
-            pruned_model=PRUNED_MODEL_FILE, plan=PLAN_FILE, metrics=METRICS_FILE, record=RECORD_FILE
+            pruned_model=PRUNED_MODEL_FILE,
+            plan=PLAN_FILE,
+            metrics=METRICS_FILE,
+            record=RECORD_FILE,
+            record_public_key=RECORD_PUBLIC_KEY_FILE,
         )
         self._record["seconds"] = round(time.time() - started, 3)
         self.write_metrics("completed")
 
-    def _write_audit_record(self, original_path, final_path, plan, activation_rounds, started) -> str:
-        """``unlearning_record.json`` (``protect.audit.build_record``): what was asked, done and measured."""
-        from nvflare_unlearn.protect.audit import build_record, write_record
+    def _signing_key(self):
+        """(private key, where it came from): ``security.signing_key``, else the provisioned server identity
+        (``startup/server.key`` of a POC or production server), else this user's key outside the run folder
+        (simulator; ``protect.audit.default_key_dir``, created on first use)."""
+        from nvflare_unlearn.protect.audit import load_or_create_signing_key, load_signing_key
+
+        if self._security.signing_key:
+            return load_signing_key(self._security.signing_key), f"configured key {self._security.signing_key}"
+        workspace = self.engine.get_workspace() if self.engine is not None else None
+        if workspace is not None:
+            provisioned = workspace.get_file_path_in_startup("server.key")
+            if os.path.isfile(provisioned):
+                return load_signing_key(provisioned), "provisioned server identity (startup/server.key)"
+        key, path = load_or_create_signing_key()
+        return key, f"user key {path}"
+
+    def _write_audit_record(self, original_path, final_path, plan, activation_rounds, started, steps_before=0) -> str:
+        """``unlearning_record.json`` (``protect.audit.build_record``): what was asked, done and measured; signed."""
+        from nvflare_unlearn.protect.audit import build_record, public_key_pem, sign_record, write_record
         from nvflare_unlearn.protect.privacy import gaussian_sigma, sensitivity, split_budget
 
         params: dict[str, Any] = self.options()
@@ -256,14 +296,18 @@ class UnlearningController(FedAvgEvalController):
             eps, delta = split_budget(self._privacy.dp_epsilon, self._privacy.dp_delta, len(self.forget_classes))
             params["dp_per_pass"] = {"epsilon": eps, "delta": delta, "passes": len(self.forget_classes)}
             # sigma depends on the channels still present at each pass (the model shrinks pass by pass)
+            noise_counts = self._privacy.dp_unit == "add_remove_image"
             params["dp_sigma"] = [
-                gaussian_sigma(eps, delta, sensitivity(a["channels"], self._privacy.clip_bound))
+                gaussian_sigma(eps, delta, sensitivity(a["channels"], self._privacy.clip_bound, noise_counts))
                 for a in activation_rounds
             ]
         site_counts: dict[str, list[int]] = {}
         rejected: dict[str, list[str]] = {}
+        capped: dict[str, list[str]] = {}
         for a in activation_rounds:
             site_counts.update(a["site_counts"])
+            for site, why in a.get("capped", {}).items():
+                capped.setdefault(site, []).append(f"class {a['forget_class']}: {why}")
             for site, why in a["rejected"].items():
                 rejected.setdefault(site, []).append(f"class {a['forget_class']}: {why}")
             for site in a["no_result"]:
@@ -284,7 +328,18 @@ class UnlearningController(FedAvgEvalController):
             started_at=started,
             finished_at=time.time(),
             rejected_sites={s: "; ".join(v) for s, v in sorted(rejected.items())},
+            model_name=self.model_name,
+            params_before=self._record["params_before"],
+            params_after=self._record["params_after"],
+            steps_before=steps_before,
+            capped_sites={s: "; ".join(v) for s, v in sorted(capped.items())},
         )
+        key, source = self._signing_key()
+        record = sign_record(record, key, source)
         path = str(write_record(os.path.join(self.get_run_dir(), RECORD_FILE), record))
-        self.info(f"audit record written to {path} (plan sha256 {record['plan']['sha256'][:12]}...)")
+        _io.write_bytes(os.path.join(self.get_run_dir(), RECORD_PUBLIC_KEY_FILE), public_key_pem(key))
+        self.info(
+            f"audit record written to {path} (plan sha256 {record['plan']['sha256'][:12]}..., signed with {source}, "
+            f"key id {record['signature']['key_id'][:16]}...)"
+        )
         return path
