@@ -321,6 +321,11 @@ class SecurityOptions(OptionGroup):
     update_clip: float | None = _opt(
         2.0, "clip each site's update to this x the round's median update norm (None = no clipping)"
     )
+    update_outlier: float | None = _opt(
+        2.0,
+        "leave out a site whose update is further than this x the median distance from the coordinate-wise median "
+        "update (>= 1; None = keep every site)",
+    )
     eval_outlier_tol: float = _opt(
         0.1, "a site whose U or R accuracy is further than this (+ 3 binomial SE) from the sites' median is left out"
     )
@@ -337,6 +342,7 @@ class SecurityOptions(OptionGroup):
         check_choice(self.update_aggregation, "update_aggregation", AGGREGATIONS)
         _real("update_trim", self.update_trim, low=0.0, low_open=False, high=0.5)
         _real("update_clip", self.update_clip, low=0.0, low_open=True, allow_none=True)
+        _real("update_outlier", self.update_outlier, low=1.0, low_open=False, allow_none=True)
         _real("eval_outlier_tol", self.eval_outlier_tol, low=0.0, low_open=False, high=1.0, high_open=False)
         if self.signing_key is not None and (not isinstance(self.signing_key, str) or not self.signing_key):
             raise ValueError(f"signing_key must be a file path or None, got {self.signing_key!r}")

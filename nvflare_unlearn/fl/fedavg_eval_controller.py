@@ -251,7 +251,9 @@ class FedAvgEvalController(BaseFedAvg):
             )
         sec = self._security
         caps = size_caps({s: float(t.sum()) for s, t in site_total.items()}, sec.site_test_sizes, sec.size_cap_factor)
-        agg = robust_evaluation(site_correct, site_total, self.forget_classes, caps, sec.eval_outlier_tol)
+        agg = robust_evaluation(
+            site_correct, site_total, self.forget_classes, caps, sec.eval_outlier_tol, sec.size_cap_factor
+        )
         for site, why in agg["flagged"].items():
             self.warning(f"{stage}: left {site} out of the federated evaluation: {why}")
         correct, total = agg["correct"], agg["total"]
@@ -296,8 +298,8 @@ class FedAvgEvalController(BaseFedAvg):
     # ------------------------------------------------------------------ FedAvg
     def _fedavg(self, results: list[FLModel]) -> FLModel:
         """The next global weights from the sites' models (``protect.robust.aggregate_updates``): claimed weights
-        capped, malformed models and sites that trained on nothing (weight 0) left out, updates clipped and combined
-        as ``security.update_aggregation`` says."""
+        capped, malformed models and sites that trained on nothing (weight 0) left out, updates clipped, outlying
+        updates left out, the rest combined as ``security.update_aggregation`` says."""
         from nvflare_unlearn.protect.robust import aggregate_updates, screen_update, size_caps
 
         if self._round_base is None:
@@ -322,6 +324,7 @@ class FedAvgEvalController(BaseFedAvg):
             sec.update_aggregation,
             sec.update_trim,
             sec.update_clip,
+            sec.update_outlier,
         )
         names = [site_name(r) for r in usable]
         self._last_aggregation = {
@@ -330,6 +333,7 @@ class FedAvgEvalController(BaseFedAvg):
             "capped": sorted(n for n, r in zip(names, usable) if site_weight(r) > caps[n]),
             "clipped": [names[i] for i in info["clipped"]],
             "update_norms": dict(zip(names, info["update_norms"])),
+            "left_out": [names[i] for i in info["left_out"]],
             "dropped": dropped,
         }
         return FLModel(params_type=ParamsType.FULL, params=params, meta={"nr_aggregated": len(usable)})
