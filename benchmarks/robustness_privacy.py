@@ -721,7 +721,7 @@ def markdown(result: dict) -> str:
         lines += ["## Activation phase: crafted reports inside the clip bound", "", *activation_table(result)]
     if "finetune_attacks" in result:
         lines += [
-            f"## Fine-tuning: {cfg['ft_rounds']} federated rounds, forget classes {cfg['ft_classes']}",
+            f"## Fine-tuning: {cfg['ft_rounds']} federated rounds, forget classes {', '.join(cfg['ft_classes'])}",
             "",
             *finetune_table(result),
         ]
