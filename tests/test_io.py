@@ -131,8 +131,10 @@ def test_the_package_writes_files_only_through_io():
                 writes = name in ("open", "Path.open", "p.open") and any(c in mode for c in "wxa")
                 if name.startswith("_io."):
                     continue
-                if writes or name in ("shutil.copy", "shutil.copy2", "shutil.copyfile") or name.endswith(
-                    (".write_text", ".write_bytes")
+                if (
+                    writes
+                    or name in ("shutil.copy", "shutil.copy2", "shutil.copyfile")
+                    or name.endswith((".write_text", ".write_bytes"))
                 ):
                     offenders.append(f"{path.relative_to(root)}:{node.lineno}: {name}({mode})")
     allowed = {"protect/privacy.py"}  # the ledger's lock file (opened for append, never written)
