@@ -628,45 +628,54 @@ def screening_table(result: dict) -> list[str]:
     return lines + [""]
 
 
-def activation_table(result: dict) -> list[str]:
-    lines = [
-        "| malicious of 10 | attack | aggregation | Jaccard vs honest plan: mean (min) | U acc pruned: mean (max) "
-        "| R acc pruned |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in result["activation_attacks"]:
-        lines.append(
-            f"| {r['malicious']} | {r['attack']} | {r['aggregation']} | {fmt(r['jaccard_vs_honest'])} | "
-            f"{r['u_acc_pruned']['mean']:.3f} ({r['u_acc_pruned']['max']:.3f}) | {r['r_acc_pruned']['mean']:.3f} |"
-        )
+def _table(rows: list[dict], columns: list[tuple[str, Callable[[dict], str]]]) -> list[str]:
+    """A markdown table: one row per result row, one column per (header, cell writer)."""
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
     return lines + [""]
+
+
+_WHO = [("malicious of 10", lambda r: str(r["malicious"])), ("attack", lambda r: r["attack"])]
+_AGG = [("aggregation", lambda r: r["aggregation"])]
+
+
+def activation_table(result: dict) -> list[str]:
+    return _table(
+        result["activation_attacks"],
+        _WHO
+        + _AGG
+        + [
+            ("Jaccard vs honest plan: mean (min)", lambda r: fmt(r["jaccard_vs_honest"])),
+            ("U acc pruned: mean (max)", lambda r: f"{r['u_acc_pruned']['mean']:.3f} ({r['u_acc_pruned']['max']:.3f})"),
+            ("R acc pruned", lambda r: f"{r['r_acc_pruned']['mean']:.3f}"),
+        ],
+    )
 
 
 def finetune_table(result: dict) -> list[str]:
-    lines = [
-        "| malicious of 10 | attack | aggregation | U acc: mean (max) | R acc: mean (min) |",
-        "|---|---|---|---|---|",
-    ]
-    for r in result["finetune_attacks"]:
-        lines.append(
-            f"| {r['malicious']} | {r['attack']} | {r['aggregation']} | {r['u_acc']['mean']:.3f} "
-            f"({r['u_acc']['max']:.3f}) | {r['r_acc']['mean']:.3f} ({r['r_acc']['min']:.3f}) |"
-        )
-    return lines + [""]
+    return _table(
+        result["finetune_attacks"],
+        _WHO
+        + _AGG
+        + [
+            ("U acc: mean (max)", lambda r: f"{r['u_acc']['mean']:.3f} ({r['u_acc']['max']:.3f})"),
+            ("R acc: mean (min)", lambda r: f"{r['r_acc']['mean']:.3f} ({r['r_acc']['min']:.3f})"),
+        ],
+    )
 
 
 def evaluation_table(result: dict) -> list[str]:
-    lines = [
-        "| model | malicious of 10 | attack | aggregation | U acc (honest) | R acc (honest) | sites left out |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in result["evaluation_attacks"]:
-        lines.append(
-            f"| {r['model']} | {r['malicious']} | {r['attack']} | {r['aggregation']} | {_v(r['u_acc'])} "
-            f"({_v(r['honest_u_acc'])}) | {_v(r['r_acc'])} ({_v(r['honest_r_acc'])}) | "
-            f"{', '.join(r['flagged']) or '-'} |"
-        )
-    return lines + [""]
+    return _table(
+        result["evaluation_attacks"],
+        [("model", lambda r: r["model"])]
+        + _WHO
+        + _AGG
+        + [
+            ("U acc (honest)", lambda r: f"{_v(r['u_acc'])} ({_v(r['honest_u_acc'])})"),
+            ("R acc (honest)", lambda r: f"{_v(r['r_acc'])} ({_v(r['honest_r_acc'])})"),
+            ("sites left out", lambda r: ", ".join(r["flagged"]) or "-"),
+        ],
+    )
 
 
 def privacy_setup_text(result: dict) -> list[str]:
