@@ -31,7 +31,9 @@ DP_UNITS = ("swap_within_class", "add_remove_image")
 MAX_SITES = 10_000
 SCOPES = ("global", "per_layer")
 DIRECTIONS = ("highest", "lowest")
-PRUNE_MODES = ("remove", "mask")
+PRUNE_MODES = ("remove", "mask", "reinit")
+METHODS = ("prune", "finetune", "neggrad", "random_label", "scrub")
+RECOVERIES = ("ce", "kd")
 PARTITIONS = ("iid", "dirichlet", "biased", "none")
 DATASET_NAMES = ("digits", "cifar10", "cifar100")
 
@@ -43,7 +45,6 @@ DEPRECATED_NAMES = {
     "n_sites": "num_clients",
     "ratio": "prune_ratio",
     "mode": "prune_mode",
-    "method": "aggregation",
 }
 
 
@@ -152,7 +153,11 @@ class PlanOptions(OptionGroup):
     scope: str = _opt("global", "global (one threshold over all layers, paper) or per_layer")
     direction: str = _opt("highest", "prune the highest TF-IDF scores (paper) or the lowest (released code)")
     min_channels: int = _opt(1, "channels every layer keeps")
-    prune_mode: str = _opt("remove", "remove (physically, smaller model) or mask (shapes kept, channels held at 0)")
+    prune_mode: str = _opt(
+        "remove",
+        "remove (physically, smaller model), mask (shapes kept, channels held at 0) or reinit (the chosen channels "
+        "re-initialised and trained anew, shapes kept)",
+    )
     deep_fraction: float | None = _opt(None, "prune only the deepest fraction of conv layers (None = all layers)")
 
     def __post_init__(self) -> None:
@@ -164,6 +169,39 @@ class PlanOptions(OptionGroup):
         _real("deep_fraction", self.deep_fraction, low=0.0, low_open=True, high=1.0, high_open=False, allow_none=True)
         if self.deep_fraction is not None and self.scope != "global":
             raise ValueError("deep_fraction restricts the global ranking; use scope='global' with it")
+
+
+@dataclass(frozen=True)
+class MethodOptions(OptionGroup):
+    """Which unlearning method runs, and how the model recovers its retained classes (method.objectives)."""
+
+    GROUP: ClassVar[str] = "unlearning"
+    method: str = _opt("prune", "prune (the paper: TF-IDF channel pruning), finetune (retained data only), neggrad, "
+                       "random_label, scrub (these use the sites' forget-class data)")  # fmt: skip
+    recovery: str = _opt("ce", "fine-tuning objective on retained data: ce, or kd (distil from the original model)")
+    reset_rows: bool = _opt(False, "also re-initialise the forget classes' classifier rows before fine-tuning")
+    kd_temperature: float = _opt(4.0, "distillation temperature (recovery=kd, scrub)")
+    kd_weight: float = _opt(1.0, "weight of the distillation term (recovery=kd, scrub)")
+    forget_weight: float = _opt(1.0, "weight of the forget-class term (neggrad, random_label, scrub)")
+    verify: bool = _opt(True, "end the job with the forgetting check at the sites (membership AUC, feature probe)")
+
+    def __post_init__(self) -> None:
+        check_choice(self.method, "method", METHODS)
+        check_choice(self.recovery, "recovery", RECOVERIES)
+        for name in ("reset_rows", "verify"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _real("kd_temperature", self.kd_temperature, low=0.0, low_open=True)
+        _real("kd_weight", self.kd_weight, low=0.0, low_open=False)
+        _real("forget_weight", self.forget_weight, low=0.0, low_open=False)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.recovery == "kd" or self.method == "scrub"
+
+    @property
+    def needs_forget_data(self) -> bool:
+        return self.method in ("neggrad", "random_label", "scrub")
 
 
 @dataclass(frozen=True)
@@ -349,6 +387,7 @@ class SecurityOptions(OptionGroup):
 
 
 GROUPS: tuple[type[OptionGroup], ...] = (
+    MethodOptions,
     ScoringOptions,
     PlanOptions,
     PrivacyOptions,

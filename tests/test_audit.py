@@ -365,7 +365,7 @@ def test_read_record_rejects_malformed_files(tmp_path):
         ({"metrics_before": None}, "metrics_before"),
         ({"parameters": {"eps": float("nan")}}, "plain JSON"),
         ({"parameters": {"model": object()}}, "plain JSON"),
-        ({"site_counts": {}}, "site_counts"),
+        ({"site_counts": [1, 2]}, "site_counts"),  # (empty is allowed: a method without statistics)
         ({"site_counts": {"a": [1, 2]}}, "2 counts for 10 classes"),
         ({"site_counts": {"a": [-1] * K}}, "non-negative"),
         ({"site_counts": {"a": [0.5] * K}}, "non-negative integers"),

@@ -434,7 +434,7 @@ def test_unlearning_recipe_exports_a_job_referencing_the_installed_package(tmp_p
     assert comps["persistor"]["args"]["initial_ckpt"] == ckpt
     ex = client["executors"][0]
     assert ex["executor"]["path"] == "nvflare_unlearn.fl.executor.UnlearningExecutor"
-    assert sorted(ex["tasks"]) == ["class_activations", "train", "validate"]
+    assert sorted(ex["tasks"]) == ["class_activations", "train", "validate", "verify"]
     apps = os.listdir(tmp_path / "forget3")
     assert not any(os.path.isdir(os.path.join(tmp_path, "forget3", a, "custom")) for a in apps), "must not be BYOC"
 

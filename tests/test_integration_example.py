@@ -267,7 +267,7 @@ def test_example_exports_jobs_naming_the_users_factory_and_script(tmp_path):
         client_text = (app / "config" / "config_fed_client.json").read_text()
         client = json.loads(client_text)
         (executor,) = client["executors"]
-        assert sorted(executor["tasks"]) == ["class_activations", "train", "validate"]
+        assert sorted(executor["tasks"]) == ["class_activations", "train", "validate", "verify"]
         assert executor["executor"]["path"].endswith("ClientAPIExecutor")
         args = executor["executor"]["args"]
         assert args["task_script_path"] == "train_client.py" and args["params_exchange_format"] == "numpy"

@@ -11,6 +11,7 @@ from typing import Any
 
 from nvflare_unlearn.options import (
     FederationOptions,
+    MethodOptions,
     OptionGroup,
     PlanOptions,
     PrivacyOptions,
@@ -21,7 +22,7 @@ from nvflare_unlearn.options import (
 )
 
 TRAINING_GROUPS = (SiteDataOptions, TrainingOptions, FederationOptions, SecurityOptions)
-UNLEARNING_GROUPS = (ScoringOptions, PlanOptions, PrivacyOptions, *TRAINING_GROUPS)
+UNLEARNING_GROUPS = (MethodOptions, ScoringOptions, PlanOptions, PrivacyOptions, *TRAINING_GROUPS)
 
 #: deprecated flag -> its current name (accepted for one release with a warning on stderr)
 DEPRECATED_FLAGS = {
@@ -84,12 +85,23 @@ def _flags(name: str) -> list[str]:
     return [flag] + [old for old, new in DEPRECATED_FLAGS.items() if new == flag]
 
 
+def boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _field_type(f: dataclasses.Field) -> Any:
     text = str(f.type)
     if f.name == "prune_ratio":
         return fraction
     if text.startswith("dict"):
         return json_mapping
+    if text.startswith("bool"):
+        return boolean
     for name, kind in (("float", float), ("int", int), ("str", str)):
         if text.startswith(name):
             return kind

@@ -32,6 +32,8 @@ def build_report(metrics: dict) -> dict:
         plan_summary=metrics.get("plan_summary"),
         options=metrics.get("options"),
         seconds=metrics.get("seconds"),
+        verification=metrics.get("verification"),
+        verification_original=metrics.get("verification_original"),
     )
 
 
@@ -57,6 +59,11 @@ def plot_u_r_by_round(report: dict, path: str, title: str = "") -> str:
     ax.set_ylim(-3, 103)
     ax.set_title(title or f"forgetting class(es) {report['forget_classes']}")
     ax.legend(fontsize=8, loc="center right")
+    check = report.get("verification") or {}
+    if check.get("verdict"):
+        text = check["verdict"] + "".join(f"\n{e}" for e in check.get("evidence", []))
+        ax.text(0.02, 0.03, text, transform=ax.transAxes, fontsize=6.5, va="bottom",
+                bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})  # fmt: skip
     fig.tight_layout()
     _io.write_with(path, lambda fh: fig.savefig(fh, dpi=120, format="png"))
     plt.close(fig)
@@ -72,6 +79,11 @@ def print_report(report: dict) -> None:
     pb, pa = report["params_before"], report["params_after"]
     if pb and pa:
         print(f"  parameters: {pb:,} -> {pa:,} ({100 * (1 - pa / pb):.1f}% removed), rounds: {report['rounds']}")
+    check = report.get("verification") or {}
+    if check.get("verdict"):
+        print(f"  {check['verdict']}")
+        for line in check.get("evidence", []):
+            print(f"    {line}")
     print()
 
 

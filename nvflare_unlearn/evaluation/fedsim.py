@@ -192,6 +192,7 @@ def run_fedavg(
     meter: CostMeter | None = None,
     eval_fn: Callable[[nn.Module, int], dict[str, Any]] | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
+    site_loss: Callable[[int, int], Callable | None] | None = None,
     on_round: Callable[[int, dict[str, Any]], None] | None = None,
     phase: str = "train",
     stop_fn: Callable[[dict[str, Any]], bool] | None = None,
@@ -200,7 +201,9 @@ def run_fedavg(
 
     Each record holds the round (1-based), lr, sampled sites, cumulative cost and, when `eval_fn` is given,
     its result (evaluation time is not charged to the method). `after_step` runs after every local optimizer
-    step (mask-mode pruning re-zeroes channels there). `stop_fn(record)` returning True ends training after
+    step (mask-mode pruning re-zeroes channels there). `site_loss(site, round)` gives that site's training loss
+    (an unlearning method's ``method.objectives.UnlearningObjective.batch_loss``; None = cross-entropy), as the
+    NVFlare executor builds it per task. `stop_fn(record)` returning True ends training after
     that round (the lr schedule stays the one of `cfg.rounds`): how a benchmark compares models at equal
     accuracy instead of equal rounds.
     """
@@ -232,6 +235,7 @@ def run_fedavg(
                 momentum=cfg.momentum,
                 weight_decay=cfg.weight_decay,
                 after_step=after_step,
+                loss_fn=site_loss(s, r) if site_loss is not None else None,
                 precision=cfg.precision,
             )
             states.append({k: v.detach().clone() for k, v in local.state_dict().items()})

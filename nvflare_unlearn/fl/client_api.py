@@ -34,22 +34,34 @@ from nvflare_unlearn.fl.defs import (
     META_DP_SIGMA,
     META_FORGET,
     META_HOOK_POINT,
+    META_METHOD,
     META_PLAN,
     META_PRUNE_MODE,
+    META_VERIFY,
     METRIC_CORRECT,
     METRIC_TOTAL,
     TASK_ACTIVATIONS,
     TASK_TRAIN,
     TASK_VALIDATE,
+    TASK_VERIFY,
 )
-from nvflare_unlearn.fl.model_state import load_numpy_state, model_key, rebuild_model, state_to_numpy
+from nvflare_unlearn.fl.model_state import (
+    load_numpy_state,
+    model_key,
+    rebuild_model,
+    split_teacher,
+    state_to_numpy,
+)
 from nvflare_unlearn.method.activations import WIRE_SUMS_DTYPE
 
 __all__ = [
     "TASK_ACTIVATIONS",
     "TASK_TRAIN",
     "TASK_VALIDATE",
+    "TASK_VERIFY",
     "model_from_flmodel",
+    "training_objective",
+    "verification_result",
     "forget_classes_of",
     "prune_mode_of",
     "retained",
@@ -67,7 +79,8 @@ def model_from_flmodel(
         raise ValueError(f"expected the FLModel from flare.receive(), got {type(fl_model).__name__}")
     meta = fl_model.meta or {}
     model = rebuild_model(model_name, num_classes, meta.get(META_PLAN), prune_mode_of(fl_model), in_channels)
-    return load_numpy_state(model, fl_model.params or {})
+    own, _teacher = split_teacher(fl_model.params or {})
+    return load_numpy_state(model, own)
 
 
 def forget_classes_of(fl_model: FLModel) -> list[int]:
@@ -154,3 +167,51 @@ def validation_result(model: nn.Module, loader: Iterable, num_classes: int) -> F
         metrics={METRIC_CORRECT: [int(c) for c in correct], METRIC_TOTAL: [int(t) for t in total]},
         meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(total.sum())},
     )
+
+
+def training_objective(
+    fl_model: FLModel,
+    model_name: str,
+    num_classes: int,
+    forget_loader: Optional[Iterable] = None,
+    in_channels: Optional[int] = None,
+    seed: int = 0,
+):
+    """The loss this round's method asks for (``method.objectives``), or None for plain cross-entropy.
+
+    Use it as ``loss = objective.batch_loss(model, x, y)`` in your training loop on retained data. Methods that use
+    the forget classes (neggrad, random_label, scrub) need ``forget_loader`` over this site's forget-class images;
+    a distilling method gets the original model (the teacher) from the task itself.
+    """
+    from nvflare_unlearn.method.objectives import UnlearningObjective
+    from nvflare_unlearn.options import MethodOptions
+
+    options = MethodOptions.from_dict((fl_model.meta or {}).get(META_METHOD))
+    forget = forget_classes_of(fl_model)
+    if not forget or not (options.needs_teacher or options.needs_forget_data):
+        return None
+    teacher = None
+    if options.needs_teacher:
+        _own, weights = split_teacher(fl_model.params or {})
+        teacher = load_numpy_state(rebuild_model(model_name, num_classes, in_channels=in_channels), weights)
+    if options.needs_forget_data and forget_loader is None:
+        options = MethodOptions.from_dict({**options.to_dict(), "method": "finetune"})  # no forget data here
+    return UnlearningObjective(options, forget, num_classes, teacher=teacher, forget_loader=forget_loader, seed=seed)
+
+
+def verification_result(
+    model: nn.Module, train_loader: Iterable, test_loader: Iterable, fl_model: FLModel, num_classes: int
+) -> FLModel:
+    """Answer the verify task (the forgetting check): aggregates of this site's data only, see
+    ``nvflare_unlearn.evaluation.verification`` for exactly what leaves the site."""
+    from nvflare_unlearn.evaluation.verification import site_probe_histograms, site_stats
+
+    request = (fl_model.meta or {}).get(META_VERIFY) or {}
+    forget = forget_classes_of(fl_model)
+    if request.get("round") == "scores":
+        data = site_probe_histograms(model, test_loader, request, forget)
+    elif request.get("round") == "stats":
+        data = site_stats(model, train_loader, test_loader, forget, num_classes)
+    else:
+        raise ValueError(f"verify round must be 'stats' or 'scores', got {request.get('round')!r}")
+    return FLModel(params_type=ParamsType.FULL, params=data, meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: 1})

@@ -9,6 +9,7 @@ from __future__ import annotations
 TASK_ACTIVATIONS = "class_activations"
 TASK_TRAIN = "train"
 TASK_VALIDATE = "validate"
+TASK_VERIFY = "verify"  # the forgetting check at the end of an unlearning job (evaluation.verification)
 
 # FLModel.meta keys. The plan travels with the weights on EVERY task: NVFlare does not keep meta across rounds.
 META_PLAN = "pruning_plan"  # PruningPlan.to_json() text, or absent for an unpruned model
@@ -19,6 +20,9 @@ META_MODEL_NAME = "model_name"
 META_NUM_CLASSES = "num_classes"
 META_ORIGINAL_CKPT = "original_ckpt"  # persistor -> controller: {"path", "sha256"} of the checkpoint it loaded
 META_OUTPUT_FILE = "output_file"  # persistor -> controller: the file name it saves the global model under
+META_METHOD = "unlearning_method"  # MethodOptions as a dict: the sites' training objective (method.objectives)
+META_VERIFY = "verify"  # TASK_VERIFY: {"round": "stats"} or {"round": "scores", "w": [...], "edges": [...]}
+TEACHER_PREFIX = "teacher/"  # params keys of the original model sent along when the objective distils from it
 META_DP_SIGMA = "dp_sigma"  # DXO meta of an activation report: std of the Gaussian noise the site added (0 = none)
 
 # Keys of the per-class evaluation metrics a site returns for TASK_VALIDATE (counts only, never samples).

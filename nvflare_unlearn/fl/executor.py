@@ -35,15 +35,24 @@ from nvflare_unlearn.fl.defs import (
     META_DP_SIGMA,
     META_FORGET,
     META_HOOK_POINT,
+    META_METHOD,
     META_PLAN,
     META_PRUNE_MODE,
+    META_VERIFY,
     METRIC_CORRECT,
     METRIC_TOTAL,
     TASK_ACTIVATIONS,
     TASK_TRAIN,
     TASK_VALIDATE,
+    TASK_VERIFY,
 )
-from nvflare_unlearn.fl.model_state import load_numpy_state, model_key, rebuild_model, state_to_numpy
+from nvflare_unlearn.fl.model_state import (
+    load_numpy_state,
+    model_key,
+    rebuild_model,
+    split_teacher,
+    state_to_numpy,
+)
 from nvflare_unlearn.fl.site_data import load_site_split
 from nvflare_unlearn.method.activations import WIRE_SUMS_DTYPE
 from nvflare_unlearn.options import (
@@ -72,6 +81,7 @@ class UnlearningExecutor(Executor):
         activations_task: str = TASK_ACTIVATIONS,
         train_task: str = TASK_TRAIN,
         validate_task: str = TASK_VALIDATE,
+        verify_task: str = TASK_VERIFY,
         **legacy: Any,
     ):
         """Plain arguments only (the option groups as dicts), so FedJob can export the executor into a job config.
@@ -114,11 +124,13 @@ class UnlearningExecutor(Executor):
         self.activations_task = activations_task
         self.train_task = train_task
         self.validate_task = validate_task
+        self.verify_task = verify_task
 
         self._training = TrainingOptions.from_dict(self.training)
         self._scoring = ScoringOptions.from_dict(self.scoring)
         self._privacy = PrivacyOptions.from_dict(self.privacy)
         self._site_name = None
+        self._teacher_params: dict = {}
         self._train_data = None
         self._val_data = None
         self._device = None
@@ -152,6 +164,7 @@ class UnlearningExecutor(Executor):
             self.activations_task: self._class_activations,
             self.train_task: self._train,
             self.validate_task: self._validate,
+            self.verify_task: self._verify,
         }
         handler = handlers.get(task_name)
         if handler is None:
@@ -160,6 +173,7 @@ class UnlearningExecutor(Executor):
         try:
             fl_model = FLModelUtils.from_shareable(shareable)
             meta = fl_model.meta or {}
+            params, self._teacher_params = split_teacher(fl_model.params or {})
             model = rebuild_model(
                 self.model_name,
                 self.num_classes,
@@ -167,7 +181,7 @@ class UnlearningExecutor(Executor):
                 mode=meta.get(META_PRUNE_MODE, "remove"),
                 in_channels=self.in_channels,
             )
-            load_numpy_state(model, fl_model.params or {})
+            load_numpy_state(model, params)
             model.to(self._device)
             if abort_signal.triggered:
                 return make_reply(ReturnCode.TASK_ABORTED)
@@ -267,6 +281,7 @@ class UnlearningExecutor(Executor):
             from nvflare_unlearn.method.prune import enforce_masks
 
             after_step = enforce_masks  # pruned channels must stay at zero through training
+        objective = self._objective(meta, forget, fl_model.current_round)
         steps = train_epochs(
             model,
             self._loader(data, shuffle=True, round_num=fl_model.current_round),
@@ -276,6 +291,7 @@ class UnlearningExecutor(Executor):
             momentum=self._training.momentum,
             weight_decay=self._training.weight_decay,
             after_step=after_step,
+            loss_fn=objective.batch_loss if objective is not None else None,
         )
         self.log_info(
             fl_ctx, f"trained {self._training.local_epochs} epoch(s), {steps} steps on {n} samples (dropped {forget})"
@@ -285,6 +301,50 @@ class UnlearningExecutor(Executor):
             data=state_to_numpy(model),
             meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: n},
         )
+
+    def _objective(self, meta: dict, forget: list[int], round_num: Optional[int]):
+        """The method's training objective (``method.objectives``), or None for plain cross-entropy."""
+        from nvflare_unlearn.method.objectives import UnlearningObjective
+        from nvflare_unlearn.options import MethodOptions
+
+        options = MethodOptions.from_dict(meta.get(META_METHOD))
+        if not forget or not (options.needs_teacher or options.needs_forget_data):
+            return None
+        teacher = None
+        if options.needs_teacher:
+            if not self._teacher_params:
+                raise ValueError(f"method {options.method!r} with recovery {options.recovery!r} needs the teacher")
+            teacher = rebuild_model(self.model_name, self.num_classes, in_channels=self.in_channels)
+            load_numpy_state(teacher, self._teacher_params)
+            teacher.to(self._device)
+        forget_loader = None
+        if options.needs_forget_data:
+            from nvflare_unlearn.data import filter_classes
+
+            held = filter_classes(self._data("train"), keep=forget)
+            forget_loader = self._loader(held, shuffle=True, round_num=round_num) if len(held) else None
+            if forget_loader is None:  # this site holds none of the forget classes: retained term only
+                options = MethodOptions.from_dict({**options.to_dict(), "method": "finetune"})
+        return UnlearningObjective(options, forget, self.num_classes, teacher=teacher, forget_loader=forget_loader,
+                                   seed=zlib.crc32(f"{self._training.seed}:{self._site_name}".encode()))  # fmt: skip
+
+    def _verify(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
+        """The forgetting check (``evaluation.verification``): round "stats" or "scores" on this site's data."""
+        from nvflare_unlearn.evaluation.verification import site_probe_histograms, site_stats
+
+        request = meta.get(META_VERIFY) or {}
+        forget = self._forget_set(meta)
+        if not forget:
+            raise ValueError("the verify task names no forget class")
+        train = self._loader(self._data("train"), shuffle=False, round_num=None)
+        test = self._loader(self._data("test"), shuffle=False, round_num=None)
+        if request.get("round") == "scores":
+            data = site_probe_histograms(model, test, request, forget, device=self._device)
+        elif request.get("round") == "stats":
+            data = site_stats(model, train, test, forget, self.num_classes, device=self._device)
+        else:
+            raise ValueError(f"verify round must be 'stats' or 'scores', got {request.get('round')!r}")
+        return DXO(data_kind=DataKind.COLLECTION, data=data, meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: 1})
 
     def _validate(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
         from nvflare_unlearn.evaluation import class_correct_total

@@ -149,11 +149,19 @@ class FedAvgEvalController(BaseFedAvg):
             META_NUM_CLASSES: self.num_classes,
         }
 
-    def global_model(self, params: dict, plan_json: Optional[str], current_round: Optional[int] = None) -> FLModel:
-        """The FLModel every task carries: weights + the plan + ``task_meta``."""
+    def global_model(
+        self,
+        params: dict,
+        plan_json: Optional[str],
+        current_round: Optional[int] = None,
+        meta_mode: Optional[str] = None,
+    ) -> FLModel:
+        """The FLModel every task carries: weights + the plan + ``task_meta`` (``meta_mode``: how sites replay it)."""
         meta = self.task_meta()
         if plan_json:
             meta[META_PLAN] = plan_json
+        if meta_mode is not None:
+            meta[META_PRUNE_MODE] = meta_mode
         return FLModel(
             params_type=ParamsType.FULL,
             params=params,
@@ -338,6 +346,10 @@ class FedAvgEvalController(BaseFedAvg):
         }
         return FLModel(params_type=ParamsType.FULL, params=params, meta={"nr_aggregated": len(usable)})
 
+    def train_task_model(self, model: FLModel) -> FLModel:
+        """What a train task carries besides ``global_model`` (the unlearning job adds its method's needs)."""
+        return model
+
     def run_rounds(
         self, model: FLModel, stage: str = "train", first_step: int = 1, last_eval: Optional[dict] = None
     ) -> tuple[FLModel, list[dict]]:
@@ -357,8 +369,8 @@ class FedAvgEvalController(BaseFedAvg):
             step = first_step + self.current_round - self.start_round
             self.info(f"{stage} round {self.current_round + 1}/{self.num_rounds}")
             model = self.global_model(model.params, plan_json, self.current_round)
-            self._round_base = model.params
-            results = self.send_to_sites(TASK_TRAIN, model)
+            self._round_base = model.params  # the weights the sites start from (before a task adds a teacher)
+            results = self.send_to_sites(TASK_TRAIN, self.train_task_model(model))
             no_result = list(self._no_result)  # crashed or timed-out sites: the round goes on without them
             if not any(site_weight(r) > 0 for r in results):
                 raise RuntimeError(

@@ -110,3 +110,12 @@ def model_key(params: Mapping[str, object] | None, plan_json: Optional[str]) -> 
 def count_params(model: nn.Module) -> int:
     """Trainable + frozen parameter count (what "smaller model" means in the job's metrics)."""
     return int(sum(p.numel() for p in model.parameters()))
+
+
+def split_teacher(params: Mapping[str, object]) -> tuple[dict, dict]:
+    """(the model's own weights, the teacher's weights) from a task's params (teacher keys carry TEACHER_PREFIX)."""
+    from nvflare_unlearn.fl.defs import TEACHER_PREFIX
+
+    own = {k: v for k, v in params.items() if not k.startswith(TEACHER_PREFIX)}
+    teacher = {k[len(TEACHER_PREFIX) :]: v for k, v in params.items() if k.startswith(TEACHER_PREFIX)}
+    return own, teacher

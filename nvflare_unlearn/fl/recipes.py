@@ -26,7 +26,14 @@ from nvflare.recipe.spec import ExecEnv, Recipe
 
 from nvflare_unlearn._validation import check_num_classes, normalize_forget_classes
 from nvflare_unlearn.fl.aggregator import ActivationAggregator
-from nvflare_unlearn.fl.defs import FINAL_MODEL_FILE, GLOBAL_MODEL_FILE, TASK_ACTIVATIONS, TASK_TRAIN, TASK_VALIDATE
+from nvflare_unlearn.fl.defs import (
+    FINAL_MODEL_FILE,
+    GLOBAL_MODEL_FILE,
+    TASK_ACTIVATIONS,
+    TASK_TRAIN,
+    TASK_VALIDATE,
+    TASK_VERIFY,
+)
 from nvflare_unlearn.fl.executor import UnlearningExecutor
 from nvflare_unlearn.fl.fedavg_eval_controller import FedAvgEvalController
 from nvflare_unlearn.fl.job_utils import authorize_site_config, model_files_to_ship, script_runner
@@ -35,6 +42,7 @@ from nvflare_unlearn.fl.unlearning_controller import UnlearningController
 from nvflare_unlearn.models import model_spec
 from nvflare_unlearn.options import (
     FederationOptions,
+    MethodOptions,
     OptionGroup,
     PlanOptions,
     PrivacyOptions,
@@ -187,7 +195,7 @@ class _JobRecipe(Recipe):
         self._per_site = config
 
     def _prepare_client_apps(self) -> None:
-        tasks = [TASK_ACTIVATIONS, TASK_TRAIN, TASK_VALIDATE]
+        tasks = [TASK_ACTIVATIONS, TASK_TRAIN, TASK_VALIDATE, TASK_VERIFY]
         sources = model_files_to_ship(self.model_name) or []
         if not self._per_site:
             self._job.to_clients(self._create_executor({}), tasks=tasks)
@@ -316,9 +324,10 @@ class UnlearningRecipe(_JobRecipe):
             path on this machine (checked here) or, with ``check_ckpt=False``, an absolute path as seen by the
             server. Never modified.
         forget_classes: class id(s) to forget; one statistics + pruning pass per class.
-        scoring / plan / privacy / site_data / training / federation / security: the option groups
+        unlearning / scoring / plan / privacy / site_data / training / federation / security: the option groups
             (``nvflare_unlearn.options``), as dicts or group objects; any field may also be given flat
-            (``prune_ratio=0.2``). Defaults here: ``num_rounds=3``, ``lr=0.01``.
+            (``method="neggrad"``, ``recovery="kd"``, ``prune_ratio=0.2``). Defaults here: ``num_rounds=3``,
+            ``lr=0.01``; ``method="prune"`` (the paper).
         test_dataset / test_data_root: optional server-side test set evaluated centrally at every stage.
         tensorboard: add NVFlare's TensorBoard receiver (U/R accuracy by round under the run's tb_events/).
         bundle_code: copy the plugin's code into the job (BYOC) instead of referencing the installed package.
@@ -328,6 +337,7 @@ class UnlearningRecipe(_JobRecipe):
     """
 
     GROUPS: ClassVar[tuple[type[OptionGroup], ...]] = (
+        MethodOptions,
         ScoringOptions,
         PlanOptions,
         PrivacyOptions,
@@ -356,6 +366,7 @@ class UnlearningRecipe(_JobRecipe):
         train_script: Optional[str] = None,
         train_args: str = "",
         check_ckpt: bool = True,
+        unlearning: Optional[dict] = None,
         scoring: Optional[dict] = None,
         plan: Optional[dict] = None,
         privacy: Optional[dict] = None,
@@ -391,6 +402,7 @@ class UnlearningRecipe(_JobRecipe):
             train_script=train_script,
             train_args=train_args,
             groups=dict(
+                unlearning=unlearning,
                 scoring=scoring,
                 plan=plan,
                 privacy=privacy,
@@ -413,6 +425,7 @@ class UnlearningRecipe(_JobRecipe):
             model_name=self.model_name,
             num_classes=self.num_classes,
             forget_classes=self.forget_classes,
+            unlearning=o["unlearning"].to_dict(),
             scoring=o["scoring"].to_dict(),
             plan=o["plan"].to_dict(),
             privacy=o["privacy"].to_dict(),

@@ -14,6 +14,7 @@ All math is in ``nvflare_unlearn.method``; this file only moves data between it 
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from typing import Any, Optional, Sequence
@@ -27,21 +28,26 @@ from nvflare_unlearn.fl.aggregator import ActivationAggregator
 from nvflare_unlearn.fl.defs import (
     META_DP_SIGMA,
     META_HOOK_POINT,
+    META_METHOD,
     META_ORIGINAL_CKPT,
     META_OUTPUT_FILE,
     META_PLAN,
+    META_VERIFY,
     METRICS_FILE,
     PLAN_FILE,
     PRUNED_MODEL_FILE,
     RECORD_FILE,
     RECORD_PUBLIC_KEY_FILE,
     TASK_ACTIVATIONS,
+    TASK_VERIFY,
+    TEACHER_PREFIX,
 )
 from nvflare_unlearn.fl.fedavg_eval_controller import FedAvgEvalController, jsonable, site_name
 from nvflare_unlearn.fl.model_state import count_params, parse_plan, state_to_numpy
 from nvflare_unlearn.method.graph import conv_channels
 from nvflare_unlearn.options import (
     FederationOptions,
+    MethodOptions,
     PlanOptions,
     PrivacyOptions,
     ScoringOptions,
@@ -49,7 +55,7 @@ from nvflare_unlearn.options import (
     fold_legacy,
 )
 
-_GROUPS = (ScoringOptions, PlanOptions, PrivacyOptions, FederationOptions, SecurityOptions)
+_GROUPS = (MethodOptions, ScoringOptions, PlanOptions, PrivacyOptions, FederationOptions, SecurityOptions)
 
 
 class UnlearningController(FedAvgEvalController):
@@ -60,6 +66,7 @@ class UnlearningController(FedAvgEvalController):
         model_name: str,
         num_classes: int,
         forget_classes: Sequence[int],
+        unlearning: Optional[dict] = None,
         scoring: Optional[dict] = None,
         plan: Optional[dict] = None,
         privacy: Optional[dict] = None,
@@ -75,21 +82,30 @@ class UnlearningController(FedAvgEvalController):
         """
         Args:
             forget_classes: class ids to forget, one statistics + pruning pass each (the paper's multi-class rule).
-            scoring / plan / privacy / federation / security: the option groups as dicts
-                (``nvflare_unlearn.options``). ``privacy`` is what the sites were configured with; the audit record
-                states it. ``security.signing_key``: the key the record is signed with (see ``_signing_key``).
+            unlearning / scoring / plan / privacy / federation: the option groups as dicts (``nvflare_unlearn.options``;
+                ``unlearning`` holds the method: prune, finetune, neggrad, random_label, scrub, and its recovery).
+                ``privacy`` is what the sites were configured with; the audit record states it. ``security``: declared
+                site sizes, robust fine-tuning and evaluation, and the key the record is signed with
+                (``_signing_key``).
             aggregator_id: the ``ActivationAggregator`` component that screens and combines the sites' reports.
             legacy: version 0.1's flat keywords (``prune_ratio=...``), accepted with a FutureWarning.
             Other arguments: see ``FedAvgEvalController``.
         """
         if legacy:
             folded = fold_legacy(
-                dict(scoring=scoring, plan=plan, privacy=privacy, federation=federation, security=security),
+                dict(
+                    unlearning=unlearning,
+                    scoring=scoring,
+                    plan=plan,
+                    privacy=privacy,
+                    federation=federation,
+                    security=security,
+                ),
                 legacy,
                 _GROUPS,
                 type(self).__name__,
             )
-            scoring, plan, privacy, federation, security = (folded[g.GROUP] for g in _GROUPS)
+            unlearning, scoring, plan, privacy, federation, security = (folded[g.GROUP] for g in _GROUPS)
         plan_opts = PlanOptions.from_dict(plan)
         super().__init__(
             model_name=model_name,
@@ -105,6 +121,7 @@ class UnlearningController(FedAvgEvalController):
             security=security,
         )
         self.forget_classes = normalize_forget_classes(forget_classes, self.num_classes)
+        self.unlearning = MethodOptions.from_dict(unlearning).to_dict()
         self.scoring = ScoringOptions.from_dict(scoring).to_dict()
         self.plan = plan_opts.to_dict()
         self.privacy = PrivacyOptions.from_dict(privacy).to_dict()
@@ -112,6 +129,8 @@ class UnlearningController(FedAvgEvalController):
         self._scoring = ScoringOptions.from_dict(self.scoring)
         self._plan = plan_opts
         self._privacy = PrivacyOptions.from_dict(self.privacy)
+        self._method = MethodOptions.from_dict(self.unlearning)
+        self._teacher: Optional[dict] = None  # the original weights, sent with train tasks when the objective distils
 
     def task_meta(self) -> dict:
         return {**super().task_meta(), META_HOOK_POINT: self._scoring.hook_point}
@@ -127,6 +146,7 @@ class UnlearningController(FedAvgEvalController):
 
     def options(self) -> dict:
         return {
+            "unlearning": self.unlearning,
             "scoring": self.scoring,
             "plan": self.plan,
             "privacy": self.privacy,
@@ -162,8 +182,6 @@ class UnlearningController(FedAvgEvalController):
 
     def run_workflow(self) -> None:
         from nvflare_unlearn.method.checkpoint import save_checkpoint
-        from nvflare_unlearn.method.prune import apply_pruning_plan, plan_summary
-        from nvflare_unlearn.method.unlearning import unlearning_step
         from nvflare_unlearn.protect.audit import sha256_file
 
         started = time.time()
@@ -181,6 +199,7 @@ class UnlearningController(FedAvgEvalController):
         plan_json = loaded_meta.get(META_PLAN)
         model = self.global_model(loaded.params, plan_json)
         net = self.to_torch(model)
+        self._teacher = state_to_numpy(net) if self._method.needs_teacher else None
         self._record.update(
             model_name=self.model_name,
             num_classes=self.num_classes,
@@ -191,10 +210,76 @@ class UnlearningController(FedAvgEvalController):
             original_model={"path": original_path, "sha256": original_sha},
         )
         self._record["original"] = self.evaluate(model, "original", 0)
+        if self._method.verify:
+            self._record["verification_original"] = self.verify(model, "original")
 
-        # Phase 2: one statistics + pruning pass per forget class; the plan composes across classes.
+        # Phase 2: the method's preparation. Pruning: one statistics + pruning pass per forget class.
         plan = parse_plan(plan_json)
         steps_before = len(plan.steps) if plan is not None else 0
+        if self._method.method == "prune":
+            model, net, plan = self._prune(model, net, plan)
+        if self._method.reset_rows:
+            from nvflare_unlearn.method.reinit import reset_classifier_rows
+
+            net = reset_classifier_rows(net, self.forget_classes, seed=0)
+            model = self.global_model(state_to_numpy(net), (model.meta or {}).get(META_PLAN))
+        self._record["params_after"] = count_params(net)
+
+        # Phase 3: persist the prepared model and its plan (new files), evaluate it.
+        run_dir = self.get_run_dir()
+        if plan is not None and plan.steps:
+            _io.write_text(os.path.join(run_dir, PLAN_FILE), plan.to_json())
+        applied = parse_plan((model.meta or {}).get(META_PLAN))
+        save_checkpoint(
+            os.path.join(run_dir, PRUNED_MODEL_FILE),
+            net,
+            applied,
+            self.model_name,
+            self.num_classes,
+            extra={"prune_mode": self.prune_mode, "stage": "prepared", "forget_classes": self.forget_classes},
+        )
+        self._record["pruned"] = self.evaluate(model, "pruned", 0)
+
+        # Phase 4: FedAvg fine-tuning on the retained classes (the method's objective), plan attached every round.
+        model, history = self.run_rounds(model, stage="finetune", first_step=1, last_eval=self._record["pruned"])
+        self._record["per_round"] = history
+        self._record["rounds"] = len(history)
+        self._record["unlearned"] = history[-1] if history else self._record["pruned"]
+        if self._method.verify:
+            after = self.verify(model, "unlearned")
+            self._record["verification"] = self._verdict(after)
+
+        # Phase 5: the final model (weights + plan) through the persistor, the audit record, then the metrics.
+        self.save_model(model)
+        if sha256_file(original_path) != original_sha:
+            raise RuntimeError(f"the original checkpoint {original_path} changed during the job")
+        final_path = os.path.join(run_dir, loaded_meta.get(META_OUTPUT_FILE) or "")
+        if plan is None:  # a method without pruning: the record states an empty plan of the original architecture
+            plan = self._empty_plan()
+        rounds = self._record.get("activation_rounds", [])
+        self._write_audit_record(original_path, final_path, plan, rounds, started, steps_before)
+        self._record["files"] = dict(
+            pruned_model=PRUNED_MODEL_FILE,
+            plan=PLAN_FILE,
+            metrics=METRICS_FILE,
+            record=RECORD_FILE,
+            record_public_key=RECORD_PUBLIC_KEY_FILE,
+        )
+        self._record["seconds"] = round(time.time() - started, 3)
+        self.write_metrics("completed")
+
+    def _prune(self, model: FLModel, net, plan):
+        """The paper's phase 2: per forget class, federated statistics -> ``unlearning_step`` -> apply the plan.
+
+        ``prune_mode="reinit"`` selects exactly as mask mode does (the server's copy is masked between classes),
+        then gives the chosen channels fresh weights in the dense model, which travels without a plan.
+        """
+        from nvflare_unlearn.method.prune import apply_pruning_plan, plan_summary
+        from nvflare_unlearn.method.unlearning import unlearning_step
+
+        reinit = self.prune_mode == "reinit"
+        dense = copy.deepcopy(net) if reinit else None
+        apply_mode = "mask" if reinit else self.prune_mode
         activation_rounds = []
         for forget_class in self.forget_classes:
             t0 = time.time()
@@ -213,8 +298,8 @@ class UnlearningController(FedAvgEvalController):
                 model_name=self.model_name,
                 record={"sites": list(info["sites"])},
             )
-            net = apply_pruning_plan(net, plan, mode=self.prune_mode)  # only the new step is applied
-            model = self.global_model(state_to_numpy(net), plan.to_json())
+            net = apply_pruning_plan(net, plan, mode=apply_mode)  # only the new step is applied
+            model = self.global_model(state_to_numpy(net), plan.to_json(), meta_mode=apply_mode)
             activation_rounds.append(
                 dict(
                     forget_class=forget_class,
@@ -232,43 +317,81 @@ class UnlearningController(FedAvgEvalController):
             )
             self.info(f"class {forget_class}: pruned to {count_params(net)} parameters (sites {info['sites']})")
         self._record["activation_rounds"] = activation_rounds
-        self._record["params_after"] = count_params(net)
         self._record["plan_summary"] = plan_summary(plan, net)
+        if reinit:
+            from nvflare_unlearn.method.reinit import reinitialise_channels
 
-        # Phase 3: persist the pruned model and its plan (new files), evaluate it.
-        run_dir = self.get_run_dir()
-        _io.write_text(os.path.join(run_dir, PLAN_FILE), plan.to_json())
-        save_checkpoint(
-            os.path.join(run_dir, PRUNED_MODEL_FILE),
-            net,
-            plan,
-            self.model_name,
-            self.num_classes,
-            extra={"prune_mode": self.prune_mode, "stage": "pruned", "forget_classes": self.forget_classes},
+            net = reinitialise_channels(dense, plan, seed=0)
+            model = self.global_model(state_to_numpy(net), None)
+        return model, net, plan
+
+    def _empty_plan(self):
+        from nvflare_unlearn.method.graph import conv_modules, coupled_groups
+        from nvflare_unlearn.method.plan import PruningPlan
+        from nvflare_unlearn.models import build_model
+
+        net = build_model(self.model_name, self.num_classes, in_channels=self.in_channels)
+        groups = coupled_groups(net)
+        convs = conv_modules(net)
+        return PruningPlan(convs={n: convs[n].out_channels for g in groups for n in g}, groups=groups,
+                           model_name=self.model_name)  # fmt: skip
+
+    # ------------------------------------------------------------------ verification
+    def verify(self, model: FLModel, label: str) -> dict:
+        """The forgetting check (``evaluation.verification``) on ``model``: two rounds at the sites, aggregates only."""
+        from nvflare_unlearn.evaluation.verification import (
+            auc_from_histograms,
+            fit_probe,
+            membership_auc,
+            merge_site_stats,
         )
-        self._record["pruned"] = self.evaluate(model, "pruned", 0)
 
-        # Phase 4: FedAvg fine-tuning on the retained classes, plan attached every round.
-        model, history = self.run_rounds(model, stage="finetune", first_step=1, last_eval=self._record["pruned"])
-        self._record["per_round"] = history
-        self._record["rounds"] = len(history)
-        self._record["unlearned"] = history[-1] if history else self._record["pruned"]
-
-        # Phase 5: the final model (weights + plan) through the persistor, the audit record, then the metrics.
-        self.save_model(model)
-        if sha256_file(original_path) != original_sha:
-            raise RuntimeError(f"the original checkpoint {original_path} changed during the job")
-        final_path = os.path.join(run_dir, loaded_meta.get(META_OUTPUT_FILE) or "")
-        self._write_audit_record(original_path, final_path, plan, activation_rounds, started, steps_before)
-        self._record["files"] = dict(
-            pruned_model=PRUNED_MODEL_FILE,
-            plan=PLAN_FILE,
-            metrics=METRICS_FILE,
-            record=RECORD_FILE,
-            record_public_key=RECORD_PUBLIC_KEY_FILE,
+        t0 = time.time()
+        try:
+            stats = self.send_to_sites(TASK_VERIFY, self._verify_model(model, {"round": "stats"}))
+            merged = merge_site_stats([r.params for r in stats])
+            probe = fit_probe(merged, self.forget_classes)
+            request = {"round": "scores", "w": probe["w"].tolist(), "edges": probe["edges"].tolist()}
+            scored = self.send_to_sites(TASK_VERIFY, self._verify_model(model, request))
+            pos = np.sum([np.asarray(r.params["score_hist_forget"]) for r in scored], axis=0)
+            neg = np.sum([np.asarray(r.params["score_hist_retained"]) for r in scored], axis=0)
+        except (RuntimeError, ValueError, KeyError) as e:
+            self.warning(f"verification of the {label} model unavailable: {e}")
+            return {"status": "unavailable", "reason": str(e)}
+        out = {
+            "status": "ok",
+            "membership": membership_auc(merged),
+            "probe": auc_from_histograms(pos, neg),
+            "sites": sorted(site_name(r) for r in stats),
+            "feature_dim": int(len(probe["w"])),
+            "seconds": round(time.time() - t0, 3),
+        }
+        self.info(
+            f"[verify {label}] membership AUC {out['membership']['auc']}, probe AUC {out['probe']['auc']} "
+            f"({out['seconds']} s)"
         )
-        self._record["seconds"] = round(time.time() - started, 3)
-        self.write_metrics("completed")
+        return jsonable(out)
+
+    def _verify_model(self, model: FLModel, request: dict) -> FLModel:
+        out = self.global_model(model.params, (model.meta or {}).get(META_PLAN))
+        out.meta[META_VERIFY] = request
+        return out
+
+    def _verdict(self, after: dict) -> dict:
+        from nvflare_unlearn.evaluation.verification import verification_summary
+
+        before = self._record.get("verification_original")
+        if after.get("status") != "ok":
+            return {**after, "verdict": "verification unavailable", "forgotten": None}
+        summary = verification_summary(after, before if before and before.get("status") == "ok" else None)
+        return {**after, **summary}
+
+    def train_task_model(self, model: FLModel) -> FLModel:
+        """The train task carries the method's objective, and the original model when the objective distils."""
+        model.meta[META_METHOD] = self._method.to_dict()
+        if self._teacher is not None:
+            model.params = {**model.params, **{TEACHER_PREFIX + k: v for k, v in self._teacher.items()}}
+        return model
 
     def _signing_key(self):
         """(private key, where it came from): ``security.signing_key``, else the provisioned server identity
@@ -328,6 +451,8 @@ class UnlearningController(FedAvgEvalController):
             started_at=started,
             finished_at=time.time(),
             rejected_sites={s: "; ".join(v) for s, v in sorted(rejected.items())},
+            verification=self._record.get("verification"),
+            trained_sites=sorted({s for e in self._record.get("per_round", []) for s in e.get("trained_sites", [])}),
             model_name=self.model_name,
             params_before=self._record["params_before"],
             params_after=self._record["params_after"],

@@ -22,8 +22,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from nvflare_unlearn.method.graph import build_dependency_graph, conv_modules, group_members, resolve_example_inputs
 from nvflare_unlearn.method.plan import PruningPlan
-from nvflare_unlearn.options import PRUNE_MODES
 
+APPLY_MODES = ("remove", "mask")  # how a plan is applied; the job's prune_mode adds "reinit" (method.reinit)
 MASK_ATTR = "_nvflare_unlearn_masks"  # on the root model: the plan (JSON) and every masked slice
 SLICES_ATTR = "_nvflare_unlearn_mask_slices"  # on each masked module: what its forward pre-hook re-zeroes
 
@@ -104,8 +104,11 @@ def apply_pruning_plan(
     not match, a coupling that differs from the plan, or a plan that would empty a layer.
     """
     plan = _as_plan(plan)
-    if mode not in PRUNE_MODES:
-        raise ValueError(f"mode must be one of {list(PRUNE_MODES)}, got {mode!r}")
+    if mode not in APPLY_MODES:
+        raise ValueError(
+            f"mode must be one of {list(APPLY_MODES)}, got {mode!r} (prune_mode='reinit' re-initialises the chosen "
+            "channels with method.reinit.reinitialise_channels instead of applying the plan)"
+        )
     done = _applied_steps(model, plan)
     if mode == "mask":
         if done != 0:

@@ -107,8 +107,9 @@ def unlearning_step(
             f"the statistics hold no sample of forget class {forget_class}: its channels cannot be scored "
             f"(class counts: {[int(c) for c in class_counts]})"
         )
+    mode = "remove" if plan.prune_mode == "remove" else "mask"  # reinit selects on a masked model, as mask mode
     scores = score_channels(
-        class_means, forget_class, base_plan, plan.prune_mode, idf=scoring.idf, tf_norm=scoring.tf_norm, coe=scoring.coe
+        class_means, forget_class, base_plan, mode, idf=scoring.idf, tf_norm=scoring.tf_norm, coe=scoring.coe
     )
     if plan.deep_fraction is not None:
         scores = _restrict_to(scores, set(deep_layers(model, plan.deep_fraction)), plan.direction)

@@ -135,7 +135,7 @@ def _metrics(m: Mapping[str, Any] | None, which: str) -> dict[str, float | None]
 
 
 def _site_counts(site_counts: Mapping[str, Sequence[int]], num_classes: int | None) -> dict[str, list[int]]:
-    if not isinstance(site_counts, Mapping) or not site_counts:
+    if not isinstance(site_counts, Mapping):
         raise ValueError("site_counts must map each participating site's name to its per-class counts")
     out = {}
     for site, counts in site_counts.items():
@@ -183,6 +183,8 @@ def build_record(
     started_at: _dt.datetime | str | float,
     finished_at: _dt.datetime | str | float | None = None,
     rejected_sites: Mapping[str, str] | None = None,
+    verification: Mapping[str, Any] | None = None,
+    trained_sites: Sequence[str] | None = None,
     model_name: str | None = None,
     params_before: int | None = None,
     params_after: int | None = None,
@@ -193,11 +195,14 @@ def build_record(
 
     ``parameters``: the request's settings (prune ratio, rounds, aggregation method, min_count, epsilon/delta, ...),
     stored as given (must be JSON). ``site_counts``: per-class counts each participating site reported, after
-    min-count. ``rejected_sites``: site -> reason for sites whose report was screened out; ``capped_sites``: site ->
-    why its weight was capped. ``metrics_*``: ``u_acc`` and ``r_acc`` as fractions, ``mia`` when measured. Pruned
-    channels per layer come from the plan itself. ``model_name``, ``params_before`` / ``params_after`` (parameter
-    counts of the original and final model) and ``steps_before`` (plan steps the original checkpoint already had)
-    let :func:`verify_record` check the record against the files.
+    min-count (empty for a method that collects no statistics). ``trained_sites``: the sites whose updates entered
+    the fine-tuning average. ``rejected_sites``: site -> reason for sites whose report was screened out;
+    ``capped_sites``: site -> why its weight was capped. ``metrics_*``: ``u_acc`` and ``r_acc`` as fractions,
+    ``mia`` when measured. Pruned channels per layer come from the plan itself.
+    ``verification``: the forgetting check the job ran at the sites (``evaluation.verification``), as plain JSON.
+    ``model_name``, ``params_before`` / ``params_after`` (parameter counts of the original and final model) and
+    ``steps_before`` (plan steps the original checkpoint already had) let :func:`verify_record` check the record
+    against the files.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}")
@@ -227,10 +232,10 @@ def build_record(
     steps = plan_data.get("steps") if isinstance(plan_data, Mapping) else None
     if isinstance(steps_before, bool) or not isinstance(steps_before, numbers.Integral) or steps_before < 0:
         raise ValueError(f"steps_before must be a non-negative integer; got {steps_before!r}")
-    if not isinstance(steps, list) or len(steps) - int(steps_before) != len(classes):
+    if not isinstance(steps, list) or len(steps) - int(steps_before) not in (0, len(classes)):
         raise ValueError(
             f"the plan's new steps ({'?' if not isinstance(steps, list) else len(steps) - int(steps_before)}) must "
-            f"be one per forget class ({len(classes)})"
+            f"be one per forget class ({len(classes)}), or none for a method that does not prune"
         )
     record: dict[str, Any] = {
         "schema": SCHEMA,
@@ -248,6 +253,7 @@ def build_record(
         "sites": {
             "participating": _site_counts(site_counts, int(num_classes)),
             "rejected": {str(k): str(v) for k, v in (rejected_sites or {}).items()},
+            "trained": sorted(str(s) for s in (trained_sites or [])),
             "capped": {str(k): str(v) for k, v in (capped_sites or {}).items()},
         },
         "metrics": {"before": _metrics(metrics_before, "before"), "after": _metrics(metrics_after, "after")},
@@ -258,6 +264,11 @@ def build_record(
         },
         "versions": versions(),
     }
+    if verification is not None:
+        try:
+            record["verification"] = json.loads(_canonical(dict(verification)))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"verification must be plain JSON data: {exc}") from None
     if model_name is not None:
         record["request"]["model_name"] = str(model_name)
     if params_before is not None:
@@ -483,6 +494,22 @@ def _expected_units(plan: Any, index: int) -> int | None:
     )
 
 
+def _plan_beside(record_path: Path, want_sha: str) -> tuple[Any, str | None]:
+    """(the plan in ``pruning_plan.json`` beside the record if it hashes to the recorded plan, else None; why not)."""
+    from nvflare_unlearn.method.plan import PruningPlan
+
+    side = record_path.parent / "pruning_plan.json"
+    if not side.is_file():
+        return None, "the model carries no plan and there is no pruning_plan.json beside the record"
+    try:
+        text = side.read_text(encoding="utf-8")
+        if plan_sha256(text) != want_sha:
+            return None, "pruning_plan.json beside the record is not the recorded plan"
+        return PruningPlan.from_json(text), None
+    except (OSError, ValueError) as exc:
+        return None, f"pruning_plan.json beside the record is unreadable: {str(exc)[:120]}"
+
+
 def _find_metrics(record_path: Path) -> Path | None:
     for name in ("unlearning_metrics.json", "job_metrics.json"):
         if (record_path.parent / name).is_file():
@@ -554,8 +581,16 @@ def verify_record(
         check("embedded plan", False, f"cannot load the checkpoint's plan: {type(exc).__name__}: {str(exc)[:300]}")
         net = embedded = None
     if net is not None:
+        plan_obj, problem = embedded, None
+        parameters = request.get("parameters") or {}
         if embedded is None:
-            check("embedded plan SHA-256", False, "the checkpoint carries no pruning plan")
+            plan_obj, problem = _plan_beside(record_path, record["plan"]["sha256"])
+            if record["plan"].get("num_pruned", 1) == 0:
+                checks.append("embedded plan SHA-256")  # nothing pruned, nothing embedded: consistent
+            elif ((parameters.get("plan") or {}).get("prune_mode")) == "reinit" and plan_obj is not None:
+                skipped.append("embedded plan SHA-256: a reinit model is dense; its plan is pruning_plan.json")
+            else:
+                check("embedded plan SHA-256", False, "the checkpoint carries no pruning plan")
         else:
             got = plan_sha256(embedded)
             check(
@@ -563,31 +598,38 @@ def verify_record(
                 got == record["plan"]["sha256"],
                 f"the checkpoint's plan hashes to {got}, the record's plan to {record['plan']['sha256']}",
             )
-            channels = _pruned_channels(embedded)
+        if plan_obj is not None:
+            channels = _pruned_channels(plan_obj)
             check(
                 "pruned channels",
                 channels == record["plan"]["pruned_channels"],
                 "the record's pruned channels per layer differ from the checkpoint's plan",
             )
-            before = int(record["plan"].get("steps_before", 0) or 0)
-            new_steps = embedded.steps[before:]
-            planned = sorted(int(st["forget_class"]) for st in new_steps if st.get("forget_class") is not None)
+        before = int(record["plan"].get("steps_before", 0) or 0)
+        new_steps = plan_obj.steps[before:] if plan_obj is not None else []
+        planned = sorted(int(st["forget_class"]) for st in new_steps if st.get("forget_class") is not None)
+        method = (parameters.get("unlearning") or {}).get("method", "prune")
+        expected = sorted(request.get("forget_classes") or []) if method == "prune" else []
+        if plan_obj is None and method == "prune" and record["plan"].get("num_pruned", 0) > 0:
+            skipped.append(f"forget classes = plan steps: {problem or 'no plan to read the steps from'}")
+        else:
             check(
                 "forget classes = plan steps",
-                planned == sorted(request.get("forget_classes") or []) and len(planned) == len(new_steps),
-                f"the request names classes {request.get('forget_classes')}, the plan's new steps forgot {planned}",
+                planned == expected and len(planned) == len(new_steps),
+                f"the request ({method}) names classes {request.get('forget_classes')}, the plan's new steps "
+                f"forgot {planned}",
             )
-            ratio = ((request.get("parameters") or {}).get("plan") or {}).get("prune_ratio")
+            ratio = (parameters.get("plan") or {}).get("prune_ratio")
             problems = []
-            for i in range(before, len(embedded.steps)):
-                st = embedded.steps[i]
+            for i in range(before, len(plan_obj.steps) if plan_obj is not None else 0):
+                st = plan_obj.steps[i]
                 units = sum(len(v) for v in st["pruned"].values())
-                expected = _expected_units(embedded, i)
+                expected_units = _expected_units(plan_obj, i)
                 step_ratio = (st.get("options") or {}).get("ratio")
                 if ratio is not None and step_ratio != ratio:
                     problems.append(f"step {i} used ratio {step_ratio}, the request {ratio}")
-                if expected is None or units != expected:
-                    problems.append(f"step {i} removed {units} units, its ratio gives {expected}")
+                if expected_units is None or units != expected_units:
+                    problems.append(f"step {i} removed {units} units, its ratio gives {expected_units}")
             check("prune ratio = units pruned", not problems, "; ".join(problems[:3]))
         recorded = record["models"]["final"].get("params")
         if recorded is None:
