@@ -36,6 +36,7 @@ METHODS = ("prune", "finetune", "neggrad", "random_label", "scrub")
 RECOVERIES = ("ce", "kd")
 PARTITIONS = ("iid", "dirichlet", "biased", "none")
 DATASET_NAMES = ("digits", "cifar10", "cifar100")
+EXPORT_FORMATS = ("pt2", "onnx")  # torch.export program, ONNX (needs the onnx extra)
 
 _STOP_COND = re.compile(r"(r_acc|u_acc|acc) (>=|<=|>|<|=) (\d+(\.\d*)?|\.\d+)")
 

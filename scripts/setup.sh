@@ -46,7 +46,7 @@ sys.exit(0 if origin and pathlib.Path(origin).resolve().parents[1] == pathlib.Pa
 PYEOF
 ) }
 
-if has nvflare-unlearn nvflare torch-pruning scikit-learn matplotlib tensorboard pytest pytest-timeout scipy ruff && here_installed; then
+if has nvflare-unlearn nvflare torch-pruning scikit-learn matplotlib tensorboard pytest pytest-timeout scipy ruff onnx onnxscript && here_installed; then
     echo "[setup] nvflare-unlearn already installed"
 else
     echo "[setup] installing nvflare-unlearn (editable) with the dev extra"

@@ -158,8 +158,8 @@ from nvflare_unlearn.evaluation import train_epochs
 
 flare.init()
 site = flare.get_site_name()
-train_set = load_site_split(site, "train", n_sites=2)
-val_set = load_site_split(site, "test", n_sites=2)
+train_set = load_site_split(site, "train", {"num_clients": 2})
+val_set = load_site_split(site, "test", {"num_clients": 2})
 while flare.is_running():
     received = flare.receive()
     if received is None:
@@ -175,6 +175,9 @@ while flare.is_running():
         flare.send(ua.weights_result(model, len(data)))
     elif task == ua.TASK_VALIDATE:
         flare.send(ua.validation_result(model, DataLoader(val_set, batch_size=256), 10))
+    elif task == ua.TASK_VERIFY:
+        loaders = DataLoader(train_set, batch_size=256), DataLoader(val_set, batch_size=256)
+        flare.send(ua.verification_result(model, *loaders, received, 10))
 """
 
 
@@ -197,3 +200,4 @@ def test_unlearn_with_a_users_client_api_script(sim_root, pretrained, tmp_path):
     assert m["rounds"] == 2 and m["params_after"] < m["params_before"]
     assert m["pruned"]["u_acc"] <= 0.05 and m["unlearned"]["u_acc"] <= 0.05
     assert m["unlearned"]["r_acc"] > m["pruned"]["r_acc"] + 0.3, "fine-tuning through the user's script did not help"
+    assert m["verification"]["status"] == "ok" and m["verification"]["sites"] == ["site-1", "site-2"]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from core_helpers import randomize_bn
 
 from nvflare_unlearn.method.graph import conv_channels, coupled_groups
 from nvflare_unlearn.method.plan import PruningPlan
@@ -17,19 +18,6 @@ from nvflare_unlearn.method.selection import build_pruning_plan
 from nvflare_unlearn.models import build_model, example_input
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Trained-like BN statistics so pruned channels actually matter in outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
 
 
 def _plan_targeting(model, group_key, channels, ratio_units):
@@ -43,7 +31,7 @@ def _plan_targeting(model, group_key, channels, ratio_units):
 
 @pytest.mark.parametrize("name, key", [("resnet20", "layer2.0.conv2"), ("resnet56", "layer3.0.conv2")])
 def test_coupled_group_of_a_resnet_is_pruned_on_purpose(name, key):
-    model = _randomize_bn(build_model(name, 10))
+    model = randomize_bn(build_model(name, 10))
     params_before = sum(p.numel() for p in model.parameters())
     plan = _plan_targeting(model, key, [1, 4, 9], 3)
     assert plan.steps[0]["pruned"] == {key: [1, 4, 9]}
@@ -68,7 +56,7 @@ def test_coupled_group_of_a_resnet_is_pruned_on_purpose(name, key):
 
 
 def test_vgg11_pruning_drops_params_and_flops():
-    model = _randomize_bn(build_model("vgg11", 10))
+    model = randomize_bn(build_model("vgg11", 10))
     rng = np.random.default_rng(0)
     plan = build_pruning_plan(model, {n: rng.random(c) for n, c in conv_channels(model).items()}, 0.15)
     summary = plan_summary(plan, model)
@@ -83,7 +71,7 @@ def test_vgg11_pruning_drops_params_and_flops():
 
 @pytest.mark.parametrize("name", ["resnet20", "vgg11", "small_cnn"])
 def test_replay_on_fresh_model_gives_identical_architecture_and_outputs(name):
-    model = _randomize_bn(build_model(name, 10), seed=1)
+    model = randomize_bn(build_model(name, 10), seed=1)
     rng = np.random.default_rng(5)
     plan = build_pruning_plan(model, {n: rng.random(c) for n, c in conv_channels(model).items()}, 0.2)
     apply_pruning_plan(model, plan)
@@ -164,7 +152,7 @@ def test_bad_plans_raise_clear_errors():
 
 
 def _masked_setup(name="resnet20", ratio=0.15, seed=7):
-    model = _randomize_bn(build_model(name, 10), seed=seed)
+    model = randomize_bn(build_model(name, 10), seed=seed)
     rng = np.random.default_rng(seed)
     plan = build_pruning_plan(model, {n: rng.random(c) for n, c in conv_channels(model).items()}, ratio)
     removed = apply_pruning_plan(copy.deepcopy(model), plan).eval()

@@ -273,6 +273,21 @@ def cmd_verify_record(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
+def cmd_export_model(args: argparse.Namespace) -> int:
+    """Write the checkpoint as a torch.export program (or ONNX) that runs without nvflare_unlearn; checked on write."""
+    from nvflare_unlearn.method.export import export_checkpoint
+
+    summary = export_checkpoint(
+        existing_file(args.ckpt, "--ckpt"),
+        os.path.abspath(args.out),
+        fmt=args.format,
+        model_name=args.model,
+        num_classes=args.num_classes,
+    )
+    print(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
 COMMANDS = {
     "demo": cmd_demo,
     "pretrain": cmd_pretrain,
@@ -281,4 +296,5 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "export": cmd_export,
     "verify-record": cmd_verify_record,
+    "export-model": cmd_export_model,
 }

@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from nvflare_unlearn.options import (
+    EXPORT_FORMATS,
     FederationOptions,
     MethodOptions,
     OptionGroup,
@@ -236,6 +237,21 @@ def build_parser(commands: dict[str, Any]) -> argparse.ArgumentParser:
     add_forget_arg(x, required=False)
     add_option_groups(x, UNLEARNING_GROUPS, {})
     x.set_defaults(func=commands["export"])
+
+    m = sub.add_parser(
+        "export-model", help="write the unlearned model as a torch.export program (or ONNX) that plain torch loads"
+    )
+    m.add_argument("--ckpt", required=True, help="the checkpoint to export (e.g. OUT/unlearned_model.pt)")
+    m.add_argument("--out", required=True, help="new file: model.pt2 (--format pt2) or model.onnx (--format onnx)")
+    m.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="pt2",
+        help="pt2: torch.export program, loads with torch.export.load(PATH).module(); onnx: needs onnx + onnxscript",
+    )
+    m.add_argument("--model", default=None, help="registry name or import path (only for a plain state_dict)")
+    m.add_argument("--num-classes", type=int, default=None, help="only for a plain state_dict checkpoint")
+    m.set_defaults(func=commands["export-model"])
 
     v = sub.add_parser("verify-record", help="check an unlearning_record.json's signature and its files")
     v.add_argument("--record", required=True, help="unlearning_record.json written by the unlearning job")

@@ -75,6 +75,13 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+def _bounded(timeout: int, max_wait: Optional[int]) -> int:
+    """A task timeout no longer than ``max_wait`` (0 = no limit)."""
+    if max_wait is None:
+        return timeout
+    return min(timeout, max_wait) if timeout else max_wait
+
+
 def _fmt(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -170,8 +177,11 @@ class FedAvgEvalController(BaseFedAvg):
             meta=meta,
         )
 
-    def send_to_sites(self, task_name: str, model: FLModel) -> list[FLModel]:
-        """Broadcast a task to all sites; at least ``min_clients`` results or a clear error."""
+    def send_to_sites(self, task_name: str, model: FLModel, max_wait: Optional[int] = None) -> list[FLModel]:
+        """Broadcast a task to all sites; at least ``min_clients`` results or a clear error.
+
+        ``max_wait``: seconds this task may take at most, also when ``task_timeout`` is 0 (no limit).
+        """
         min_clients = self._fed.min_clients
         clients = self.sample_clients()
         if len(clients) < min_clients:
@@ -183,7 +193,7 @@ class FedAvgEvalController(BaseFedAvg):
             min_responses=min_clients,
             # The first task also waits for the sites to start (the simulator needs ~10 s for 4 sites), so
             # task_timeout would cut off healthy sites: it is bounded by min_clients + the straggler wait instead.
-            timeout=self._fed.task_timeout if self._tasks_sent else 0,
+            timeout=_bounded(self._fed.task_timeout if self._tasks_sent else 0, max_wait),
             wait_time_after_min_received=self._fed.wait_time_after_min_received,
         )
         self._tasks_sent += 1

@@ -55,6 +55,9 @@ from nvflare_unlearn.options import (
     fold_legacy,
 )
 
+#: seconds a site may take per verification round when task_timeout is not set (the check must not hang the job)
+VERIFY_TIMEOUT_S = 900
+
 _GROUPS = (MethodOptions, ScoringOptions, PlanOptions, PrivacyOptions, FederationOptions, SecurityOptions)
 
 
@@ -347,12 +350,12 @@ class UnlearningController(FedAvgEvalController):
         )
 
         t0 = time.time()
-        try:
-            stats = self.send_to_sites(TASK_VERIFY, self._verify_model(model, {"round": "stats"}))
+        try:  # a site whose script does not answer the verify task must not hold the job: bounded wait
+            stats = self.send_to_sites(TASK_VERIFY, self._verify_model(model, {"round": "stats"}), VERIFY_TIMEOUT_S)
             merged = merge_site_stats([r.params for r in stats])
             probe = fit_probe(merged, self.forget_classes)
             request = {"round": "scores", "w": probe["w"].tolist(), "edges": probe["edges"].tolist()}
-            scored = self.send_to_sites(TASK_VERIFY, self._verify_model(model, request))
+            scored = self.send_to_sites(TASK_VERIFY, self._verify_model(model, request), VERIFY_TIMEOUT_S)
             pos = np.sum([np.asarray(r.params["score_hist_forget"]) for r in scored], axis=0)
             neg = np.sum([np.asarray(r.params["score_hist_retained"]) for r in scored], axis=0)
         except (RuntimeError, ValueError, KeyError) as e:

@@ -71,7 +71,8 @@ class PruningPlan:
 
     ``convs``: original out-channels of every prunable conv (the architecture fingerprint);
     ``groups``: coupled conv names, the first is the group's key; ``steps``: one per forget class, each with
-    ``pruned`` = group key -> original channel indices, and the options that chose them.
+    ``pruned`` = group key -> original channel indices, and the options that chose them. ``excluded``: conv name ->
+    why its output channels are never pruned (None in plans written before it was recorded).
     """
 
     convs: dict[str, int]
@@ -81,6 +82,7 @@ class PruningPlan:
     input_shape: list[int] | None = None
     original_params: int | None = None
     original_flops: int | None = None
+    excluded: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         self._validate()
@@ -108,6 +110,20 @@ class PruningPlan:
                 seen.add(name)
             if len({self.convs[n] for n in g}) != 1:
                 raise ValueError(f"plan group {_short(g)} mixes convs of different widths")
+        if self.excluded is not None:
+            if (
+                not isinstance(self.excluded, Mapping)
+                or len(self.excluded) > MAX_CONVS
+                or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.excluded.items())
+            ):
+                raise ValueError("plan 'excluded' must map conv names to the reason they are not pruned")
+            for name, why in self.excluded.items():
+                _name(name, "plan excluded conv name")
+                if len(why) > 4 * MAX_NAME_CHARS:
+                    raise ValueError(f"plan: the reason conv {_short(name)} is excluded is too long")
+            both = sorted(set(self.excluded) & set(self.convs))
+            if both:
+                raise ValueError(f"plan: conv(s) {_short(both[:5])} are both prunable and excluded")
         if not isinstance(self.steps, list):
             raise ValueError("plan 'steps' must be a list")
         if len(self.steps) > MAX_STEPS:
@@ -206,6 +222,7 @@ class PruningPlan:
             input_shape=self.input_shape or other.input_shape,
             original_params=self.original_params,
             original_flops=self.original_flops,
+            excluded=self.excluded if self.excluded is not None else other.excluded,
         )
 
     # -- JSON ----------------------------------------------------------------------------------------------------
@@ -219,6 +236,7 @@ class PruningPlan:
             "original_flops": self.original_flops,
             "convs": dict(self.convs),
             "groups": [list(g) for g in self.groups],
+            "excluded": dict(self.excluded) if self.excluded is not None else None,
             "steps": [
                 {
                     **{k: v for k, v in s.items() if k != "pruned"},
@@ -262,6 +280,7 @@ class PruningPlan:
             input_shape=list(shape) if shape else None,
             original_params=data.get("original_params"),
             original_flops=data.get("original_flops"),
+            excluded=dict(data["excluded"]) if isinstance(data.get("excluded"), Mapping) else data.get("excluded"),
         )
 
     @classmethod

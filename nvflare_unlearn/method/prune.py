@@ -20,7 +20,16 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch.utils.weak import WeakIdKeyDictionary
 
-from nvflare_unlearn.method.graph import build_dependency_graph, conv_modules, group_members, resolve_example_inputs
+from nvflare_unlearn.method.graph import (
+    analyse_structure,
+    build_dependency_graph,
+    conv_modules,
+    group_members,
+    group_problem,
+    is_depthwise,
+    output_shapes,
+    resolve_example_inputs,
+)
 from nvflare_unlearn.method.plan import PruningPlan
 
 APPLY_MODES = ("remove", "mask")  # how a plan is applied; the job's prune_mode adds "reinit" (method.reinit)
@@ -69,20 +78,35 @@ def _groups_to_prune(model: nn.Module, plan: PruningPlan, done: int) -> dict[str
     return out
 
 
-def _checked_group(dg: Any, model: nn.Module, plan: PruningPlan, key: str, idxs: list[int]) -> Any:
-    convs = conv_modules(model)
+def _checked_group(
+    dg: Any, plan: PruningPlan, key: str, idxs: list[int], convs: dict[str, nn.Conv2d], names: dict[nn.Module, str]
+) -> Any:
+    """The torch-pruning group removing ``idxs`` of group ``key``, after checking it is the plan's coupling and safe."""
     group = dg.get_pruning_group(convs[key], _prune_out_fn(), idxs)
-    names = {m: n for n, m in model.named_modules()}
-    members, touches_classifier = group_members(dg, group, names)
+    members = group_members(dg, group, names)
     expected = next(g for g in plan.groups if g[0] == key)
-    if sorted(set(members)) != sorted(expected) or touches_classifier:
+    if sorted(set(members)) != sorted(expected):
         raise ValueError(
             f"the model couples layer {key!r} with {sorted(set(members))}, the plan expects {sorted(expected)}: "
             "the plan was made for a different architecture"
         )
+    problem = group_problem(dg, group, names)
+    if problem is not None:
+        raise ValueError(f"the plan removes channels of {expected} that cannot be removed safely: {problem}")
     if not dg.check_pruning_group(group):
         raise ValueError(f"applying the plan would empty layer(s) {expected}")
     return group
+
+
+def _restore(model: nn.Module, backup: nn.Module) -> None:
+    """Put every module of ``model`` back into the state of its copy ``backup`` (same module objects kept)."""
+    live = dict(model.named_modules())
+    for name, saved in backup.named_modules():
+        target = live[name]
+        state = {k: v for k, v in vars(saved).items() if k != "_modules"}
+        for k in [k for k in vars(target) if k != "_modules" and k not in state]:
+            del target.__dict__[k]
+        target.__dict__.update(state)
 
 
 def _prune_out_fn():
@@ -119,15 +143,30 @@ def apply_pruning_plan(
         now = plan.pruned_channels()
         if any(not set(v).issubset(now.get(k, [])) for k, v in previous.pruned_channels().items()):
             raise ValueError("the model is masked with channels this plan keeps; remove with the masking plan")
-        _clear_masks(model)
     todo = _groups_to_prune(model, plan, done)
     if not todo:
+        if previous is not None:
+            _clear_masks(model)
         return model
     x = resolve_example_inputs(model, example_inputs, plan)
-    dg = build_dependency_graph(model, x)
-    groups = [_checked_group(dg, model, plan, key, idxs) for key, idxs in todo.items()]
-    for group in groups:
-        group.prune()
+    backup = copy.deepcopy(model)  # any failure below puts the model back as it was
+    try:
+        if previous is not None:
+            _clear_masks(model)
+        before = output_shapes(model, x)
+        dg = build_dependency_graph(model, x)
+        convs, names = conv_modules(model), {m: n for n, m in model.named_modules()}
+        for key, idxs in todo.items():  # one group at a time: a concat's offsets move with every group removed
+            _checked_group(dg, plan, key, idxs, convs, names).prune()
+        try:
+            after = output_shapes(model, x)
+        except Exception as exc:  # noqa: BLE001 - a broken forward pass is reported as a bad plan
+            raise ValueError(f"the plan breaks the model's forward pass ({type(exc).__name__}: {exc})") from None
+        if after != before:
+            raise ValueError(f"the plan changes the model's output shapes ({before} -> {after})")
+    except BaseException:
+        _restore(model, backup)
+        raise
     return model
 
 
@@ -146,9 +185,9 @@ def _slices_of(dg: Any, group: Any, names: dict[nn.Module, str]) -> list[tuple[s
         if isinstance(module, nn.BatchNorm2d):
             out += [(name, p, 0, idx) for p in ("weight", "bias") if getattr(module, p, None) is not None]
         elif isinstance(module, (nn.Conv2d, nn.Linear)):
-            if isinstance(module, nn.Conv2d) and module.groups != 1:
-                raise ValueError(f"mask mode does not support grouped conv {name!r}")
-            if is_out:
+            if isinstance(module, nn.Conv2d) and module.groups != 1 and not is_depthwise(module):
+                raise ValueError(f"mask mode does not support grouped conv {name!r} (groups={module.groups})")
+            if is_out or is_depthwise(module):  # a depthwise conv's input channel c is its output channel c
                 out.append((name, "weight", 0, idx))
                 if module.bias is not None:
                     out.append((name, "bias", 0, idx))
@@ -245,8 +284,9 @@ def _apply_masks(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tens
         x = resolve_example_inputs(model, example_inputs, plan)
         dg = build_dependency_graph(model, x)
         names = {m: n for n, m in model.named_modules()}
+        convs = conv_modules(model)
         for key, idxs in units.items():
-            entries += _slices_of(dg, _checked_group(dg, model, plan, key, idxs), names)
+            entries += _slices_of(dg, _checked_group(dg, plan, key, idxs, convs, names), names)
     merged = _merge(entries)
     setattr(
         model, MASK_ATTR, {"plan": plan.to_json(), "entries": [(m, p, d, sorted(i)) for (m, p, d), i in merged.items()]}
@@ -293,7 +333,8 @@ def masked_plan(model: nn.Module) -> PruningPlan | None:
 def plan_summary(
     plan: PruningPlan | str, model: nn.Module, example_inputs: torch.Tensor | None = None
 ) -> dict[str, Any]:
-    """Channels pruned per layer, and params/FLOPs before and after, for ``model`` (pruned by ``plan`` or not).
+    """Channels pruned per layer, the convs left out (name -> why), and params/FLOPs before and after, for
+    ``model`` (pruned by ``plan`` or not).
 
     ``model`` is not modified: the "after" figures come from a copy with the plan's remaining steps applied.
     """
@@ -309,6 +350,7 @@ def plan_summary(
             n: {"original": plan.convs[n], "pruned": len(pruned[n]), "kept": plan.convs[n] - len(pruned[n])}
             for n in pruned
         },
+        "excluded": dict(plan.excluded) if plan.excluded is not None else analyse_structure(model, x).excluded,
         "units_total": sum(plan.convs[k] for k in plan.group_keys),
         "units_pruned": sum(len(v) for v in plan.pruned_units().values()),
         "params_before": plan.original_params,

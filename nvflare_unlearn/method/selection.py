@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from nvflare_unlearn._validation import check_choice, check_ratio
-from nvflare_unlearn.method.graph import conv_modules, coupled_groups, resolve_example_inputs
+from nvflare_unlearn.method.graph import analyse_structure, conv_modules, resolve_example_inputs
 from nvflare_unlearn.method.plan import PruningPlan
 from nvflare_unlearn.models.registry import model_name_of
 from nvflare_unlearn.options import DIRECTIONS, SCOPES
@@ -75,6 +75,8 @@ def build_pruning_plan(
     1), so every step of a multi-class plan removes the same number of units. ``scope="global"`` ranks all units
     together (paper); ``"per_layer"`` removes ``round(ratio x original width)`` from each group. ``direction``:
     ``"highest"`` scores first (paper) or ``"lowest"`` (released code). Each group keeps >= ``min_channels``.
+    Convs whose channels cannot be removed safely (``graph.analyse_structure``) are never chosen; the plan lists
+    them with the reason (``plan.excluded``).
     """
     ratio = check_ratio(ratio)
     check_choice(scope, "scope", SCOPES)
@@ -91,15 +93,18 @@ def build_pruning_plan(
 
     x = resolve_example_inputs(model, example_inputs, base_plan)
     if base_plan is None:
-        groups = coupled_groups(model, x)
+        structure = analyse_structure(model, x)
+        groups = structure.groups
         if not groups:
-            raise ValueError("the model has no prunable conv channels (every conv is tied to the classifier outputs)")
+            reasons = sorted(set(structure.excluded.values()))
+            raise ValueError(f"the model has no conv channel that can be pruned safely: {'; '.join(reasons[:3])}")
         original = {n: convs[n].out_channels for g in groups for n in g}
         base = PruningPlan(
             convs=original,
             groups=groups,
             model_name=model_name or model_name_of(model),
             input_shape=list(x.shape[1:]),
+            excluded=structure.excluded,
         )
         flops, params = tp.utils.count_ops_and_params(model, x)
         base.original_params, base.original_flops = int(params), int(flops)
@@ -181,4 +186,5 @@ def build_pruning_plan(
         input_shape=base.input_shape,
         original_params=base.original_params,
         original_flops=base.original_flops,
+        excluded=base.excluded,
     )

@@ -54,3 +54,10 @@ def without_classes(dataset: TensorDataset, drop: list[int]) -> TensorDataset:
     x, y = dataset.tensors
     keep = ~torch.isin(y, torch.tensor(sorted(drop), dtype=y.dtype))
     return TensorDataset(x[keep], y[keep])
+
+
+def only_classes(dataset: TensorDataset, keep: list[int]) -> TensorDataset:
+    """The samples of the classes in ``keep`` (the forget-class images a method such as NegGrad+ trains away from)."""
+    x, y = dataset.tensors
+    mask = torch.isin(y, torch.tensor(sorted(keep), dtype=y.dtype))
+    return TensorDataset(x[mask], y[mask])
