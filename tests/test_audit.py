@@ -389,3 +389,44 @@ def test_build_record_refuses_same_file_and_missing_files(run):
         _record(run, final_model_path=run["original"])
     with pytest.raises(FileNotFoundError):
         _record(run, final_model_path=run["tmp"] / "missing.pt")
+
+
+def test_methods_without_pruning_and_dense_reinit_models_verify(run):
+    """A finetune-style method adds no plan step and saves an unpruned model; a reinit model is dense and its plan
+    sits beside the record as pruning_plan.json (issue 13's methods)."""
+    from nvflare_unlearn.method.plan import PruningPlan
+
+    tmp, model, plan = run["tmp"], run["model"], run["plan"]
+    empty = PruningPlan(convs=dict(plan.convs), groups=[list(g) for g in plan.groups], model_name="small_cnn")
+    dense = save_checkpoint(tmp / "dense.pt", copy.deepcopy(model), None, "small_cnn", K)
+    n = run["params"][0]
+    finetuned = _record(
+        run,
+        final_model_path=dense,
+        plan=empty,
+        parameters={"unlearning": {"method": "finetune"}, "plan": {"prune_ratio": 0.1}},
+        params_after=n,
+    )
+    assert _verify(run, write_record(tmp / "ft.json", finetuned), dense).ok
+    # a method that prunes must have pruned: the same record claiming method "prune" fails
+    claimed = _record(run, final_model_path=dense, plan=empty, params_after=n)
+    result = _verify(run, write_record(tmp / "claimed.json", claimed), dense)
+    assert [m.split(":")[0] for m in result.mismatches] == ["forget classes = plan steps"]
+
+    folder = tmp / "reinit"
+    folder.mkdir()
+    reinit = _record(
+        run,
+        final_model_path=dense,
+        parameters={"plan": {"prune_ratio": 0.1, "prune_mode": "reinit"}},
+        params_after=n,
+    )
+    path = write_record(folder / "unlearning_record.json", reinit)
+    assert not _verify(run, path, dense).ok  # no pruning_plan.json beside it: the steps cannot be read
+    (folder / "pruning_plan.json").write_text(plan.to_json())
+    result = _verify(run, path, dense)
+    assert result.ok, str(result)
+    assert any("reinit model is dense" in m for m in result.skipped)
+    other = _plan(model, seed=5)
+    (folder / "pruning_plan.json").write_text(other.to_json())  # not the recorded plan: not used
+    assert not _verify(run, path, dense).ok
