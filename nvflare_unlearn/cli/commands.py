@@ -283,6 +283,7 @@ def cmd_export_model(args: argparse.Namespace) -> int:
         fmt=args.format,
         model_name=args.model,
         num_classes=args.num_classes,
+        allow_import=args.allow_import,
     )
     print(json.dumps(summary, indent=2))
     return EXIT_OK

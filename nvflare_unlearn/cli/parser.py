@@ -251,6 +251,7 @@ def build_parser(commands: dict[str, Any]) -> argparse.ArgumentParser:
     )
     m.add_argument("--model", default=None, help="registry name or import path (only for a plain state_dict)")
     m.add_argument("--num-classes", type=int, default=None, help="only for a plain state_dict checkpoint")
+    add_allow_import(m)
     m.set_defaults(func=commands["export-model"])
 
     v = sub.add_parser("verify-record", help="check an unlearning_record.json's signature and its files")

@@ -200,7 +200,6 @@ def load_checkpoint(
             state, mode = data["state_dict"], data["prune_mode"]
         except KeyError as exc:
             raise ValueError(f"{path}: checkpoint lacks field {exc}") from None
-        _may_import(path, name, model_name, allow_import)
         for what, value, high in (("num_classes", k, MAX_CLASSES), ("in_channels", c, MAX_INPUT_CHANNELS)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
                 raise ValueError(f"{path}: stored {what} must be an integer in [1, {high}], got {str(value)[:40]!r}")
@@ -212,7 +211,8 @@ def load_checkpoint(
         for arg, stored in (("model_name", name), ("num_classes", k), ("in_channels", c)):
             given = {"model_name": model_name, "num_classes": num_classes, "in_channels": in_channels}[arg]
             if given is not None and given != stored:
-                raise ValueError(f"{path} holds {arg}={stored!r}, but {given!r} was requested")
+                raise ValueError(f"{path} holds {arg}={repr(stored)[:100]}, but {repr(given)[:100]} was requested")
+        _may_import(path, name, model_name, allow_import)
     else:
         state = _state_dict_of(data)
         if state is None and isinstance(data, Mapping):
