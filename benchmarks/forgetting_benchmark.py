@@ -49,7 +49,7 @@ for p in (REPO_ROOT, HERE):
 
 import originals  # noqa: E402  (the settings and data of the originals: one definition)
 
-from nvflare_unlearn import load_checkpoint  # noqa: E402
+from nvflare_unlearn import _io, load_checkpoint  # noqa: E402
 from nvflare_unlearn.data import stratified_subset_indices  # noqa: E402
 from nvflare_unlearn.evaluation import (  # noqa: E402
     class_correct_total,
@@ -57,7 +57,7 @@ from nvflare_unlearn.evaluation import (  # noqa: E402
     relearn_steps,
     u_r_accuracy,
 )
-from nvflare_unlearn.evaluation.artifacts import per_example_arrays, save_arrays, write_atomic, write_json  # noqa: E402
+from nvflare_unlearn.evaluation.artifacts import per_example_arrays, save_arrays, write_json  # noqa: E402
 from nvflare_unlearn.evaluation.baselines import METHODS, PruneOptions, prepare_method, site_objectives  # noqa: E402
 from nvflare_unlearn.evaluation.data import TensorBatches  # noqa: E402
 from nvflare_unlearn.evaluation.fedsim import CostMeter, FedConfig, Federation, run_fedavg, state_bytes  # noqa: E402
@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_json(stem_path.with_suffix(".json"), report)
         title = f"# Forgetting benchmark: {args.setting}, forget {forget} ({', '.join(report['class_names'])})"
         rel = os.path.relpath(stem_path.with_suffix(".json"), REPO_ROOT)
-        write_atomic(stem_path.with_suffix(".md"), "\n".join([title, "", *markdown(report, rel)]) + "\n")
+        _io.write_text(stem_path.with_suffix(".md"), "\n".join([title, "", *markdown(report, rel)]) + "\n")
 
     # -- references: the original and every retrained model
     for name, rec in models.items():

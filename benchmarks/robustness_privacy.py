@@ -1,27 +1,28 @@
-"""How much one bad site, and how much privacy noise, change the pruning plan and the unlearning result.
+"""How much bad sites, and how much privacy noise, change the plan, the fine-tuned model and its evaluation.
 
 Setting: scikit-learn's digits (1,347 train / 450 test images, 10 classes), ``small_cnn`` trained here, the train
-split spread IID over ``--sites`` sites. Every forget class 0..9 is unlearned separately (one request each) with
-the paper's defaults (TF-IDF ``idf="paper"``, global threshold, highest scores pruned, ``--ratio``).
+and test splits spread IID over ``--num-clients`` sites, prune ratio ``--prune-ratio``, paper defaults for scoring.
+Everything runs in one process with the package's own functions (``nvflare_unlearn.protect.robust`` is what the
+NVFlare aggregator and controller call; ``tests/test_fl_robustness.py`` checks they call exactly these).
 
-1. Robustness: one site (``--bad-site``) sends x1000 sums, x1000 on the forget-class row of the channels it
-   scores lowest (a targeted attack), a NaN, or its forget-class row swapped with another class. Every report
-   passes the server's screen (``robust.screen_report``), the survivors are aggregated with
-   ``mean`` / ``median`` / ``trimmed_mean`` (``robust.aggregate_class_means``), and the plan is compared with the
-   clean plan (Jaccard overlap of pruned channel sets; 1 = identical) and evaluated (U/R accuracy after pruning).
-2. Privacy: per-image activations clipped to ``[0, --clip]``, per-class min count ``--min-count``, Gaussian noise
-   on each site's sums at (epsilon, ``--delta``) for each epsilon in ``--epsilons`` (``inf`` = no noise), exact
-   mean aggregation. Plan Jaccard vs the noiseless clipped plan, U/R accuracy after pruning and after a short
-   centralized fine-tune on the retained classes (a cheap stand-in for the federated fine-tune; ``--ft-seeds``
-   of the ``--noise-seeds`` noise draws are fine-tuned, to bound the cost).
-
-The core collector has no per-image clip option, so clipped reports are built from per-image reports of
-``collect_class_activations`` (one image per call), each clipped with ``privacy.clip_activations`` and summed:
-numerically what a collector that clips before summing would upload.
+1. Screening (1 bad site): x1000 sums, x1000 on the forget-class row of the channels it scores lowest (targeted), a
+   NaN, a class swap; mean / median / trimmed_mean; plan Jaccard vs the clean plan and U/R after pruning.
+2. Activation-phase attacks, 1 and 2 malicious of 10, every forget class: a report whose class means all lie
+   inside the clip bound, crafted against the forget class (B on the half of each layer the site scores lowest, 0
+   on the rest), alone and with its counts x10^6. Each aggregation option, with and without the count cap.
+3. Fine-tuning attacks, 1 and 2 malicious of 10, ``--ft-classes``: a site that boosts its update x10, or trains the
+   forgotten class back in (its forget-class images x5), or both, each claiming 10^12 training steps. FedAvg as
+   NVFlare does it (weights as claimed), and the package's aggregation options (capped weights, update clipping):
+   U and R after ``--ft-rounds`` rounds, starting from the default (median) plan.
+4. Evaluation attacks, 1 and 2 malicious of 10: a site reporting ``total[f] = 10^9, correct[f] = 0``, or claiming
+   the forget class is forgotten (correct 0) or remembered (correct = total). Plain pooled sums (the old
+   behaviour), pooled with size caps, the robust default (caps + outlier sites left out), the median of sites.
+5. Privacy: per-image activations clipped to ``[0, --clip]``, min count ``--min-count``, Gaussian noise on each
+   site's sums at (epsilon, ``--delta``) for each epsilon in ``--epsilons`` (``inf`` = no noise), exact mean.
 
 Run: ``.venv/bin/python benchmarks/robustness_privacy.py``; it writes
-``benchmarks/results/robustness_privacy.{json,md,png}``
-(the JSON records the wall time of each phase).
+``benchmarks/results/robustness_privacy.{json,md,png}`` and ``robustness_attacks.png`` (the JSON records the wall
+time of each phase); ``benchmarks/render_reliability.py`` rebuilds the tables of ``docs/reliability.md`` from it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from nvflare_unlearn import _io
 from nvflare_unlearn.data import digits_dataset, partition_iid
 from nvflare_unlearn.evaluation import class_correct_total, train_epochs, u_r_accuracy
 from nvflare_unlearn.evaluation.data import TensorBatches, as_tensors
@@ -49,7 +51,7 @@ from nvflare_unlearn.method.prune import apply_pruning_plan
 from nvflare_unlearn.method.selection import build_pruning_plan
 from nvflare_unlearn.method.tfidf import tfidf_scores
 from nvflare_unlearn.models import build_model
-from nvflare_unlearn.options import AGGREGATIONS
+from nvflare_unlearn.options import AGGREGATIONS, SecurityOptions
 from nvflare_unlearn.protect.privacy import (
     apply_min_count,
     clip_activations,
@@ -58,7 +60,14 @@ from nvflare_unlearn.protect.privacy import (
     sensitivity,
     total_channels,
 )
-from nvflare_unlearn.protect.robust import aggregate_class_means, screen_report
+from nvflare_unlearn.protect.robust import (
+    aggregate_class_means,
+    aggregate_updates,
+    cap_report,
+    robust_evaluation,
+    screen_report,
+    size_caps,
+)
 
 K = 10
 METHODS = AGGREGATIONS
@@ -130,13 +139,19 @@ ATTACKS: dict[str, Callable[[ClassActivationReport, int], ClassActivationReport]
 
 
 def per_image_activations(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
-    """Layer -> [N, C]: each image's pooled activations, from a one-image report of the core collector."""
+    """Layer -> [N, C]: each image's pooled activations, from the core collector itself.
+
+    Each image is given its own "class" (labels 0..n-1 of an n-class report), so a class row of the report is one
+    image's activation vector: one batched pass instead of one call per image (the model is in eval mode, so the
+    batch does not change any image's activations).
+    """
     rows: dict[str, list[np.ndarray]] = {}
-    for i in range(x.shape[0]):
-        rep = collect_class_activations(model, [(x[i : i + 1], y[i : i + 1])], K)
+    for start in range(0, x.shape[0], 256):
+        xb = x[start : start + 256]
+        rep = collect_class_activations(model, [(xb, torch.arange(xb.shape[0]))], max(2, xb.shape[0]))
         for name in rep.layer_order:
-            rows.setdefault(name, []).append(rep.sums[name][int(y[i])])
-    return {name: np.stack(v) for name, v in rows.items()}
+            rows.setdefault(name, []).append(np.asarray(rep.sums[name][: xb.shape[0]], dtype=np.float64))
+    return {name: np.concatenate(v) for name, v in rows.items()}
 
 
 def report_from_images(acts: dict[str, np.ndarray], y: np.ndarray, clip: float | None) -> ClassActivationReport:
@@ -177,7 +192,7 @@ def robustness(model, site_reports, site_clipped, expected, test, args) -> list[
     clean = {
         screen: {
             m: {
-                f: pruned_set(make_plan(model, aggregate_class_means(reps, m, args.trim), f, args.ratio))
+                f: pruned_set(make_plan(model, aggregate_class_means(reps, m, args.trim), f, args.prune_ratio))
                 for f in range(K)
             }
             for m in METHODS
@@ -199,7 +214,7 @@ def robustness(model, site_reports, site_clipped, expected, test, args) -> list[
                 reasons = [screen_report(r, expected, K, clip_bound=bound) for r in sent]
                 rejected |= {i for i, why in enumerate(reasons) if why is not None}
                 kept = [r for r, why in zip(sent, reasons) if why is None]
-                plan = make_plan(model, aggregate_class_means(kept, method, args.trim), f, args.ratio)
+                plan = make_plan(model, aggregate_class_means(kept, method, args.trim), f, args.prune_ratio)
                 jac.append(jaccard(pruned_set(plan), ref[f]))
                 jac_same.append(jaccard(pruned_set(plan), clean[screen][method][f]))
                 u, r = u_r(apply_pruning_plan(copy.deepcopy(model), plan), test, f)
@@ -255,8 +270,10 @@ def privacy(model, site_acts, site_labels, train, test, args) -> tuple[list[dict
             sum(int(np.sum((u.counts > 0) & (c.counts == 0))) for u, c in zip(unclipped, clipped))
         ),
     }
-    ref = {f: make_plan(model, aggregate_class_means(clipped, "mean"), f, args.ratio) for f in range(K)}
-    unclipped_plans = {f: make_plan(model, aggregate_class_means(unclipped, "mean"), f, args.ratio) for f in range(K)}
+    ref = {f: make_plan(model, aggregate_class_means(clipped, "mean"), f, args.prune_ratio) for f in range(K)}
+    unclipped_plans = {
+        f: make_plan(model, aggregate_class_means(unclipped, "mean"), f, args.prune_ratio) for f in range(K)
+    }
     info["jaccard_clipped_vs_unclipped"] = summarize(
         [jaccard(pruned_set(ref[f]), pruned_set(unclipped_plans[f])) for f in range(K)]
     )
@@ -270,7 +287,7 @@ def privacy(model, site_acts, site_labels, train, test, args) -> tuple[list[dict
                     gaussian_noise(r, eps, args.delta, args.clip, np.random.default_rng([seed, f, s]))
                     for s, r in enumerate(clipped)
                 ]
-                plan = make_plan(model, aggregate_class_means(noisy, "mean"), f, args.ratio)
+                plan = make_plan(model, aggregate_class_means(noisy, "mean"), f, args.prune_ratio)
                 plans.append(plan)
                 jac.append(jaccard(pruned_set(plan), pruned_set(ref[f])))
                 pruned = apply_pruning_plan(copy.deepcopy(model), plan)
@@ -301,7 +318,7 @@ def privacy(model, site_acts, site_labels, train, test, args) -> tuple[list[dict
     for f in range(K):
         rng = np.random.default_rng([args.seed, f, 999])
         scores = {n: rng.random(c) for n, c in conv_channels(model).items()}
-        plan = build_pruning_plan(model, scores, args.ratio, forget_class=f)
+        plan = build_pruning_plan(model, scores, args.prune_ratio, forget_class=f)
         plans.append(plan)
         jac.append(jaccard(pruned_set(plan), pruned_set(ref[f])))
         pruned = apply_pruning_plan(copy.deepcopy(model), plan)
@@ -327,31 +344,279 @@ def privacy(model, site_acts, site_labels, train, test, args) -> tuple[list[dict
     return rows, info
 
 
+# ------------------------------------------------------------------------------------------------ attacks
+#: Activation-phase aggregation options: (label, aggregation, trim, count cap on?). "mean, no count cap" is the
+#: behaviour before issue 11 (the paper's exact mean, counts taken as reported).
+ACTIVATION_OPTIONS = (
+    ("mean, no count cap", "mean", 0.0, False),
+    ("mean", "mean", 0.0, True),
+    ("median (default)", "median", 0.0, True),
+    ("trimmed_mean 0.1", "trimmed_mean", 0.1, True),
+    ("trimmed_mean 0.2", "trimmed_mean", 0.2, True),
+)
+
+
+def attack_crafted(rep: ClassActivationReport, forget: int, clip: float, count_factor: int = 1):
+    """Class means all inside [0, clip] (passes the clip screen), crafted against the forget class: its row is set
+    to the bound on the half of each layer this site scores lowest and to 0 on the rest, so the channels that do NOT
+    carry the class look like the class's; optionally every count x ``count_factor`` (same means, more weight)."""
+    means = rep.means()
+    scores = tfidf_scores(means, forget)
+    counts = np.asarray(rep.counts, dtype=np.int64) * int(count_factor)
+    sums = {}
+    for name, sc in scores.items():
+        m = np.array(means[name], dtype=np.float64)
+        order = np.argsort(sc, kind="stable")
+        m[forget, order[: len(sc) // 2]] = clip
+        m[forget, order[len(sc) // 2 :]] = 0.0
+        sums[name] = m * counts[:, None]
+    return ClassActivationReport(sums, counts, rep.hook_point, list(rep.layer_order))
+
+
+def server_means(reports: list[ClassActivationReport], aggregation: str, trim: float, cap: bool, factor: float):
+    """What the NVFlare aggregator computes: weights capped (``size_caps`` + ``cap_report``), then combined."""
+    if cap:
+        caps = size_caps({str(i): float(np.sum(r.counts)) for i, r in enumerate(reports)}, None, factor)
+        reports = [cap_report(r, caps[str(i)])[0] for i, r in enumerate(reports)]
+    return aggregate_class_means(reports, aggregation, trim)
+
+
+def activation_attacks(model, site_clipped, expected, test, args) -> list[dict]:
+    """Rows of (malicious sites, attack, aggregation option): plan Jaccard vs the honest plan, U/R after pruning."""
+    honest_ref = {
+        f: pruned_set(make_plan(model, aggregate_class_means(site_clipped, "mean"), f, args.prune_ratio))
+        for f in range(K)
+    }
+    rows = []
+    variants = [(0, "none", 1)] + [(b, a, c) for b in (1, 2) for a, c in (("crafted", 1), ("crafted_x1e6", 10**6))]
+    for n_bad, attack, factor in variants:
+        for label, aggregation, trim, cap in ACTIVATION_OPTIONS:
+            jac, us, rs, rejected = [], [], [], 0
+            for f in range(K):
+                sent = list(site_clipped)
+                for b in range(n_bad):
+                    sent[b] = attack_crafted(sent[b], f, args.clip, factor)
+                kept = [r for r in sent if screen_report(r, expected, K, clip_bound=args.clip) is None]
+                rejected += len(sent) - len(kept)
+                means = server_means(kept, aggregation, trim, cap, args.size_cap_factor)
+                plan = make_plan(model, means, f, args.prune_ratio)
+                jac.append(jaccard(pruned_set(plan), honest_ref[f]))
+                u, r = u_r(apply_pruning_plan(copy.deepcopy(model), plan), test, f)
+                us.append(u), rs.append(r)
+            rows.append(
+                {
+                    "malicious": n_bad,
+                    "attack": attack,
+                    "aggregation": label,
+                    "rejected_reports": rejected,
+                    "jaccard_vs_honest": summarize(jac),
+                    "u_acc_pruned": summarize(us),
+                    "r_acc_pruned": summarize(rs),
+                }
+            )
+            print(
+                f"  activation {n_bad} bad {attack:13s} {label:20s} jaccard {np.mean(jac):.3f} "
+                f"(min {np.min(jac):.3f}) U {np.mean(us):.3f} R {np.mean(rs):.3f}",
+                flush=True,
+            )
+    return rows
+
+
+#: Fine-tuning options: (label, aggregation, trim, caps and clipping on?, outlier filter on?). "FedAvg as NVFlare" =
+#: weights as the sites claim them, no clipping (NVFlare's WeightedAggregationHelper, the behaviour before issue 11).
+FINETUNE_OPTIONS = (
+    ("FedAvg as NVFlare (claimed weights)", "mean", 0.0, False, False),
+    ("mean (capped, clipped, outliers out)", "mean", 0.0, True, True),
+    ("median, no outlier filter", "median", 0.0, True, False),
+    ("median (default)", "median", 0.0, True, True),
+    ("trimmed_mean 0.2", "trimmed_mean", 0.2, True, True),
+)
+FINETUNE_ATTACKS = ("none", "boost_x10", "relearn", "relearn_boost_x10")
+
+
+def _state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _load(model: torch.nn.Module, params: dict[str, np.ndarray]) -> None:
+    model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in params.items()})
+
+
+def federated_finetune(pruned, site_data, forget, n_bad, attack, option, args, seed) -> torch.nn.Module:
+    """``--ft-rounds`` FedAvg rounds on the retained classes; sites ``0..n_bad-1`` run ``attack``."""
+    _label, aggregation, trim, protected, outlier = option
+    model = copy.deepcopy(pruned)
+    local = copy.deepcopy(pruned)
+    for rnd in range(args.ft_rounds):
+        base = _state(model)
+        params, claimed = [], []
+        for s, (x, y) in enumerate(site_data):
+            bad = s < n_bad and attack != "none"
+            keep = y != forget
+            xs, ys = x[keep], y[keep]
+            if bad and attack.startswith("relearn"):  # trains the forgotten class back in, 5 copies of each image
+                xs = torch.cat([xs] + [x[~keep]] * 5)
+                ys = torch.cat([ys] + [y[~keep]] * 5)
+            _load(local, base)
+            batches = TensorBatches(xs, ys, args.ft_batch, shuffle=True, seed=seed * 1000 + rnd * 100 + s)
+            train_epochs(local, batches, args.ft_local_epochs, args.ft_fed_lr)
+            p = _state(local)
+            if bad and attack.endswith("boost_x10"):  # model replacement: the update scaled up
+                p = {
+                    k: (base[k] + 10.0 * (v - base[k])).astype(v.dtype) if v.dtype.kind == "f" else v
+                    for k, v in p.items()
+                }
+            params.append(p)
+            claimed.append(1e12 if bad else float(len(ys)))
+        if protected:
+            caps = size_caps({str(i): w for i, w in enumerate(claimed)}, None, args.size_cap_factor)
+            weights = [min(w, caps[str(i)]) for i, w in enumerate(claimed)]
+            new, _info = aggregate_updates(
+                base, params, weights, aggregation, trim, args.update_clip, args.update_outlier if outlier else None
+            )
+        else:
+            new, _info = aggregate_updates(base, params, claimed, "mean", 0.0, None, None)
+        _load(model, new)
+    return model
+
+
+def finetune_attacks(model, site_clipped, site_parts, train, test, args) -> list[dict]:
+    """Rows of (malicious sites, attack, option): U and R after federated fine-tuning of the default plan."""
+    site_data = [(train[0][p], train[1][p]) for p in site_parts]
+    pruned = {}
+    for f in args.ft_classes:
+        plan = make_plan(
+            model, server_means(site_clipped, "median", 0.0, True, args.size_cap_factor), f, args.prune_ratio
+        )
+        pruned[f] = apply_pruning_plan(copy.deepcopy(model), plan)
+    rows = []
+    variants = [(0, "none")] + [(b, a) for b in (1, 2) for a in FINETUNE_ATTACKS if a != "none"]
+    for n_bad, attack in variants:
+        for option in FINETUNE_OPTIONS:
+            us, rs = [], []
+            for f in args.ft_classes:
+                torch.manual_seed(args.seed)
+                tuned = federated_finetune(pruned[f], site_data, f, n_bad, attack, option, args, args.seed)
+                u, r = u_r(tuned, test, f)
+                us.append(u), rs.append(r)
+            rows.append(
+                {
+                    "malicious": n_bad,
+                    "attack": attack,
+                    "aggregation": option[0],
+                    "u_acc": summarize(us),
+                    "r_acc": summarize(rs),
+                }
+            )
+            print(
+                f"  fine-tune {n_bad} bad {attack:18s} {option[0]:36s} U {np.mean(us):.3f} (max {np.max(us):.3f}) "
+                f"R {np.mean(rs):.3f}",
+                flush=True,
+            )
+    return rows
+
+
+EVAL_OPTIONS = ("pooled sums (before)", "pooled, capped", "robust (default)", "median of sites")
+EVAL_ATTACKS = ("none", "total_1e9_correct_0", "claim_forgotten", "claim_remembered")
+
+
+def evaluation_attacks(model, site_clipped, site_parts, train, test, args) -> list[dict]:
+    """Rows of (model, malicious sites, attack, option): the federated U/R and its error vs the honest pooled value."""
+    parts = partition_iid(test[1].numpy(), args.num_clients, seed=args.seed + 1)
+    models = {"original": model}
+    f0 = args.ft_classes[0]
+    if args.ft_rounds > 0:  # the model an honest run unlearns to: default plan, default fine-tuning
+        means = server_means(site_clipped, "median", 0.0, True, args.size_cap_factor)
+        pruned = apply_pruning_plan(copy.deepcopy(model), make_plan(model, means, f0, args.prune_ratio))
+        site_data = [(train[0][p], train[1][p]) for p in site_parts]
+        models["unlearned"] = federated_finetune(pruned, site_data, f0, 0, "none", FINETUNE_OPTIONS[3], args, args.seed)
+    rows = []
+    for which, net in models.items():
+        counts = {}
+        for s, p in enumerate(parts):
+            c, t = class_correct_total(net, TensorBatches(test[0][p], test[1][p], 512), K)
+            counts[f"site-{s + 1}"] = (np.asarray(c, dtype=np.float64), np.asarray(t, dtype=np.float64))
+        honest_c = sum(c for c, _ in counts.values())
+        honest_t = sum(t for _, t in counts.values())
+        honest = u_r_accuracy(honest_c.astype(np.int64), honest_t.astype(np.int64), f0)
+        variants = [(0, "none")] + [(b, a) for b in (1, 2) for a in EVAL_ATTACKS if a != "none"]
+        for n_bad, attack in variants:
+            sent = {s: (c.copy(), t.copy()) for s, (c, t) in counts.items()}
+            for b in range(n_bad):
+                c, t = sent[f"site-{b + 1}"]
+                if attack == "total_1e9_correct_0":
+                    c[f0], t[f0] = 0.0, 1e9
+                elif attack == "claim_forgotten":
+                    c[f0] = 0.0
+                elif attack == "claim_remembered":
+                    c[f0] = t[f0]
+            caps = size_caps({s: float(t.sum()) for s, (_c, t) in sent.items()}, None, args.size_cap_factor)
+            no_caps = {s: math.inf for s in sent}
+            corr = {s: c for s, (c, _t) in sent.items()}
+            tot = {s: t for s, (_c, t) in sent.items()}
+            results = {
+                "pooled sums (before)": robust_evaluation(corr, tot, [f0], no_caps, math.inf, math.inf),
+                "pooled, capped": robust_evaluation(corr, tot, [f0], caps, math.inf, args.size_cap_factor),
+                "robust (default)": robust_evaluation(
+                    corr, tot, [f0], caps, args.eval_outlier_tol, args.size_cap_factor
+                ),
+            }
+            for option in EVAL_OPTIONS:
+                if option == "median of sites":
+                    got = results["robust (default)"]["median"]
+                    flagged: list = []
+                else:
+                    got = results[option]
+                    flagged = sorted(results[option]["flagged"])
+                rows.append(
+                    {
+                        "model": which,
+                        "malicious": n_bad,
+                        "attack": attack,
+                        "aggregation": option,
+                        "u_acc": got["u_acc"],
+                        "r_acc": got["r_acc"],
+                        "honest_u_acc": honest["u_acc"],
+                        "honest_r_acc": honest["r_acc"],
+                        "flagged": flagged,
+                    }
+                )
+            shown = [r for r in rows[-len(EVAL_OPTIONS) :]]
+            print(
+                f"  evaluation {which:9s} {n_bad} bad {attack:20s} honest U {honest['u_acc']:.3f} | "
+                + " | ".join(f"{r['aggregation']}: {_v(r['u_acc'])}" for r in shown),
+                flush=True,
+            )
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ output
 def fmt(s: dict[str, float]) -> str:
     return f"{s['mean']:.3f} (min {s['min']:.3f})"
 
 
-def write_markdown(path: Path, result: dict) -> None:
+def _v(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def provenance(result: dict) -> list[str]:
+    """Command, environment, wall time and setting of one run (shared by the results page and the docs)."""
     cfg, env = result["config"], result["environment"]
-    lines = [
-        "# Robustness and privacy of the activation phase (digits, small_cnn)",
-        "",
+    return [
         f"Produced by `{result['command']}` in {result['seconds']:.0f} s "
-        f"({env['device']}, torch {env['torch']}, {env['threads']} threads). "
+        f"({env['device']}, torch {env['torch']}, {env['threads']} thread(s)). "
         f"Trained model: test accuracy {result['model']['test_acc']:.3f}. "
-        f"{cfg['sites']} IID sites, prune ratio {cfg['ratio']}, every forget class 0..9 unlearned separately; "
-        "numbers are over the 10 forget classes (mean, and min in brackets).",
+        f"{cfg['num_clients']} IID sites, prune ratio {cfg['prune_ratio']}, clip bound {cfg['clip']}, size cap "
+        f"{cfg['size_cap_factor']} x the median site, update clip {cfg['update_clip']} x the median update norm, "
+        f"outlier tolerance {cfg['eval_outlier_tol']}.",
         "",
-        f"## Robustness: site {cfg['bad_site']} of {cfg['sites']} misbehaves",
-        "",
-        "Jaccard = overlap of pruned channel sets with the clean plan (1 = same plan). `vs clean mean`: against "
-        "the plan from all honest sites with the exact mean; `vs clean same method`: against the same aggregation "
-        "with no attack. U/R = forget/retained test accuracy right after pruning (no fine-tune).",
-        "",
+    ]
+
+
+def screening_table(result: dict) -> list[str]:
+    lines = [
         "| attack | server screen | aggregation | rejected sites | Jaccard vs clean mean "
-        "| Jaccard vs clean same method "
-        "| U acc pruned | R acc pruned | same attack, no screen |",
+        "| Jaccard vs clean same method | U acc pruned | R acc pruned | same attack, no screen |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["robustness"]:
@@ -360,22 +625,78 @@ def write_markdown(path: Path, result: dict) -> None:
             f"{fmt(r['jaccard_vs_clean_mean'])} | {fmt(r['jaccard_vs_clean_same_method'])} | "
             f"{r['u_acc_pruned']['mean']:.3f} | {r['r_acc_pruned']['mean']:.3f} | {r['unscreened']} |"
         )
-    p = result["privacy_setup"]
-    lines += [
-        "",
-        "## Privacy: Gaussian noise on each site's per-class sums",
-        "",
+    return lines + [""]
+
+
+def _table(rows: list[dict], columns: list[tuple[str, Callable[[dict], str]]]) -> list[str]:
+    """A markdown table: one row per result row, one column per (header, cell writer)."""
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
+    return lines + [""]
+
+
+_WHO = [("malicious of 10", lambda r: str(r["malicious"])), ("attack", lambda r: r["attack"])]
+_AGG = [("aggregation", lambda r: r["aggregation"])]
+
+
+def activation_table(result: dict) -> list[str]:
+    return _table(
+        result["activation_attacks"],
+        _WHO
+        + _AGG
+        + [
+            ("Jaccard vs honest plan: mean (min)", lambda r: fmt(r["jaccard_vs_honest"])),
+            ("U acc pruned: mean (max)", lambda r: f"{r['u_acc_pruned']['mean']:.3f} ({r['u_acc_pruned']['max']:.3f})"),
+            ("R acc pruned", lambda r: f"{r['r_acc_pruned']['mean']:.3f}"),
+        ],
+    )
+
+
+def finetune_table(result: dict) -> list[str]:
+    return _table(
+        result["finetune_attacks"],
+        _WHO
+        + _AGG
+        + [
+            ("U acc: mean (max)", lambda r: f"{r['u_acc']['mean']:.3f} ({r['u_acc']['max']:.3f})"),
+            ("R acc: mean (min)", lambda r: f"{r['r_acc']['mean']:.3f} ({r['r_acc']['min']:.3f})"),
+        ],
+    )
+
+
+def evaluation_table(result: dict) -> list[str]:
+    return _table(
+        result["evaluation_attacks"],
+        [("model", lambda r: r["model"])]
+        + _WHO
+        + _AGG
+        + [
+            ("U acc (honest)", lambda r: f"{_v(r['u_acc'])} ({_v(r['honest_u_acc'])})"),
+            ("R acc (honest)", lambda r: f"{_v(r['r_acc'])} ({_v(r['honest_r_acc'])})"),
+            ("sites left out", lambda r: ", ".join(r["flagged"]) or "-"),
+        ],
+    )
+
+
+def privacy_setup_text(result: dict) -> list[str]:
+    cfg, p = result["config"], result["privacy_setup"]
+    return [
         f"Per-image activations clipped to [0, {p['clip_bound']}] ({100 * p['fraction_of_activations_clipped']:.2f} % "
         f"of values clipped), images per class per site {p['images_per_class_per_site']['min']:.0f} to "
         f"{p['images_per_class_per_site']['max']:.0f} (mean {p['images_per_class_per_site']['mean']:.1f}), "
         f"min count {p['min_count']} ({p['classes_dropped_by_min_count']} site-classes dropped), "
-        f"{p['total_channels']} channels, L2 sensitivity {p['l2_sensitivity']:.3f} per added/removed image, "
-        f"delta {p['delta']}, counts public, sigma from the analytic Gaussian mechanism, noise added by every site "
-        f"to its own upload, exact mean aggregation, {cfg['noise_seeds']} noise seeds x 10 forget classes "
+        f"{p['total_channels']} channels, L2 sensitivity {p['l2_sensitivity']:.3f} per image swapped within its "
+        f"class (counts public), delta {p['delta']}, sigma from the analytic Gaussian mechanism, noise added by every "
+        f"site to its own upload, exact mean aggregation, {cfg['noise_seeds']} noise seeds x 10 forget classes "
         f"(fine-tuned columns: the first {cfg['ft_seeds']} seed(s) x 10 classes). "
         f"Clipping alone (no noise) vs the unclipped plan: Jaccard {fmt(p['jaccard_clipped_vs_unclipped'])}. "
         f"Fine-tune: {cfg['ft_epochs']} epochs of SGD (lr {cfg['ft_lr']}) on the retained classes, centralized.",
         "",
+    ]
+
+
+def privacy_table(result: dict) -> list[str]:
+    lines = [
         "| epsilon | sigma per site | Jaccard vs noiseless | U acc pruned | R acc pruned | U acc fine-tuned "
         "| R acc fine-tuned | channels pruned per layer (mean) |",
         "|---|---|---|---|---|---|---|---|",
@@ -389,7 +710,88 @@ def write_markdown(path: Path, result: dict) -> None:
             + ", ".join(f"{k} {v:.1f}" for k, v in r["pruned_per_layer"].items())
             + " |"
         )
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return lines + [""]
+
+
+def markdown(result: dict) -> str:
+    """The results page: every section the run holds, with the tables ``docs/reliability.md`` shows."""
+    cfg = result["config"]
+    lines = ["# Robustness, attacks and privacy (digits, small_cnn)", "", *provenance(result)]
+    if "robustness" in result:
+        lines += [
+            f"## Screening: site {cfg['bad_site']} of {cfg['num_clients']} misbehaves",
+            "",
+            "Jaccard = overlap of pruned channel sets with the clean plan (1 = same plan), mean over the 10 forget "
+            "classes (min). U/R = forget/retained test accuracy right after pruning (no fine-tune).",
+            "",
+            *screening_table(result),
+        ]
+    if "activation_attacks" in result:
+        lines += ["## Activation phase: crafted reports inside the clip bound", "", *activation_table(result)]
+    if "finetune_attacks" in result:
+        lines += [
+            f"## Fine-tuning: {cfg['ft_rounds']} federated rounds, forget classes {', '.join(cfg['ft_classes'])}",
+            "",
+            *finetune_table(result),
+        ]
+    if "evaluation_attacks" in result:
+        lines += [f"## Federated evaluation: forget class {cfg['ft_classes'][0]}", "", *evaluation_table(result)]
+    if "privacy" in result:
+        lines += [
+            "## Privacy: Gaussian noise on each site's per-class sums",
+            "",
+            *privacy_setup_text(result),
+            *privacy_table(result),
+        ]
+    return "\n".join(lines)
+
+
+def write_attack_plot(path: Path, result: dict) -> None:
+    """Three panels: plan overlap, U after fine-tuning, evaluation error, by aggregation option and attackers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    panels = (
+        (
+            axes[0],
+            [r for r in result["activation_attacks"] if r["attack"] == "crafted_x1e6"],
+            lambda r: r["jaccard_vs_honest"]["mean"],
+            "plan Jaccard vs honest (crafted, counts x1e6)",
+        ),
+        (
+            axes[1],
+            [r for r in result["finetune_attacks"] if r["attack"] == "relearn"],
+            lambda r: r["u_acc"]["max"],
+            "U acc after fine-tuning, worst class (relearn, claims 1e12 steps)",
+        ),
+        (
+            axes[2],
+            [
+                r
+                for r in result["evaluation_attacks"]
+                if r["attack"] == "total_1e9_correct_0" and r["model"] == "original"
+            ],
+            lambda r: abs((r["u_acc"] or 0.0) - r["honest_u_acc"]),
+            "|reported - honest| U acc (total 1e9, correct 0)",
+        ),
+    )
+    for ax, rows, value, title in panels:
+        options = list(dict.fromkeys(r["aggregation"] for r in rows))
+        for i, n_bad in enumerate((1, 2)):
+            vals = [next(value(r) for r in rows if r["aggregation"] == o and r["malicious"] == n_bad) for o in options]
+            ax.bar(np.arange(len(options)) + (i - 0.5) * 0.38, vals, 0.38, label=f"{n_bad} of 10 malicious")
+        ax.set_xticks(
+            np.arange(len(options)), [o.replace(" (", "\n(").replace(", ", ",\n") for o in options], fontsize=7
+        )
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _io.write_with(path, lambda fh: fig.savefig(fh, dpi=120, format="png"))
+    plt.close(fig)
 
 
 def write_plot(path: Path, result: dict) -> None:
@@ -411,7 +813,7 @@ def write_plot(path: Path, result: dict) -> None:
     ax1.set_xticks(np.arange(len(attacks)), attacks)
     ax1.set_ylim(0, 1.05)
     ax1.set_ylabel("Jaccard vs clean plan (mean over 10 classes)")
-    ax1.set_title(f"1 of {result['config']['sites']} sites misbehaves (after screening)")
+    ax1.set_title(f"1 of {result['config']['num_clients']} sites misbehaves (after screening)")
     ax1.legend()
     pr = [r for r in result["privacy"] if r["epsilon"] != "random channels"]
     finite = [float(r["epsilon"]) for r in pr if r["epsilon"] != "inf"]
@@ -430,7 +832,7 @@ def write_plot(path: Path, result: dict) -> None:
     ax2.set_title("Gaussian noise on site uploads")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _io.write_with(path, lambda fh: fig.savefig(fh, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -458,18 +860,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ft-epochs", type=int, default=3)
     p.add_argument("--ft-seeds", type=int, default=1, help="noise seeds that are also fine-tuned (cost)")
     p.add_argument("--ft-lr", type=float, default=0.01)
+    p.add_argument("--size-cap-factor", type=float, default=SecurityOptions.size_cap_factor)
+    p.add_argument("--update-clip", type=float, default=SecurityOptions.update_clip)
+    p.add_argument("--update-outlier", type=float, default=SecurityOptions.update_outlier)
+    p.add_argument("--eval-outlier-tol", type=float, default=SecurityOptions.eval_outlier_tol)
+    p.add_argument(
+        "--ft-classes",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[3, 5, 9],
+        help="forget classes of the fine-tuning and evaluation attacks (the first one for the evaluation)",
+    )
+    p.add_argument("--ft-rounds", type=int, default=3, help="federated fine-tuning rounds of the attack runs")
+    p.add_argument("--ft-batch", type=int, default=16)
+    p.add_argument("--ft-local-epochs", type=int, default=1, help="local epochs per federated fine-tuning round")
+    p.add_argument("--ft-fed-lr", type=float, default=0.02, help="local lr of the federated fine-tuning")
+    p.add_argument(
+        "--sections",
+        default="screening,activation,finetune,evaluation,privacy",
+        help="comma list of the parts to run (the others are left out of the results)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--replot", default=None, help="rewrite the markdown and plots of this results JSON (no run)")
     args = p.parse_args(argv)
+    args.sections = [v for v in args.sections.split(",") if v]
     if not 1 <= args.ft_seeds <= args.noise_seeds:
         p.error("--ft-seeds must be in [1, --noise-seeds]")
-    if not 0 <= args.bad_site < args.sites:
-        p.error(f"--bad-site must be in [0, {args.sites})")
+    if not 0 <= args.bad_site < args.num_clients:
+        p.error(f"--bad-site must be in [0, {args.num_clients})")
     return args
+
+
+def write_outputs(out: Path, result: dict) -> None:
+    """The JSON, the markdown page and the plots of one run (``--replot`` rebuilds the last two from the JSON)."""
+    out.mkdir(parents=True, exist_ok=True)
+    _io.write_json(out / "robustness_privacy.json", result)
+    _io.write_text(out / "robustness_privacy.md", markdown(result))
+    if "robustness" in result and "privacy" in result:
+        write_plot(out / "robustness_privacy.png", result)
+    if {"activation_attacks", "finetune_attacks", "evaluation_attacks"} <= set(result):
+        write_attack_plot(out / "robustness_attacks.png", result)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.replot:
+        result = json.loads(Path(args.replot).read_text())
+        write_outputs(Path(args.out), result)
+        return result
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -481,7 +919,7 @@ def main(argv: list[str] | None = None) -> dict:
     test_acc = float(correct.sum() / total.sum())
     print(f"trained small_cnn: test accuracy {test_acc:.3f}", flush=True)
 
-    parts = partition_iid(train[1].numpy(), args.sites, seed=args.seed)
+    parts = partition_iid(train[1].numpy(), args.num_clients, seed=args.seed)
     site_reports = [collect_class_activations(model, TensorBatches(train[0][p], train[1][p], 256), K) for p in parts]
     site_acts = [per_image_activations(model, train[0][p], train[1][p]) for p in parts]
     site_labels = [train[1][p].numpy() for p in parts]
@@ -496,14 +934,21 @@ def main(argv: list[str] | None = None) -> dict:
     expected = conv_channels(model)
 
     timings = {"setup": time.perf_counter() - t_start}
-    print("robustness:", flush=True)
-    t0 = time.perf_counter()
-    rob = robustness(model, site_reports, site_clipped, expected, test, args)
-    timings["robustness"] = time.perf_counter() - t0
-    print("privacy:", flush=True)
-    t0 = time.perf_counter()
-    priv, priv_info = privacy(model, site_acts, site_labels, train, test, args)
-    timings["privacy"] = time.perf_counter() - t0
+    phases = {
+        "screening": lambda: {"robustness": robustness(model, site_reports, site_clipped, expected, test, args)},
+        "activation": lambda: {"activation_attacks": activation_attacks(model, site_clipped, expected, test, args)},
+        "finetune": lambda: {"finetune_attacks": finetune_attacks(model, site_clipped, parts, train, test, args)},
+        "evaluation": lambda: {"evaluation_attacks": evaluation_attacks(model, site_clipped, parts, train, test, args)},
+        "privacy": lambda: dict(
+            zip(("privacy", "privacy_setup"), privacy(model, site_acts, site_labels, train, test, args))
+        ),
+    }
+    sections: dict = {}
+    for name in args.sections:
+        print(f"{name}:", flush=True)
+        t0 = time.perf_counter()
+        sections.update(phases[name]())
+        timings[name] = time.perf_counter() - t0
 
     result = {
         "command": " ".join(
@@ -524,18 +969,13 @@ def main(argv: list[str] | None = None) -> dict:
             "test_acc": test_acc,
             "site_sizes": [int(len(p)) for p in parts],
         },
-        "robustness": rob,
-        "privacy_setup": priv_info,
-        "privacy": priv,
+        **sections,
         "phase_seconds": timings,
         "seconds": time.perf_counter() - t_start,
     }
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "robustness_privacy.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    write_markdown(out / "robustness_privacy.md", result)
-    write_plot(out / "robustness_privacy.png", result)
-    print(f"wrote {out}/robustness_privacy.{{json,md,png}} in {result['seconds']:.0f} s", flush=True)
+    write_outputs(out, result)
+    print(f"wrote {out}/robustness_privacy.{{json,md}} and plots in {result['seconds']:.0f} s", flush=True)
     return result
 
 

@@ -27,6 +27,8 @@ IDF_VARIANTS = ("paper", "reference")
 TF_NORMS = ("share", "width", "balance")
 HOOK_POINTS = ("conv", "bn")
 AGGREGATIONS = ("mean", "median", "trimmed_mean")
+DP_UNITS = ("swap_within_class", "add_remove_image")
+MAX_SITES = 10_000
 SCOPES = ("global", "per_layer")
 DIRECTIONS = ("highest", "lowest")
 PRUNE_MODES = ("remove", "mask", "reinit")
@@ -124,7 +126,9 @@ class ScoringOptions(OptionGroup):
     tf_norm: str = _opt("share", "TF: share (paper), width (share x channels: fair to wide layers), balance (code)")
     coe: float | None = _opt(None, "balance coefficient's constant (tf_norm=balance only)")
     hook_point: str = _opt("conv", "where activations are read: conv (raw conv output, paper) or bn")
-    aggregation: str = _opt("mean", "how site reports combine: mean (exact), median, trimmed_mean (robust)")
+    aggregation: str = _opt(
+        "median", "how site reports combine: median (robust, default), trimmed_mean (robust), mean (exact, the paper)"
+    )
     trim: float = _opt(0.1, "fraction trimmed at each end by aggregation=trimmed_mean")
     max_activation_batches: int | None = _opt(None, "cap on each site's activation pass (batches; None = all)")
 
@@ -210,6 +214,18 @@ class PrivacyOptions(OptionGroup):
     clip_bound: float | None = _opt(None, "sites clip each image's pooled activation to [0, B] before summing")
     dp_epsilon: float | None = _opt(None, "Gaussian noise on the uploads: epsilon for the whole request")
     dp_delta: float | None = _opt(None, "Gaussian noise on the uploads: delta for the whole request")
+    dp_unit: str = _opt(
+        "swap_within_class",
+        "what one unit of privacy is: swap_within_class (one image replaced by another of its class; class counts "
+        "released exactly) or add_remove_image (one image added or removed; counts noised too)",
+    )
+    dp_budget_epsilon: float | None = _opt(
+        None, "a site's total epsilon over all requests (its ledger refuses more; default: one request's)"
+    )
+    dp_budget_delta: float | None = _opt(None, "a site's total delta over all requests (default: one request's)")
+    dp_ledger: str | None = _opt(
+        None, "the site's privacy ledger file (may contain {site_name}); default: in the site's workspace"
+    )
 
     def __post_init__(self) -> None:
         _int("min_count", self.min_count, 0)
@@ -223,6 +239,11 @@ class PrivacyOptions(OptionGroup):
                 )
             _real("dp_epsilon", self.dp_epsilon, low=0.0, low_open=True)
             _real("dp_delta", self.dp_delta, low=0.0, low_open=True, high=1.0)
+        check_choice(self.dp_unit, "dp_unit", DP_UNITS)
+        _real("dp_budget_epsilon", self.dp_budget_epsilon, low=0.0, low_open=True, allow_none=True)
+        _real("dp_budget_delta", self.dp_budget_delta, low=0.0, low_open=True, high=1.0, allow_none=True)
+        if self.dp_ledger is not None and (not isinstance(self.dp_ledger, str) or not self.dp_ledger):
+            raise ValueError(f"dp_ledger must be a file path or None, got {self.dp_ledger!r}")
 
     @property
     def dp(self) -> bool:
@@ -337,6 +358,68 @@ class FederationOptions(OptionGroup):
         return {phase: self.for_phase(phase, num_sites)[0] for phase in PHASES}
 
 
+def _site_table(name: str, value: Any) -> None:
+    """None, or a dict of site name -> positive integer (images), as the server admin writes it."""
+    if value is None:
+        return
+    if not isinstance(value, Mapping) or len(value) > MAX_SITES:
+        raise ValueError(f"{name} must map site names to image counts (at most {MAX_SITES} sites), got {value!r:.80}")
+    for site, n in value.items():
+        if not isinstance(site, str) or not site or len(site) > 256:
+            raise ValueError(f"{name}: site names must be non-empty strings, got {site!r:.80}")
+        _int(f"{name}[{site!r}]", n, 1)
+
+
+@dataclass(frozen=True)
+class SecurityOptions(OptionGroup):
+    """What the server trusts a site with (its data sizes, its updates, its evaluation), and how it signs the record.
+
+    The sizes are the server admin's: they are part of the job configuration, which no site can change, so a site
+    that lies about its counts cannot raise its own weight above them (docs/reliability.md, threat model).
+    """
+
+    GROUP: ClassVar[str] = "security"
+    site_sizes: dict[str, int] | None = _opt(
+        None, "the server admin's table site -> training images: caps a site's weight (JSON, e.g. '{\"site-1\": 600}')"
+    )
+    site_test_sizes: dict[str, int] | None = _opt(
+        None, "site -> test images: caps a site's share of the federated evaluation (JSON)"
+    )
+    size_cap_factor: float = _opt(2.0, "a site missing from the size tables weighs at most this x the median site")
+    update_aggregation: str = _opt(
+        "median", "how fine-tuning combines the sites' models: median (robust, default), trimmed_mean, mean (FedAvg)"
+    )
+    update_trim: float = _opt(0.2, "fraction trimmed at each end by update_aggregation=trimmed_mean")
+    update_clip: float | None = _opt(
+        2.0, "clip each site's update to this x the round's median update norm (None = no clipping)"
+    )
+    update_outlier: float | None = _opt(
+        2.0,
+        "leave out a site whose update is further than this x the median distance from the coordinate-wise median "
+        "update (>= 1; None = keep every site)",
+    )
+    eval_outlier_tol: float = _opt(
+        0.1, "a site whose U or R accuracy is further than this (+ 3 binomial SE) from the sites' median is left out"
+    )
+    signing_key: str | None = _opt(
+        None,
+        "private key (PEM) the server signs the audit record with; default: the provisioned server key, else a "
+        "key of this user outside the run folder",
+    )
+
+    def __post_init__(self) -> None:
+        _site_table("site_sizes", self.site_sizes)
+        _site_table("site_test_sizes", self.site_test_sizes)
+        _real("size_cap_factor", self.size_cap_factor, low=0.0, low_open=True)
+        check_choice(self.update_aggregation, "update_aggregation", AGGREGATIONS)
+        _real("update_trim", self.update_trim, low=0.0, low_open=False, high=0.5)
+        _real("update_clip", self.update_clip, low=0.0, low_open=True, allow_none=True)
+        _real("update_outlier", self.update_outlier, low=1.0, low_open=False, allow_none=True)
+        _real("eval_outlier_tol", self.eval_outlier_tol, low=0.0, low_open=False, high=1.0, high_open=False)
+        if self.signing_key is not None and (not isinstance(self.signing_key, str) or not self.signing_key):
+            raise ValueError(f"signing_key must be a file path or None, got {self.signing_key!r}")
+
+
 GROUPS: tuple[type[OptionGroup], ...] = (
     MethodOptions,
     ScoringOptions,
@@ -345,6 +428,7 @@ GROUPS: tuple[type[OptionGroup], ...] = (
     SiteDataOptions,
     TrainingOptions,
     FederationOptions,
+    SecurityOptions,
 )
 
 

@@ -28,6 +28,22 @@ def cifar_root() -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def record_key_dir(tmp_path_factory) -> Path:
+    """Jobs sign their audit records with this user's key (protect.audit.default_key_dir): the suite uses a key of
+    its own in a temporary folder, never the real one in the home directory (inherited by simulator processes)."""
+    from nvflare_unlearn.protect.audit import KEY_DIR_ENV
+
+    path = tmp_path_factory.mktemp("record_keys")
+    before = os.environ.get(KEY_DIR_ENV)
+    os.environ[KEY_DIR_ENV] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop(KEY_DIR_ENV, None)
+    else:
+        os.environ[KEY_DIR_ENV] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _default_threads():
     """The one place the suite's default thread count is set."""
     torch.set_num_threads(DEFAULT_THREADS)

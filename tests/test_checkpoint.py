@@ -131,3 +131,85 @@ def test_save_errors(tmp_path):
     masked, mplan = _pruned("small_cnn", mode="mask")
     with pytest.raises(ValueError, match="masked"):
         save_checkpoint(tmp_path / "b.pt", copy.deepcopy(masked), None, "small_cnn", 10)
+
+
+# ----------------------------------------------------------------------------------------------- safe loading
+PLANTED = """
+import pathlib
+pathlib.Path({marker!r}).write_text("imported")  # a module that runs code at import
+
+import torch.nn as nn
+
+
+def build(num_classes=10):
+    layers = [nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes)]
+    return nn.Sequential(*layers)
+
+
+build.input_shape = (1, 8, 8)
+"""
+
+
+def _planted_checkpoint(tmp_path, monkeypatch, name: str = "planted_mod"):
+    """A checkpoint whose model_name is an import path to a module that writes a file when imported."""
+    marker = tmp_path / "IMPORTED"
+    (tmp_path / f"{name}.py").write_text(PLANTED.format(marker=str(marker)))
+    good = save_checkpoint(tmp_path / "good.pt", build_model("small_cnn", 10), None, "small_cnn", 10)
+    data = torch.load(good, weights_only=True)
+    data["model_name"] = f"{name}:build"
+    torch.save(data, tmp_path / "evil.pt")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path / "evil.pt", marker
+
+
+def test_a_checkpoint_cannot_choose_a_module_to_import(tmp_path, monkeypatch):
+    evil, marker = _planted_checkpoint(tmp_path, monkeypatch)
+    with pytest.raises(ValueError, match="would import and run module 'planted_mod'") as exc:
+        load_checkpoint(evil)
+    assert "allow_import=['planted_mod']" in str(exc.value) and len(str(exc.value)) < 400
+    assert not marker.exists(), "the planted module was imported"
+    from nvflare_unlearn.cli import main
+
+    assert main(["evaluate", "--ckpt", str(evil)]) == 2 and not marker.exists()
+    # the caller may name it or allow-list it; then it is imported (and fails to load these weights)
+    with pytest.raises(ValueError, match="weights do not fit"):
+        load_checkpoint(evil, allow_import=["planted_mod"])
+    assert marker.exists()
+
+
+def test_verify_record_never_imports_a_module_named_by_the_file(tmp_path, monkeypatch):
+    from nvflare_unlearn.protect.audit import verify_record
+
+    evil, marker = _planted_checkpoint(tmp_path, monkeypatch, "planted_two")
+    record = tmp_path / "r.json"
+    record.write_text(
+        '{"schema": "nvflare_unlearn.unlearning_record/1", "models": {"original": {"sha256": "0"}, '
+        '"final": {"sha256": "0"}}, "plan": {"sha256": "0", "pruned_channels": {}}}'
+    )
+    result = verify_record(record, evil)
+    assert not result.ok and any("would import and run module" in m for m in result.mismatches)
+    assert not marker.exists()
+
+
+def test_sizes_read_from_a_file_are_bounded(tmp_path):
+    good = save_checkpoint(tmp_path / "good.pt", build_model("small_cnn", 10), None, "small_cnn", 10)
+    for field, value, match in (
+        ("num_classes", 10**9, "num_classes must be an integer in"),
+        ("in_channels", 10**7, "in_channels must be an integer in"),
+        ("in_channels", "3", "in_channels must be an integer in"),
+        (
+            "plan",
+            '{"format": "nvflare_unlearn.pruning_plan", "version": 1, "convs": [], "groups": [], "steps": []}',
+            "stored pruning plan is invalid",
+        ),
+        ("model_name", "x" * 100_000, "unknown model name"),
+        ("model_name", "pkg.mod:build@1x60000x60000", "too large"),
+    ):
+        data = torch.load(good, weights_only=True)
+        data[field] = value
+        torch.save(data, tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match=match) as exc:
+            load_checkpoint(tmp_path / "bad.pt", allow_import=["pkg"])
+        assert len(str(exc.value)) < 600, field
+    with pytest.raises(ValueError, match="allow_import"):
+        load_checkpoint(good, allow_import="pkg")

@@ -129,7 +129,7 @@ def _activation_inputs():
     return model, data
 
 
-def test_client_api_helper_applies_the_same_privacy_as_the_executor():
+def test_client_api_helper_applies_the_same_privacy_as_the_executor(tmp_path):
     """min-count, clipping and noise from the task's meta: the user's script and the executor share one code path;
     what each applied travels back to the server."""
     from nvflare.apis.dxo import from_shareable
@@ -165,11 +165,15 @@ def test_client_api_helper_applies_the_same_privacy_as_the_executor():
         np.testing.assert_allclose(np.asarray(dxo.data["sums"][layer]), np.asarray(sums), rtol=1e-6)
 
     noisy_meta = {META_PRIVACY: {"clip_bound": 0.5, "dp_epsilon": 2.0, "dp_delta": 1e-5}, META_FORGET: [3, 8]}
-    noisy = ua.activation_result(
-        model, DataLoader(data, batch_size=32), 10, FLModel(params_type=ParamsType.FULL, params={}, meta=noisy_meta)
-    )
+    noisy_task = FLModel(params_type=ParamsType.FULL, params={}, meta=noisy_meta)
+    with pytest.raises(ValueError, match="privacy ledger"):  # DP without the site's ledger: nothing leaves
+        ua.activation_result(model, DataLoader(data, batch_size=32), 10, noisy_task)
+    ledger = tmp_path / "ledger.json"
+    noisy = ua.activation_result(model, DataLoader(data, batch_size=32), 10, noisy_task, ledger_path=str(ledger))
     got = noisy.meta[META_PRIVACY_APPLIED]
-    assert got["dp_epsilon"] == 2.0 and got["passes"] == 2 and got["dp_sigma"] > 0
+    assert got["dp_epsilon"] == 2.0 and got["passes"] == 2 and got["dp_sigma"] > 0 and "dp_ledger" not in got
+    spent = json.loads(ledger.read_text())["entries"]
+    assert len(spent) == 1 and spent[0]["epsilon"] == pytest.approx(1.0)  # one pass of two: half the epsilon
 
 
 # ------------------------------------------------------------------------------------------ what an operator sees

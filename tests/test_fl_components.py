@@ -213,7 +213,7 @@ def _result(report, site):
 
 def test_aggregator_merges_count_weighted_and_rejects_bad_reports(model):
     r1, r2 = _report(model, 200, 0), _report(model, 100, 200)
-    agg = ActivationAggregator(num_classes=K)
+    agg = ActivationAggregator(num_classes=K, aggregation="mean")  # the paper's exact mean (default: median)
     agg.set_expected_layers(conv_channels(model))
     assert agg.accept_model(_result(r1, "site-1"))
     assert agg.accept_model(_result(r2, "site-2"))

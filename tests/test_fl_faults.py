@@ -18,6 +18,7 @@ from nvflare.recipe.sim_env import SimEnv
 
 from nvflare_unlearn.fl import UnlearningRecipe, authorize_site_config, quiet_log_config, read_job_result
 from nvflare_unlearn.fl import recipes as recipes_module
+from nvflare_unlearn.fl.defs import RECORD_PUBLIC_KEY_FILE
 from nvflare_unlearn.method.checkpoint import save_checkpoint
 from nvflare_unlearn.protect.audit import sha256_file, verify_record
 
@@ -117,8 +118,10 @@ def test_finetune_round_goes_on_without_crashed_and_late_sites(faulty):
 def test_original_checkpoint_byte_identical_and_record_verifies(faulty):
     result, record, ckpt, before = faulty
     assert sha256_file(ckpt) == before == record["models"]["original"]["sha256"]
-    outcome = verify_record(result.record_path, result.model_path, original_model_path=ckpt)
+    key = os.path.join(result.run_dir, RECORD_PUBLIC_KEY_FILE)
+    outcome = verify_record(result.record_path, result.model_path, original_model_path=ckpt, public_key=key)
     assert outcome.ok, str(outcome)
+    assert "metrics = job's metrics file" in outcome.checks and not outcome.skipped
 
 
 def test_record_states_the_dp_parameters(faulty):

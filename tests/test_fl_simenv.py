@@ -30,7 +30,10 @@ FINETUNE_ROUNDS = 3
 # Fraction of the 112 conv channels pruned PER forgotten class. At 0.1 this small CNN relearns the forgotten digit
 # from shared features within 3 fine-tuning rounds (U ~ 0.85); two classes at 0.3 each leave too little to recover R.
 RATIO_ONE = 0.3
-RATIO_TWO = 0.15
+# Two classes at 0.15 each sat on the edge: with issue 13's training changes the classes came back within 4 rounds
+# (U 0.067 with exact-mean aggregation, 0.18 with issue 11's robust defaults); at 0.2 each this test's recipe gave
+# U 0.011 and R 0.972 (original R 0.986) with the defaults.
+RATIO_TWO = 0.2
 
 
 def _env(root) -> SimEnv:

@@ -12,6 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "nvflare_unlearn"
 
 #: part of the package -> the parts it may import (itself always allowed). Mirrors the table in docs/design.md.
 ALLOWED: dict[str, set[str]] = {
+    "_io": set(),
     "_validation": set(),
     "options": {"_validation"},
     "models": {"_validation", "options"},
@@ -23,6 +24,10 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {"_validation", "options", "models", "data", "method", "protect", "evaluation", "fl"},
     "__init__": {"method", "models"},
 }
+#: leaves every part may import (atomic writes)
+for _part_name in ALLOWED:
+    if _part_name != "_io":
+        ALLOWED[_part_name].add("_io")
 MAY_IMPORT_NVFLARE = {"fl", "cli"}
 
 
@@ -40,6 +45,10 @@ def _imports(path: Path):
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative imports would hide the target part from this check
                 yield node.lineno, "." * node.level + (node.module or "")
+            elif node.module == "nvflare_unlearn":  # "from nvflare_unlearn import _io" imports the part _io
+                for alias in node.names:
+                    part = alias.name if alias.name in ALLOWED else "__init__"
+                    yield node.lineno, "nvflare_unlearn" + ("" if part == "__init__" else "." + part)
             elif node.module:
                 yield node.lineno, node.module
 
@@ -83,13 +92,17 @@ def test_import_rules_hold():
 def test_the_rule_check_catches_a_crossing(tmp_path):
     root = tmp_path / "nvflare_unlearn"
     (root / "method").mkdir(parents=True)
-    (root / "method" / "ok.py").write_text("from nvflare_unlearn.models import build_model\n")
+    (root / "method" / "ok.py").write_text(
+        "from nvflare_unlearn.models import build_model\nfrom nvflare_unlearn import _io\n"
+    )
+    (root / "method" / "part.py").write_text("from nvflare_unlearn import fl\n")
     (root / "method" / "bad.py").write_text("def f():\n    from nvflare_unlearn.fl import x\n    import nvflare.apis\n")
     (root / "method" / "rel.py").write_text("from ..cli import main\n")
     (root / "stray.py").write_text("")
     found = "\n".join(violations(root))
     assert "bad.py:2: method may not import fl" in found and "bad.py:3: method imports nvflare" in found
     assert "rel.py:1: relative import" in found and "stray.py: belongs to no part" in found
+    assert "part.py:1: method may not import fl" in found
     assert "ok.py" not in found
 
 

@@ -105,3 +105,21 @@ def test_package_exports_and_import_stays_light():
         env={**os.environ, "PYTHONPATH": str(root)},
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "nvflare_unlearn.models.small_cnn:SmallCNN@1x60000x60000",  # 3.6e9 values: refused before anything is built
+        "nvflare_unlearn.models.small_cnn:SmallCNN@5000x8x8",
+        "nvflare_unlearn.models.small_cnn:SmallCNN@1x" + "9" * 5000 + "x8",
+        "pkg.mod:f" + "x" * 100_000,
+    ],
+)
+def test_input_shapes_and_names_are_bounded(name):
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as exc:
+        input_shape(name)
+    assert len(str(exc.value)) < 400 and time.perf_counter() - start < 1.0
+    with pytest.raises(ValueError):
+        build_model("small_cnn", 10, in_channels=10**6)

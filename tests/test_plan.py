@@ -216,3 +216,89 @@ def test_resnet56_scoring_plan_and_apply_is_fast():
     with torch.no_grad():
         assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     assert elapsed < 10.0  # target 2 s on an idle 2-core machine; generous so it cannot flake under load
+
+
+# ----------------------------------------------------------------------------------------------- hostile plans
+def _valid_plan_dict():
+    model = build_model("small_cnn", 10)
+    return json.loads(build_pruning_plan(model, _zeros(model), 0.1).to_json())
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.update(groups=[1, 2]),
+        lambda d: d.update(groups=[[["x"]]]),
+        lambda d: d.update(groups="abc"),
+        lambda d: d.update(convs={"a": "b"}),
+        lambda d: d.update(convs={"x" * 10_000: 3}),
+        lambda d: d.update(convs={f"c{i}": 2 for i in range(5000)}),
+        lambda d: d.update(steps=[1]),
+        lambda d: d.update(steps={"a": 1}),
+        lambda d: d["steps"][0].update(pruned=[1]),
+        lambda d: d["steps"][0].update(forget_class="three"),
+        lambda d: d["steps"][0].update(options=[]),
+        lambda d: d["steps"][0]["pruned"].update({"features.0": list(range(-100_000, 0))}),
+        lambda d: d["steps"][0]["pruned"].update({"features.0": "0,1"}),
+        lambda d: d["steps"][0]["pruned"].update({"features.0": [[1]]}),
+        lambda d: d.update(steps=d["steps"] * 2000),
+        lambda d: d.update(input_shape=7),
+        lambda d: d.update(input_shape=[1, 60000, 60000]),
+        lambda d: d.update(input_shape={"a": 1}),
+        lambda d: d.update(original_params="many"),
+        lambda d: d.update(original_flops=-1),
+        lambda d: d.update(model_name=["x"]),
+        lambda d: d.update(convs=None),
+        lambda d: d.pop("steps"),
+    ],
+)
+def test_every_malformed_plan_is_a_short_value_error(mutate):
+    """Before issue 11 some raised TypeError (a traceback in the CLI) and one message reached 689 kB."""
+    data = _valid_plan_dict()
+    mutate(data)
+    with pytest.raises(ValueError) as exc:
+        PruningPlan.from_json(json.dumps(data))
+    assert len(str(exc.value)) < 300, str(exc.value)[:400]
+
+
+def test_random_corruptions_never_escape_as_other_errors():
+    text = json.dumps(_valid_plan_dict())
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        chars = list(text)
+        for _ in range(int(rng.integers(1, 6))):
+            chars[int(rng.integers(len(chars)))] = chr(int(rng.choice([ord(c) for c in '[]{}":,0123456789-e'])))
+        try:
+            PruningPlan.from_json("".join(chars))
+        except ValueError as exc:
+            assert len(str(exc)) < 300
+    for text in ("[" * 100_000, "1" * 10_000, b"\xff\xfe", None, 12):
+        with pytest.raises(ValueError):
+            PruningPlan.from_json(text)
+    with pytest.raises(ValueError, match="at most"):
+        PruningPlan.from_json(" " * (17 * 1024 * 1024))
+
+
+def test_parsing_is_linear_in_the_number_of_steps():
+    def plan_text(n):
+        return json.dumps(
+            {
+                "format": "nvflare_unlearn.pruning_plan",
+                "version": 1,
+                "convs": {"a": 4 * n, "b": 4 * n},
+                "groups": [["a", "b"]],
+                "steps": [{"forget_class": i, "pruned": {"a": [2 * i, 2 * i + 1]}} for i in range(n)],
+            }
+        )
+
+    def best_of_three(text):
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            plan = PruningPlan.from_json(text)
+            plan.kept_channels()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    small, large = best_of_three(plan_text(128)), best_of_three(plan_text(1024))  # 8x the steps
+    assert large < 30 * small + 0.05, (small, large)  # quadratic would be ~64x

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -11,13 +12,17 @@ from scipy.stats import norm
 
 from nvflare_unlearn.method.activations import ClassActivationReport, validate_report
 from nvflare_unlearn.protect.privacy import (
+    BudgetExceeded,
+    PrivacyLedger,
     analytic_gaussian_delta,
     apply_min_count,
     check_clip_bound,
     clip_activations,
     gaussian_noise,
     gaussian_sigma,
+    privatize_report,
     sensitivity,
+    site_ledger,
     split_budget,
     total_channels,
 )
@@ -211,3 +216,85 @@ def test_noise_refuses_unclipped_reports_and_bad_arguments():
         gaussian_noise(rep, 0.0, 1e-5, 1.0, np.random.default_rng(0))
     with pytest.raises(ValueError, match="clip_bound"):
         gaussian_noise(rep, 1.0, 1e-5, -1.0, np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------- the site's ledger and the unit of privacy
+
+
+def test_ledger_refuses_a_release_beyond_the_budget_and_records_before_releasing(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.json", 1.0, 1e-5)
+    ledger.spend(0.5, 5e-6, model="m1", note="class 3")
+    ledger.spend(0.5, 5e-6, model="m1", note="class 5")  # exactly the budget (float rounding tolerated)
+    with pytest.raises(BudgetExceeded, match="would exceed the site's privacy budget"):
+        ledger.spend(0.01, 1e-9, model="m1")
+    assert ledger.spent() == pytest.approx((1.0, 1e-5))
+    data = json.loads((tmp_path / "ledger.json").read_text())
+    assert [e["model"] for e in data["entries"]] == ["m1", "m1"] and data["budget"] == {"epsilon": 1.0, "delta": 1e-5}
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # a later configuration cannot raise the budget the ledger holds; it can lower it
+    with pytest.raises(BudgetExceeded):
+        PrivacyLedger(tmp_path / "ledger.json", 100.0, 0.5).spend(0.1, 1e-9, model="m2")
+    lowered = PrivacyLedger(tmp_path / "other.json", 1.0, 1e-5)
+    lowered.spend(0.4, 1e-6, model="m")
+    with pytest.raises(BudgetExceeded):
+        PrivacyLedger(tmp_path / "other.json", 0.5, 1e-5).spend(0.2, 1e-6, model="m")
+
+
+def test_an_unreadable_ledger_refuses_everything(tmp_path):
+    path = tmp_path / "ledger.json"
+    path.write_text("{truncated")
+    with pytest.raises(BudgetExceeded, match="unreadable"):
+        PrivacyLedger(path, 1.0, 1e-5).spend(0.1, 1e-7, model="m")
+    path.write_text(json.dumps({"format": "other", "budget": {"epsilon": 1, "delta": 1e-5}, "entries": []}))
+    with pytest.raises(BudgetExceeded, match="not a privacy ledger"):
+        PrivacyLedger(path, 1.0, 1e-5).spend(0.1, 1e-7, model="m")
+    with pytest.raises(ValueError):
+        PrivacyLedger(path, math.inf, 1e-5)
+    with pytest.raises(BudgetExceeded, match="without noise"):
+        PrivacyLedger(tmp_path / "x.json", 1.0, 1e-5).spend(math.inf, 1e-7, model="m")
+
+
+def _clipped_report(rng, counts=(6, 9, 12, 8), channels=(3, 5), bound=1.0):
+    counts = np.asarray(counts, dtype=np.int64)
+    sums = {f"conv{i}": rng.uniform(0, bound, size=(len(counts), c)) * counts[:, None] for i, c in enumerate(channels)}
+    return ClassActivationReport(sums=sums, counts=counts, hook_point="conv")
+
+
+def test_privatize_report_swap_within_class_keeps_counts_add_remove_noises_them(tmp_path):
+    rng = np.random.default_rng(0)
+    rep = _clipped_report(rng)
+    swap = {"clip_bound": 1.0, "dp_epsilon": 2.0, "dp_delta": 1e-5, "min_count": 7}
+    out, sigma = privatize_report(rep, swap, 2, np.random.default_rng(1))
+    assert out.counts.tolist() == [0, 9, 12, 8]  # min-count on the exact counts, which are released as they are
+    eps, delta = split_budget(2.0, 1e-5, 2)
+    assert sigma == pytest.approx(gaussian_sigma(eps, delta, sensitivity(8, 1.0)))
+    addrm = {**swap, "dp_unit": "add_remove_image", "min_count": 0}
+    out, sigma = privatize_report(rep, addrm, 1, np.random.default_rng(2))
+    assert out.counts.tolist() != rep.counts.tolist()
+    assert sigma == pytest.approx(gaussian_sigma(2.0, 1e-5, sensitivity(8, 1.0, noise_counts=True)))
+    ledger = site_ledger(swap, tmp_path / "l.json")
+    privatize_report(rep, swap, 2, np.random.default_rng(3), ledger=ledger, model="m")
+    privatize_report(rep, swap, 2, np.random.default_rng(4), ledger=ledger, model="m")  # both passes of a request
+    with pytest.raises(BudgetExceeded):  # a third pass: beyond the default budget of one request
+        privatize_report(rep, swap, 2, np.random.default_rng(5), ledger=ledger, model="m")
+    clean, sigma = privatize_report(rep, {"min_count": 0}, 1, np.random.default_rng(6))
+    assert sigma == 0.0 and site_ledger({}, tmp_path / "none.json") is None
+
+
+def test_client_api_applies_the_same_privacy_and_needs_a_ledger(tmp_path):
+    from nvflare.app_common.abstract.fl_model import FLModel
+
+    from nvflare_unlearn.fl.client_api import activation_result
+    from nvflare_unlearn.fl.defs import META_DP_SIGMA
+    from nvflare_unlearn.models import build_model
+
+    net = build_model("small_cnn", 10).eval()
+    batch = [(torch.rand(30, 1, 8, 8), torch.arange(30) % 10)]
+    dp = {"clip_bound": 0.5, "dp_epsilon": 1.0, "dp_delta": 1e-5}
+    with pytest.raises(ValueError, match="ledger_path"):
+        activation_result(net, batch, 10, privacy=dp)
+    task = FLModel(params={}, meta={"forget_classes": [3]})
+    out = activation_result(net, batch, 10, fl_model=task, privacy=dp, ledger_path=str(tmp_path / "l.json"))
+    assert out.meta[META_DP_SIGMA] > 0 and out.params["counts"].tolist() == [3] * 10
+    with pytest.raises(BudgetExceeded):
+        activation_result(net, batch, 10, fl_model=task, privacy=dp, ledger_path=str(tmp_path / "l.json"))

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from nvflare_unlearn.method.activations import ClassActivationReport, merge_reports
-from nvflare_unlearn.protect.robust import aggregate_class_means, screen_report
+from nvflare_unlearn.protect.robust import (
+    aggregate_class_means,
+    aggregate_updates,
+    cap_report,
+    low_median,
+    robust_evaluation,
+    screen_report,
+    screen_update,
+    size_caps,
+)
 
 EXPECTED = {"conv1": 3, "conv2": 2}
 K = 4
@@ -215,3 +224,130 @@ def test_screen_raises_for_server_configuration_errors():
         screen_report(rep, EXPECTED, K, clip_bound=0.0)
     with pytest.raises(ValueError, match="num_classes"):
         screen_report(rep, EXPECTED, 1)
+
+
+# ------------------------------------------------------------------------------------------------ issue 11: caps
+
+
+def test_low_median_and_size_caps():
+    assert low_median([5, 1, 3]) == 3 and low_median([1, 1e12]) == 1  # two sites: one cannot double the reference
+    assert low_median([10, 10, 10, 10, 1e9, 1e9]) == 10
+    caps = size_caps({"a": 100, "b": 120, "c": 1e12}, None, 2.0)
+    assert caps == {"a": 240.0, "b": 240.0, "c": 240.0}
+    assert size_caps({"a": 100, "c": 1e12}, {"c": 50}, 2.0) == {"a": 200.0, "c": 50.0}  # the admin's table wins
+    with pytest.raises(ValueError, match="factor"):
+        size_caps({"a": 1}, None, 0)
+    with pytest.raises(ValueError):
+        low_median([])
+
+
+def test_cap_report_keeps_means_and_limits_weight():
+    rep = _report({"conv1": np.ones((K, 3)) * 0.5, "conv2": np.ones((K, 2))}, [10**6, 10**6, 0, 10**6])
+    capped, was = cap_report(rep, 300)
+    assert was and int(capped.counts.sum()) <= 300 and capped.counts[2] == 0
+    for name in EXPECTED:
+        means = capped.means()[name]
+        np.testing.assert_allclose(means[[0, 1, 3]], rep.means()[name][[0, 1, 3]])
+    same, was = cap_report(rep, 10**7)
+    assert same is rep and not was
+
+
+def test_counts_x1e6_do_not_buy_weight_in_the_capped_mean():
+    """The issue's count attack: same class means, counts x 10^6. Exact mean: the site's means; capped: ~1/10."""
+    sites = _honest_sites(10)
+    liar = sites[0]
+    means = {n: liar.means()[n] + 3.0 for n in EXPECTED}  # a site whose means differ by +3 everywhere
+    sites[0] = _report(means, liar.counts * 10**6)
+    uncapped = aggregate_class_means(sites, "mean")
+    caps = size_caps({str(i): float(r.counts.sum()) for i, r in enumerate(sites)}, None, 2.0)
+    capped = aggregate_class_means([cap_report(r, caps[str(i)])[0] for i, r in enumerate(sites)], "mean")
+    honest = aggregate_class_means(sites[1:], "mean")
+    for name in EXPECTED:
+        assert np.all(uncapped[name] - honest[name] > 2.9)  # the liar's means took over
+        assert np.all(capped[name] - honest[name] < 3.0 * 2 * 50 / (9 * 5 + 2 * 50) + 0.1)  # weight <= 2 sites'
+
+
+def _updates(n=10, seed=0, size=50):
+    rng = np.random.default_rng(seed)
+    base = {"w": rng.normal(size=size).astype(np.float32), "n": np.array(7, dtype=np.int64)}
+    sites = [
+        {"w": (base["w"] + rng.normal(0.1, 0.01, size=size)).astype(np.float32), "n": np.array(9, dtype=np.int64)}
+        for _ in range(n)
+    ]
+    return base, sites
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "median", "trimmed_mean"])
+def test_update_clipping_and_outlier_filter_bound_a_boosted_site(aggregation):
+    base, sites = _updates()
+    sites[0] = {"w": base["w"] + 100.0 * (sites[0]["w"] - base["w"]), "n": sites[0]["n"]}
+    out, info = aggregate_updates(base, sites, [1.0] * 10, aggregation, 0.2, clip=2.0, outlier=2.0)
+    assert 0 in info["clipped"] and info["left_out"] == [0]
+    honest = np.stack([s["w"] for s in sites[1:]])
+    assert np.all(out["w"] >= honest.min(0) - 1e-6) and np.all(out["w"] <= honest.max(0) + 1e-6)
+    assert out["n"] == 9 and out["n"].dtype == np.int64 and out["w"].dtype == np.float32
+    plain, info = aggregate_updates(base, sites, [1.0] * 10, "mean", clip=None, outlier=None)
+    assert info["clipped"] == [] and np.all(plain["w"] > honest.max(0))  # unprotected: one site moves it out
+
+
+def test_weighted_mean_without_protection_is_fedavg():
+    base, sites = _updates(3)
+    out, _ = aggregate_updates(base, sites, [1.0, 2.0, 7.0], "mean", clip=None, outlier=None)
+    want = (1 * sites[0]["w"].astype(float) + 2 * sites[1]["w"] + 7 * sites[2]["w"]) / 10
+    np.testing.assert_allclose(out["w"], want, rtol=1e-6)
+
+
+def test_aggregate_updates_rejects_bad_input():
+    base, sites = _updates(3)
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate_updates(base, sites, [1, 1, 1], "max")
+    with pytest.raises(ValueError, match="weight"):
+        aggregate_updates(base, sites, [1, 1], "mean")
+    with pytest.raises(ValueError, match="weight"):
+        aggregate_updates(base, sites, [0, 0, 0], "mean")
+    with pytest.raises(ValueError, match="clip"):
+        aggregate_updates(base, sites, [1, 1, 1], clip=-1)
+    bad = {"w": np.zeros(3, dtype=np.float32), "n": base["n"]}
+    with pytest.raises(ValueError, match="screen_update"):
+        aggregate_updates(base, [bad, *sites], [1, 1, 1, 1])
+    assert "shape" in screen_update(base, bad)
+    assert "NaN" in screen_update(base, {"w": np.full(50, np.nan), "n": base["n"]})
+    assert "keys" in screen_update(base, {"w": base["w"]}) and "dict" in screen_update(base, [1, 2])
+    assert screen_update(base, sites[0]) is None
+
+
+def _eval_sites(n, u_acc=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    correct, total = {}, {}
+    for s in range(n):
+        t = rng.integers(4, 6, size=K).astype(float)
+        c = t.copy()
+        c[1] = np.round(u_acc * t[1])
+        correct[f"s{s}"], total[f"s{s}"] = c, t
+    return correct, total
+
+
+def test_robust_evaluation_equals_pooled_on_honest_sites_and_flags_a_faker():
+    correct, total = _eval_sites(10)
+    caps = size_caps({s: t.sum() for s, t in total.items()}, None, 2.0)
+    got = robust_evaluation(correct, total, [1], caps, 0.1)
+    assert got["u_acc"] == 1.0 and got["flagged"] == {} and got["acc"] == 1.0
+    correct["s0"][1], total["s0"][1] = 0.0, 1e9  # issue 11's evaluation attack
+    caps = size_caps({s: t.sum() for s, t in total.items()}, None, 2.0)
+    got = robust_evaluation(correct, total, [1], caps, 0.1)
+    assert got["u_acc"] == 1.0 and list(got["flagged"]) == ["s0"] and got["per_site"]["s0"]["capped"]
+    plain = robust_evaluation(correct, total, [1], {s: np.inf for s in total}, np.inf, np.inf)
+    assert plain["u_acc"] < 1e-6  # the plain pooled sums: what the record used to say
+    with pytest.raises(ValueError, match="same"):
+        robust_evaluation(correct, {}, [1], caps)
+
+
+def test_robust_evaluation_tolerates_binomial_noise_of_small_sites():
+    """Honest sites with 4 to 5 U images each and 90 % accuracy: nobody is flagged for being unlucky."""
+    rng = np.random.default_rng(3)
+    correct, total = {}, {}
+    for s in range(10):
+        t = rng.integers(4, 6, size=K).astype(float)
+        correct[f"s{s}"], total[f"s{s}"] = rng.binomial(t.astype(int), 0.9).astype(float), t
+    got = robust_evaluation(correct, total, [1], size_caps({s: t.sum() for s, t in total.items()}), 0.1)
+    assert got["flagged"] == {}

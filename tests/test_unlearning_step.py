@@ -28,7 +28,7 @@ from nvflare_unlearn.models import build_model
 from nvflare_unlearn.options import PlanOptions, ScoringOptions
 
 FORGET = [0, 5]
-SCORING = ScoringOptions(tf_norm="width")
+SCORING = ScoringOptions(tf_norm="width", aggregation="mean")  # the paper's exact mean, what every caller computes
 PLAN = PlanOptions(prune_ratio=0.2)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

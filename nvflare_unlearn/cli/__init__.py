@@ -6,7 +6,7 @@
     nvflare-unlearn retrain --forget-classes 3 --out runs/r ...   the gold standard (from scratch, without 3)
     nvflare-unlearn evaluate --ckpt M --forget-classes 3      U-set / R-set / class-wise accuracy of a checkpoint
     nvflare-unlearn export --job unlearn --out DIR            an exported job folder for `nvflare job submit`
-    nvflare-unlearn verify-record --record R --model M        check an audit record against a model file
+    nvflare-unlearn verify-record --record R --model M --public-key K   check a signed audit record and its files
     nvflare-unlearn export-model --ckpt M --out model.pt2     the model as a program plain torch loads (or ONNX)
 
 Owns: the parser (``parser``, flags generated from ``nvflare_unlearn.options``), the commands (``commands``), the

@@ -8,10 +8,10 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Any
 
+from nvflare_unlearn import _io
 from nvflare_unlearn.cli.parser import TRAINING_GROUPS, UNLEARNING_GROUPS, option_values
 from nvflare_unlearn.cli.report import collect_unlearning_outputs, pct, print_report
 
@@ -156,7 +156,7 @@ def _run_training_job(args: argparse.Namespace, recipe: Any, label: str) -> dict
     out = new_out_dir(args.out)
     result = run_recipe(recipe, args, os.path.join(out, "workspace"), label)
     dst = os.path.join(out, "global_model.pt")
-    shutil.copy2(result.model_path, dst)
+    _io.copy_file(result.model_path, dst)
     final = result.metrics.get("final", {})
     say(
         f"model: {dst} (federated test accuracy {pct(final.get('acc')).strip()}, "
@@ -240,7 +240,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     pre = PretrainRecipe(name="demo_pretrain", num_rounds=args.pretrain_rounds, lr=0.05, **base)
     pre_result = run_recipe(pre, args, workspace, "1/2 pretraining (FedAvg, all classes)")
     ckpt = os.path.join(out, "pretrained_model.pt")
-    shutil.copy2(pre_result.model_path, ckpt)
+    _io.copy_file(pre_result.model_path, ckpt)
     unl = UnlearningRecipe(
         name="demo_unlearn",
         initial_ckpt=ckpt,
@@ -266,7 +266,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     ckpt = existing_file(args.ckpt, "--ckpt")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    model, plan, meta = load_checkpoint(ckpt, model_name=args.model, num_classes=args.num_classes)
+    model, plan, meta = load_checkpoint(
+        ckpt, model_name=args.model, num_classes=args.num_classes, allow_import=args.allow_import
+    )
     num_classes = int(meta.get("num_classes") or args.num_classes)
     data = load_dataset(args.dataset, root=args.data_root, split="test")
     correct, total = class_correct_total(model, DataLoader(data, batch_size=256), num_classes)
@@ -314,11 +316,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify_record(args: argparse.Namespace) -> int:
-    """Exit 0 when the model (and, with --original, the original checkpoint) match the record, 1 otherwise."""
+    """Exit 0 when the record's signature (against --public-key) and every consistency check pass, 1 otherwise."""
     from nvflare_unlearn.protect.audit import verify_record
 
     original = existing_file(args.original, "--original") if args.original else None
-    result = verify_record(existing_file(args.record, "--record"), existing_file(args.model, "--model"), original)
+    result = verify_record(
+        existing_file(args.record, "--record"),
+        existing_file(args.model, "--model"),
+        original,
+        public_key=existing_file(args.public_key, "--public-key") if args.public_key else None,
+        metrics_path=existing_file(args.metrics, "--metrics") if args.metrics else None,
+        allow_import=args.allow_import,
+    )
     print(result)
     return EXIT_OK if result.ok else EXIT_FAILED
 
@@ -333,6 +342,7 @@ def cmd_export_model(args: argparse.Namespace) -> int:
         fmt=args.format,
         model_name=args.model,
         num_classes=args.num_classes,
+        allow_import=args.allow_import,
     )
     print(json.dumps(summary, indent=2))
     return EXIT_OK

@@ -17,11 +17,12 @@ from nvflare_unlearn.options import (
     PlanOptions,
     PrivacyOptions,
     ScoringOptions,
+    SecurityOptions,
     SiteDataOptions,
     TrainingOptions,
 )
 
-TRAINING_GROUPS = (SiteDataOptions, TrainingOptions, FederationOptions)
+TRAINING_GROUPS = (SiteDataOptions, TrainingOptions, FederationOptions, SecurityOptions)
 UNLEARNING_GROUPS = (MethodOptions, ScoringOptions, PlanOptions, PrivacyOptions, *TRAINING_GROUPS)
 
 #: deprecated flag -> its current name (accepted for one release with a warning on stderr)
@@ -65,6 +66,21 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def json_mapping(text: str) -> dict:
+    """A dict option given as JSON text on the command line (e.g. --site-sizes '{"site-1": 600}')."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object such as '{{\"site-1\": 600}}', got {text!r:.80}"
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _flags(name: str) -> list[str]:
     flag = "--" + name.replace("_", "-")
     return [flag] + [old for old, new in DEPRECATED_FLAGS.items() if new == flag]
@@ -83,6 +99,8 @@ def _field_type(f: dataclasses.Field) -> Any:
     text = str(f.type)
     if f.name == "prune_ratio":
         return fraction
+    if text.startswith("dict"):
+        return json_mapping
     if text.startswith("bool"):
         return boolean
     for name, kind in (("float", float), ("int", int), ("str", str)):
@@ -139,6 +157,17 @@ def add_forget_arg(p: argparse.ArgumentParser, required: bool) -> None:
         required=required,
         action=_Deprecated,
         help="class id(s) to forget, e.g. 3 or 0,5,9",
+    )
+
+
+def add_allow_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-import",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module a checkpoint may name as its model (package.module:factory); without it such a checkpoint is "
+        "refused, since loading it would run that module's code (repeatable)",
     )
 
 
@@ -215,6 +244,7 @@ def build_parser(commands: dict[str, Any]) -> argparse.ArgumentParser:
     e.add_argument("--data-root", default=None)
     e.add_argument("--model", default=None, help="registry name (only for a plain state_dict checkpoint)")
     e.add_argument("--num-classes", type=int, default=None, help="only for a plain state_dict checkpoint")
+    add_allow_import(e)
     e.set_defaults(func=commands["evaluate"])
 
     x = sub.add_parser("export", help="write an NVFlare job folder for `nvflare job submit`")
@@ -241,11 +271,21 @@ def build_parser(commands: dict[str, Any]) -> argparse.ArgumentParser:
     )
     m.add_argument("--model", default=None, help="registry name or import path (only for a plain state_dict)")
     m.add_argument("--num-classes", type=int, default=None, help="only for a plain state_dict checkpoint")
+    add_allow_import(m)
     m.set_defaults(func=commands["export-model"])
 
-    v = sub.add_parser("verify-record", help="check an unlearning_record.json against a model file")
+    v = sub.add_parser("verify-record", help="check an unlearning_record.json's signature and its files")
     v.add_argument("--record", required=True, help="unlearning_record.json written by the unlearning job")
     v.add_argument("--model", required=True, help="the unlearned model file to check (e.g. OUT/unlearned_model.pt)")
+    v.add_argument(
+        "--public-key",
+        default=None,
+        help="the server's public key YOU hold (PEM key or certificate); without it the signature check fails",
+    )
     v.add_argument("--original", default=None, help="also check that this original checkpoint is unchanged")
+    v.add_argument(
+        "--metrics", default=None, help="the job's metrics file (default: job_metrics.json beside the record)"
+    )
+    add_allow_import(v)
     v.set_defaults(func=commands["verify-record"])
     return p

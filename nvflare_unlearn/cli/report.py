@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from typing import Optional
 
-from nvflare_unlearn.fl.defs import FINAL_MODEL_FILE, PLAN_FILE, PRUNED_MODEL_FILE, RECORD_FILE
+from nvflare_unlearn import _io
+from nvflare_unlearn.fl.defs import FINAL_MODEL_FILE, PLAN_FILE, PRUNED_MODEL_FILE, RECORD_FILE, RECORD_PUBLIC_KEY_FILE
 from nvflare_unlearn.fl.results import sites_per_phase
 
 
@@ -69,7 +68,7 @@ def plot_u_r_by_round(report: dict, path: str, title: str = "") -> str:
         ax.text(0.02, 0.03, text, transform=ax.transAxes, fontsize=6.5, va="bottom",
                 bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _io.write_with(path, lambda fh: fig.savefig(fh, dpi=120, format="png"))
     plt.close(fig)
     return path
 
@@ -92,19 +91,21 @@ def print_report(report: dict) -> None:
 
 
 def collect_unlearning_outputs(result, out: str) -> dict:
-    """Copy the job's models, plan, metrics and audit record into ``out`` and write report.json + the plot."""
+    """Copy the job's models, plan, metrics, signed audit record and its public key into ``out`` (atomically) and
+    write report.json + the plot."""
+    key = os.path.join(result.run_dir, RECORD_PUBLIC_KEY_FILE) if result.record_path else None
     for src, name in (
         (result.model_path, FINAL_MODEL_FILE),
         (result.pruned_model_path, PRUNED_MODEL_FILE),
         (result.plan_path, PLAN_FILE),
         (result.metrics_path, "job_metrics.json"),
         (result.record_path, RECORD_FILE),
+        (key if key and os.path.isfile(key) else None, RECORD_PUBLIC_KEY_FILE),
     ):
         if src:
-            shutil.copy2(src, os.path.join(out, name))
+            _io.copy_file(src, os.path.join(out, name))
     report = build_report(result.metrics)
     report["job_result_dir"] = result.result_dir
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    _io.write_json(os.path.join(out, "report.json"), report)
     plot_u_r_by_round(report, os.path.join(out, "u_r_accuracy.png"))
     return report

@@ -25,32 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nvflare_unlearn import _io
 from nvflare_unlearn.evaluation.probe import forward_outputs
 
-__all__ = ["load_arrays", "per_example_arrays", "save_arrays", "write_atomic", "write_json"]
+__all__ = ["load_arrays", "per_example_arrays", "save_arrays", "write_json"]
 
 _SEP = "__"  # npz key = <set>__<field>
 FIELDS = ("labels", "loss", "logits", "features")
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """``obj`` as indented JSON (numpy scalars and arrays converted), written atomically."""
-    return write_atomic(path, json.dumps(obj, indent=1, default=_jsonable))
+    return _io.write_text(path, json.dumps(obj, indent=1, default=_jsonable))
 
 
 def _jsonable(v: Any) -> Any:
@@ -90,7 +76,7 @@ def save_arrays(path: str | os.PathLike, sets: Mapping[str, Mapping[str, np.ndar
             flat[f"{name}{_SEP}{field}"] = a.astype(np.float16) if field == "features" else a
     buf = io.BytesIO()
     np.savez_compressed(buf, **flat)
-    return write_atomic(path, buf.getvalue())
+    return _io.write_bytes(path, buf.getvalue())
 
 
 def load_arrays(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:

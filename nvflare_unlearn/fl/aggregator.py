@@ -1,9 +1,11 @@
 """Server side: aggregate the sites' class-activation reports into class means for TF-IDF scoring.
 
 A ``ModelAggregator`` in NVFlare's FLModel style (``accept_model`` / ``aggregate_model`` / ``reset_stats``). Each
-report is screened against the current model's conv layers and shapes before it counts; a bad report is rejected
-with its reason logged and recorded, and the rest go on. The math (validation, exact or robust means) lives in
-``nvflare_unlearn.method.activations`` / ``nvflare_unlearn.protect.robust``.
+report is screened against the current model's conv layers and shapes (and, with a clip bound, its sums against
+``[0, B * count]``) before it counts; a bad report is rejected with its reason logged and recorded, and the rest go
+on. A site's weight is capped at its declared size (``site_sizes``, the server admin's table) or, for a site not in
+the table, at ``size_cap_factor`` x the median site's count, so inflated counts buy no influence; the class means
+are then combined robustly by default (``median``). The math lives in ``nvflare_unlearn.protect.robust``.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from nvflare.app_common.app_constant import AppConstants
 
 from nvflare_unlearn._validation import check_num_classes
 from nvflare_unlearn.method.activations import ClassActivationReport, merge_reports, validate_report
-from nvflare_unlearn.options import ScoringOptions
-from nvflare_unlearn.protect.robust import aggregate_class_means, screen_report
+from nvflare_unlearn.options import ScoringOptions, SecurityOptions
+from nvflare_unlearn.protect.robust import aggregate_class_means, cap_report, screen_report, size_caps
 
 
 def _site(model: FLModel) -> str:
@@ -32,23 +34,27 @@ class ActivationAggregator(ModelAggregator):
     def __init__(
         self,
         num_classes: int,
-        aggregation: str = "mean",
-        trim: float = 0.1,
+        aggregation: str = ScoringOptions.aggregation,
+        trim: float = ScoringOptions.trim,
         clip_bound: Optional[float] = None,
         allow_negative: bool = False,
+        site_sizes: Optional[Mapping[str, int]] = None,
+        size_cap_factor: float = SecurityOptions.size_cap_factor,
         **deprecated,
     ):
         """
         Args:
             num_classes: label space of the model (every report must have one row per class).
-            aggregation: "mean" (exact count-weighted mean, the paper), or "median" / "trimmed_mean" (robust to a
-                minority of faulty sites, see ``nvflare_unlearn.protect.robust`` for the bounds and their costs).
-                ``method`` is its deprecated name.
+            aggregation: "median" (default) / "trimmed_mean" (robust to a minority of bad sites, see
+                ``nvflare_unlearn.protect.robust`` for the bounds and their costs) or "mean" (the exact
+                count-weighted mean of the paper: one site can move it). ``method`` is its deprecated name.
             trim: fraction trimmed at each end for "trimmed_mean".
-            clip_bound: when sites clip each activation to [0, B], reject reports whose sums exceed B * count.
-            allow_negative: accept negative sums (sites add Gaussian noise, DP on); the other checks still apply
-                and, with ``clip_bound``, sums above B * count are still rejected. Class means can then be
-                negative: the controller clamps them at 0 before TF-IDF.
+            clip_bound: when sites clip each activation to [0, B], reject reports whose sums lie outside
+                [0, B * count] (the sites' DP noise is post-processed into that range too).
+            allow_negative: for reports noised by another DP implementation that does not post-process: sums
+                may then be negative, but still within [-B * count, B * count]; needs ``clip_bound``.
+            site_sizes: the server admin's table site -> training images; a site's count is capped at it.
+            size_cap_factor: a site not in ``site_sizes`` is capped at this x the low median of the sites' counts.
         """
         FLComponent.__init__(self)  # ModelAggregator.__init__ skips it (no logger otherwise)
         ModelAggregator.__init__(self)
@@ -60,11 +66,16 @@ class ActivationAggregator(ModelAggregator):
         if deprecated:
             raise TypeError(f"ActivationAggregator() got unexpected keyword argument(s) {sorted(deprecated)}")
         opts = ScoringOptions(aggregation=aggregation, trim=trim)  # the one check of both
+        sec = SecurityOptions(site_sizes=site_sizes, size_cap_factor=size_cap_factor)
         self.num_classes = check_num_classes(num_classes)
         self.aggregation = opts.aggregation
         self.trim = opts.trim
         self.clip_bound = clip_bound
         self.allow_negative = bool(allow_negative)
+        if self.allow_negative and clip_bound is None:
+            raise ValueError("allow_negative needs clip_bound: noisy sums are only accepted within [-B*count, B*count]")
+        self.site_sizes = None if sec.site_sizes is None else dict(sec.site_sizes)
+        self.size_cap_factor = sec.size_cap_factor
         self._expected: dict[str, int] = {}
         self._reports: dict[str, ClassActivationReport] = {}
         self.rejected: dict[str, str] = {}
@@ -89,6 +100,7 @@ class ActivationAggregator(ModelAggregator):
         if reason is None and site in self._reports:
             reason = "a second report from the same site in one round"
         if reason is not None:
+            reason = reason if len(reason) <= 300 else reason[:297] + "..."  # a site cannot flood the record
             self.rejected[site] = reason
             self._log("warning", f"rejected activation report from {site}: {reason}")
             return False
@@ -107,12 +119,11 @@ class ActivationAggregator(ModelAggregator):
             report = validate_report(params, dict(self._expected), self.num_classes, allow_negative=True)
         except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
             return f"{type(exc).__name__}: {exc}"
-        if self.clip_bound is not None:
-            counts = np.asarray(report.counts, dtype=np.float64)[:, None]
-            for name, sums in report.sums.items():
-                # privacy.gaussian_noise clips noisy sums to [0, B * count]; the slack only covers float32 rounding
-                if np.any(np.asarray(sums) > self.clip_bound * counts * (1 + 1e-6) + 1e-12):
-                    return f"layer {name!r}: sums above clip_bound * count; the site did not clip or altered the report"
+        counts = np.asarray(report.counts, dtype=np.float64)[:, None]
+        for name, sums in report.sums.items():
+            # |sums| <= B * count: no more room than a site that clips honestly; the slack covers float32 rounding
+            if np.any(np.abs(np.asarray(sums)) > self.clip_bound * counts * (1 + 1e-6) + 1e-12):
+                return f"layer {name!r}: sums outside [-B*count, B*count]; the site did not clip or altered the report"
         return None
 
     def site_counts(self) -> dict[str, list[int]]:
@@ -123,11 +134,26 @@ class ActivationAggregator(ModelAggregator):
     def accepted_sites(self) -> list[str]:
         return sorted(self._reports)
 
+    def capped_reports(self) -> tuple[list[ClassActivationReport], dict[str, str]]:
+        """The accepted reports (sorted by site) with each site's weight capped; site -> why it was capped."""
+        sites = sorted(self._reports)
+        totals = {s: float(np.sum(self._reports[s].counts)) for s in sites}
+        caps = size_caps(totals, self.site_sizes, self.size_cap_factor)
+        out, capped = [], {}
+        for s in sites:
+            report, was_capped = cap_report(self._reports[s], caps[s])
+            out.append(report)
+            if was_capped:
+                source = "declared size" if self.site_sizes and s in self.site_sizes else "median-based cap"
+                capped[s] = f"reported {int(totals[s])} images, weight capped at {int(caps[s])} ({source})"
+                self._log("warning", f"activation report from {s}: {capped[s]}")
+        return out, capped
+
     def aggregate_model(self) -> FLModel:
         """Class means per layer (params), merged per-class counts and the contributing sites (meta)."""
         if not self._reports:
             raise RuntimeError(f"no valid activation report to aggregate (rejected: {self.rejected or 'none'})")
-        reports = [self._reports[s] for s in sorted(self._reports)]
+        reports, capped = self.capped_reports()
         means = aggregate_class_means(reports, self.aggregation, self.trim)
         merged = merge_reports(reports)
         return FLModel(
@@ -139,6 +165,7 @@ class ActivationAggregator(ModelAggregator):
                 "sites": self.accepted_sites,
                 "site_counts": self.site_counts(),
                 "rejected": dict(self.rejected),
+                "capped": capped,
                 "aggregation": self.aggregation,
             },
         )

@@ -54,6 +54,7 @@ from nvflare_unlearn.fl.defs import (
 )
 from nvflare_unlearn.fl.model_state import (
     load_numpy_state,
+    model_key,
     rebuild_model,
     split_teacher,
     state_to_numpy,
@@ -113,17 +114,24 @@ def retained(dataset, fl_model: FLModel):
 
 def effective_privacy(own: Optional[PrivacyOptions | dict] = None, requested: Optional[dict] = None) -> PrivacyOptions:
     """The stricter of this site's own settings and the job's request: the larger min-count, the smaller clipping
-    bound, the smaller DP epsilon and delta. A site can tighten what the server asks for, never loosen it."""
+    bound, the smaller DP epsilon, delta and budget, the wider DP unit (``add_remove_image`` over
+    ``swap_within_class``). A site can tighten what the server asks for, never loosen it. The ledger file is only ever
+    the site's own."""
     a, b = PrivacyOptions.from_dict(own), PrivacyOptions.from_dict(requested)
 
     def smaller(x, y):
         return y if x is None else x if y is None else min(x, y)
 
+    wide = "add_remove_image"
     return PrivacyOptions(
         min_count=max(a.min_count, b.min_count),
         clip_bound=smaller(a.clip_bound, b.clip_bound),
         dp_epsilon=smaller(a.dp_epsilon, b.dp_epsilon),
         dp_delta=smaller(a.dp_delta, b.dp_delta),
+        dp_unit=wide if wide in (a.dp_unit, b.dp_unit) else a.dp_unit,
+        dp_budget_epsilon=smaller(a.dp_budget_epsilon, b.dp_budget_epsilon),
+        dp_budget_delta=smaller(a.dp_budget_delta, b.dp_budget_delta),
+        dp_ledger=a.dp_ledger,  # never the request's: a server naming a fresh file would reset the budget
     )
 
 
@@ -136,28 +144,33 @@ def protected_report(
     hook_point: str = "conv",
     max_batches: Optional[int] = None,
     device=None,
+    ledger_path: Optional[str] = None,
+    model_id: str = "",
 ) -> tuple[ClassActivationReport, dict]:
     """A site's activation report with its privacy applied, and what was applied (the one code path of the
     executor and of your own script).
 
-    Order: per-image clipping to ``[0, clip_bound]`` while collecting, then min-count (a class with fewer images
-    reports nothing), then Gaussian noise (each forget class of the request spends an equal share of epsilon and
-    delta; noise from fresh OS entropy, so the server cannot reproduce and subtract it).
+    Order (``protect.privacy.privatize_report``): per-image clipping to ``[0, clip_bound]`` while collecting, then
+    min-count, then one Gaussian release per forget class of the request (an equal share of epsilon and delta, at
+    the sensitivity of ``dp_unit``; noise from fresh OS entropy, so the server cannot reproduce and subtract it),
+    charged to the site's privacy ledger (``ledger_path``, else ``dp_ledger``) before it leaves.
     """
     import numpy as np
 
     from nvflare_unlearn.method.activations import collect_class_activations
-    from nvflare_unlearn.protect.privacy import (
-        apply_min_count,
-        gaussian_noise,
-        gaussian_sigma,
-        sensitivity,
-        split_budget,
-        total_channels,
-    )
+    from nvflare_unlearn.protect.privacy import privatize_report, site_ledger
 
     meta = meta or {}
     privacy = effective_privacy(own_privacy, meta.get(META_PRIVACY))
+    ledger = None
+    if privacy.dp:
+        ledger_path = ledger_path or privacy.dp_ledger
+        if not ledger_path:
+            raise ValueError(
+                "DP needs the site's privacy ledger (ledger_path= or privacy dp_ledger): it refuses releases "
+                "beyond the site's budget"
+            )
+        ledger = site_ledger(privacy, ledger_path)
     report = collect_class_activations(
         model,
         loader,
@@ -167,15 +180,10 @@ def protected_report(
         max_batches=max_batches,
         clip=privacy.clip_bound,
     )
-    if privacy.min_count > 1:
-        report = apply_min_count(report, privacy.min_count)
-    applied = {**privacy.to_dict(), "dp_sigma": 0.0, "passes": None}
-    if privacy.dp:  # after min-count: counts are public, a dropped class stays at zero
-        passes = max(1, len(meta.get(META_FORGET) or []))
-        eps, delta = split_budget(privacy.dp_epsilon, privacy.dp_delta, passes)
-        report = gaussian_noise(report, eps, delta, privacy.clip_bound, np.random.default_rng())
-        applied["dp_sigma"] = float(gaussian_sigma(eps, delta, sensitivity(total_channels(report), privacy.clip_bound)))
-        applied["passes"] = passes
+    passes = max(1, len(meta.get(META_FORGET) or []))
+    report, sigma = privatize_report(report, privacy, passes, np.random.default_rng(), ledger=ledger, model=model_id)
+    applied = {**privacy.to_dict(), "dp_sigma": float(sigma), "passes": passes if privacy.dp else None}
+    applied.pop("dp_ledger", None)  # a site-local path: not the server's business
     return report, applied
 
 
@@ -187,12 +195,25 @@ def activation_result(
     hook_point: str = "conv",
     max_batches: Optional[int] = None,
     privacy: Optional[PrivacyOptions | dict] = None,
+    ledger_path: Optional[str] = None,
 ) -> FLModel:
     """Answer the activation task: per-class sums and counts on local training data (statistics only), with the
-    job's privacy (from ``fl_model``'s meta, tightened by ``privacy``, this site's own settings) applied."""
+    job's privacy (from ``fl_model``'s meta, tightened by ``privacy``, this site's own settings) applied.
+
+    With DP, ``ledger_path`` (this site's privacy ledger file, kept across jobs; or ``dp_ledger`` in ``privacy``)
+    is required, so a release beyond the site's budget is refused before anything leaves.
+    """
     meta = (fl_model.meta or {}) if fl_model is not None else {}
     report, applied = protected_report(
-        model, loader, num_classes, meta, own_privacy=privacy, hook_point=hook_point, max_batches=max_batches
+        model,
+        loader,
+        num_classes,
+        meta,
+        own_privacy=privacy,
+        hook_point=hook_point,
+        max_batches=max_batches,
+        ledger_path=ledger_path,
+        model_id=model_key(fl_model.params or {}, meta.get(META_PLAN)) if fl_model is not None else "",
     )
     return FLModel(
         params_type=ParamsType.FULL,

@@ -39,6 +39,9 @@ FINAL_MODEL_FILE = "unlearned_model.pt"
 PRUNED_MODEL_FILE = "pruned_model.pt"
 PLAN_FILE = "pruning_plan.json"
 RECORD_FILE = "unlearning_record.json"  # audit record (nvflare_unlearn.protect.audit), unlearning jobs only
+RECORD_PUBLIC_KEY_FILE = (
+    "record_public_key.pem"  # public key of the record's signer (a convenience, not a trust anchor)
+)
 GLOBAL_MODEL_FILE = "global_model.pt"  # pretraining / retraining output
 PROGRESS_FILE = "progress.json"  # phase, round, U/R so far: what the CLI shows while a job runs
 

@@ -13,6 +13,7 @@ round), loads the numpy weights, and works on this site's own data:
 
 from __future__ import annotations
 
+import os
 import zlib
 from typing import Any, Optional, Sequence
 
@@ -37,6 +38,7 @@ from nvflare_unlearn.fl.defs import (
     META_FORGET,
     META_METHOD,
     META_PLAN,
+    META_PRIVACY,
     META_PRIVACY_APPLIED,
     META_PRUNE_MODE,
     META_VERIFY,
@@ -49,6 +51,7 @@ from nvflare_unlearn.fl.defs import (
 )
 from nvflare_unlearn.fl.model_state import (
     load_numpy_state,
+    model_key,
     rebuild_model,
     split_teacher,
     state_to_numpy,
@@ -95,8 +98,10 @@ class UnlearningExecutor(Executor):
             scoring: ``ScoringOptions``: the activation hook when the task does not say, and the pass's batch cap.
             privacy: ``PrivacyOptions``: min-count, per-image clipping and Gaussian noise on this site's upload.
                 ``dp_epsilon`` / ``dp_delta`` are the whole request's budget: each activation pass (one per forget
-                class named in the task) spends an equal share (basic composition). The noise is drawn from fresh
-                OS entropy: the server must not be able to reproduce and subtract it.
+                class named in the task) spends an equal share (basic composition), charged first to this site's
+                privacy ledger, which refuses a release beyond ``dp_budget_*`` (default: one request). ``dp_unit``
+                says what epsilon protects. The noise is drawn from fresh OS entropy: the server must not be able
+                to reproduce and subtract it.
             forget_classes: classes this site never trains on (the server also sends them in each task's meta;
                 the union is dropped). Used alone by retraining from scratch.
             torch_threads: torch intra-op threads in this client process (1 keeps simulated sites from fighting).
@@ -207,7 +212,7 @@ class UnlearningExecutor(Executor):
         return DataLoader(data, batch_size=self._training.batch_size, sampler=sampler, num_workers=0)
 
     def _class_activations(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
-        from nvflare_unlearn.fl.client_api import protected_report
+        from nvflare_unlearn.fl.client_api import effective_privacy, protected_report
 
         report, applied = protected_report(  # the same code path as a user's Client API script
             model,
@@ -218,6 +223,10 @@ class UnlearningExecutor(Executor):
             hook_point=self._scoring.hook_point,
             max_batches=self._scoring.max_activation_batches,
             device=self._device,
+            ledger_path=self._ledger_path(fl_ctx)
+            if effective_privacy(self._privacy, meta.get(META_PRIVACY)).dp
+            else None,
+            model_id=model_key(fl_model.params, meta.get(META_PLAN)),
         )
         counts = [int(c) for c in report.counts]
         self.log_info(
@@ -234,6 +243,14 @@ class UnlearningExecutor(Executor):
                 META_PRIVACY_APPLIED: applied,
             },
         )
+
+    def _ledger_path(self, fl_ctx: FLContext) -> str:
+        """This site's privacy ledger file: ``dp_ledger`` (``{site_name}`` filled in), else ``privacy_ledger.json`` in
+        the site's workspace root (kept across jobs, unlike the job's run folder)."""
+        path = self._privacy.dp_ledger
+        if path is None:
+            path = os.path.join(fl_ctx.get_engine().get_workspace().get_root_dir(), "privacy_ledger.json")
+        return path.replace("{site_name}", str(self._site_name))
 
     def _forget_set(self, meta) -> list[int]:
         forget = set(self.forget_classes)

@@ -4,13 +4,17 @@ fine-tuning phase of unlearning).
 A narrow ``BaseFedAvg`` subclass. What it adds to NVFlare's ``FedAvg``: the global model's meta (pruning plan,
 forget classes) is re-attached to every task, since NVFlare does not keep meta across rounds; a site that trained
 on nothing (weight 0) is left out of the average instead of counted with weight 1; every round ends with a
-federated evaluation (per-class correct/total summed over sites), whose U/R accuracy feeds NVFlare's ``stop_cond``
+federated evaluation (per-class correct/total from every site), whose U/R accuracy feeds NVFlare's ``stop_cond``
 and the job's metrics record (``unlearning_metrics.json``).
+
+No single site can steer it (``security`` options, math in ``nvflare_unlearn.protect.robust``): a site's FedAvg
+weight and evaluation share are capped at its declared size (or a median-based cap), each site's update is
+norm-clipped and the updates combined by a coordinate-wise median by default, and the evaluation leaves out sites
+whose accuracy is an outlier, listing every site's own result in the metrics.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Optional, Sequence
@@ -21,13 +25,13 @@ from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
-from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.math_utils import parse_compare_criteria
 from nvflare.app_common.workflows.base_fedavg import BaseFedAvg
 from nvflare.security.logging import secure_format_exception
 from nvflare.widgets.info_collector import GroupInfoCollector, InfoCollector
 
+from nvflare_unlearn import _io
 from nvflare_unlearn._validation import check_num_classes, normalize_forget_classes
 from nvflare_unlearn.fl.defs import (
     META_FORGET,
@@ -47,7 +51,7 @@ from nvflare_unlearn.fl.defs import (
     TASK_VERIFY,
 )
 from nvflare_unlearn.fl.model_state import count_params, load_numpy_state, rebuild_model
-from nvflare_unlearn.options import PRUNE_MODES, FederationOptions, fold_legacy
+from nvflare_unlearn.options import PRUNE_MODES, FederationOptions, SecurityOptions, fold_legacy
 
 _PHASE_OF_TASK = {
     TASK_ACTIVATIONS: "activation",
@@ -58,7 +62,8 @@ _PHASE_OF_TASK = {
 
 
 def site_weight(result: FLModel) -> float:
-    """A site's FedAvg weight (its ``NUM_STEPS_CURRENT_ROUND``); unusable values count as 1."""
+    """A site's claimed FedAvg weight (its ``NUM_STEPS_CURRENT_ROUND``); unusable values count as 1. The claim is
+    capped before use (``protect.robust.size_caps``)."""
     value = (result.meta or {}).get(FLMetaKey.NUM_STEPS_CURRENT_ROUND)
     try:
         weight = float(value)
@@ -110,6 +115,7 @@ class FedAvgEvalController(BaseFedAvg):
         test_data_root: Optional[str] = None,
         persistor_id: str = "persistor",
         job_kind: str = "train",
+        security: Optional[dict] = None,
         **legacy: Any,
     ):
         """
@@ -122,6 +128,7 @@ class FedAvgEvalController(BaseFedAvg):
             test_dataset / test_data_root: optional server-side test set ("digits", "cifar10", ...) evaluated
                 centrally at every stage, next to the federated evaluation (simulator and benchmark runs).
             job_kind: label written into the metrics record ("pretrain", "retrain", "unlearn").
+            security: ``SecurityOptions`` as a dict (declared site sizes, update aggregation, outlier tolerance).
             legacy: the flat federation keywords of version 0.1 (``num_rounds=...``), accepted with a FutureWarning.
         """
         if legacy:
@@ -141,6 +148,8 @@ class FedAvgEvalController(BaseFedAvg):
         self.test_dataset = test_dataset
         self.test_data_root = test_data_root
         self.job_kind = job_kind
+        self._security = SecurityOptions.from_dict(security)
+        self.security = self._security.to_dict()
 
         self._fed = fed
         self._stop = parse_compare_criteria(fed.stop_cond) if fed.stop_cond else None
@@ -149,6 +158,8 @@ class FedAvgEvalController(BaseFedAvg):
         self._no_result: list[str] = []  # sites of the last task that returned nothing usable
         self._tasks_sent = 0
         self._progress: dict[str, Any] = {"job_kind": job_kind}
+        self._round_base: Optional[dict] = None  # the global weights the current round's sites started from
+        self._last_aggregation: dict = {}
 
     # ------------------------------------------------------------------ plumbing
     def task_meta(self) -> dict:
@@ -248,11 +259,7 @@ class FedAvgEvalController(BaseFedAvg):
         self._progress.setdefault("started", now)
         self._progress["updated"] = now
         try:
-            path = os.path.join(self.get_run_dir(), PROGRESS_FILE)
-            tmp = f"{path}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(self._progress, f)
-            os.replace(tmp, path)
+            _io.write_json(os.path.join(self.get_run_dir(), PROGRESS_FILE), self._progress, indent=None)
         except Exception as e:  # progress is for people watching: never fail the job over it
             self.debug(f"could not write progress: {secure_format_exception(e)}")
 
@@ -291,40 +298,63 @@ class FedAvgEvalController(BaseFedAvg):
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: FLModel, stage: str, step: int) -> dict:
-        """Federated evaluation: sum the sites' per-class correct/total, derive U/R and class-wise accuracy."""
-        from nvflare_unlearn.evaluation import class_correct_total, u_r_accuracy
+        """Federated evaluation: every site's per-class correct/total, capped and screened for outliers
+        (``protect.robust.robust_evaluation``), pooled into U/R and class-wise accuracy; per-site results kept."""
+        from nvflare_unlearn.protect.robust import robust_evaluation, size_caps
 
         results = self.send_to_sites(TASK_VALIDATE, model)
-        correct = np.zeros(self.num_classes, dtype=np.int64)
-        total = np.zeros(self.num_classes, dtype=np.int64)
-        sites = []
+        site_correct: dict[str, np.ndarray] = {}
+        site_total: dict[str, np.ndarray] = {}
+        malformed: dict[str, str] = {}
         for r in results:
             metrics = r.metrics or {}
-            c = np.asarray(metrics.get(METRIC_CORRECT, []), dtype=np.int64)
-            t = np.asarray(metrics.get(METRIC_TOTAL, []), dtype=np.int64)
-            if c.shape != (self.num_classes,) or t.shape != (self.num_classes,) or np.any(c < 0) or np.any(c > t):
+            try:
+                c = np.asarray(metrics.get(METRIC_CORRECT, []), dtype=np.float64)
+                t = np.asarray(metrics.get(METRIC_TOTAL, []), dtype=np.float64)
+            except (TypeError, ValueError):
+                c = t = np.zeros(0)
+            ok = c.shape == (self.num_classes,) and t.shape == (self.num_classes,)
+            ok = ok and bool(np.all(np.isfinite(t)) and np.all(c >= 0) and np.all(c <= t) and np.all(c == np.rint(c)))
+            ok = ok and bool(np.all(t == np.rint(t)))
+            if not ok or site_name(r) in site_total:
+                malformed[site_name(r)] = "malformed or repeated evaluation counts"
                 self.warning(f"{stage}: ignoring malformed evaluation counts from {site_name(r)}")
                 continue
-            correct += c
-            total += t
-            sites.append(site_name(r))
-        if len(sites) < self.quorum("validate"):
+            site_correct[site_name(r)], site_total[site_name(r)] = c, t
+        if len(site_total) < self.quorum("validate"):
             raise RuntimeError(
-                f"{stage}: only {len(sites)} valid evaluation result(s), the validate phase needs "
+                f"{stage}: only {len(site_total)} valid evaluation result(s), the validate phase needs "
                 f"min_clients={self.quorum('validate')}"
             )
-        entry = dict(u_r_accuracy(correct, total, self.forget_classes))
-        entry.update(
-            acc=float(correct.sum() / max(total.sum(), 1)), correct=correct.tolist(), total=total.tolist(), sites=sites
+        sec = self._security
+        caps = size_caps({s: float(t.sum()) for s, t in site_total.items()}, sec.site_test_sizes, sec.size_cap_factor)
+        agg = robust_evaluation(
+            site_correct, site_total, self.forget_classes, caps, sec.eval_outlier_tol, sec.size_cap_factor
         )
+        for site, why in agg["flagged"].items():
+            self.warning(f"{stage}: left {site} out of the federated evaluation: {why}")
+        correct, total = agg["correct"], agg["total"]
+        entry = {k: agg[k] for k in ("u_acc", "r_acc", "acc", "class_acc")}
+        entry.update(
+            correct=[int(v) if float(v).is_integer() else round(float(v), 3) for v in correct],
+            total=[int(v) if float(v).is_integer() else round(float(v), 3) for v in total],
+            sites=agg["sites"],
+            per_site=agg["per_site"],
+            flagged=agg["flagged"],
+            median=agg["median"],
+        )
+        if malformed:
+            entry["malformed"] = malformed
         loader = self._server_test_loader()
         if loader is not None:
+            from nvflare_unlearn.evaluation import class_correct_total, u_r_accuracy
+
             c, t = class_correct_total(self.to_torch(model), loader, self.num_classes)
             entry["server"] = dict(u_r_accuracy(c, t, self.forget_classes))
             entry["server"].update(acc=float(c.sum() / max(t.sum(), 1)), correct=c.tolist(), total=t.tolist())
         self.info(
             f"[{stage}] federated accuracy: U={_fmt(entry.get('u_acc'))} R={_fmt(entry.get('r_acc'))} "
-            f"all={_fmt(entry['acc'])} ({int(total.sum())} samples, {len(sites)} site(s))"
+            f"all={_fmt(entry['acc'])} ({int(total.sum())} samples, {len(agg['sites'])} site(s))"
         )
         self.set_progress(evaluated=stage, u_acc=entry.get("u_acc"), r_acc=entry.get("r_acc"), acc=entry["acc"])
         group = "original" if stage == "original" else "accuracy"  # step 0 of "accuracy" = the pruned model
@@ -345,17 +375,46 @@ class FedAvgEvalController(BaseFedAvg):
 
     # ------------------------------------------------------------------ FedAvg
     def _fedavg(self, results: list[FLModel]) -> FLModel:
-        """Sample-weighted average of the sites' weights, leaving out sites that trained on nothing (weight 0)."""
-        helper = WeightedAggregationHelper()
-        used = []
+        """The next global weights from the sites' models (``protect.robust.aggregate_updates``): claimed weights
+        capped, malformed models and sites that trained on nothing (weight 0) left out, updates clipped, outlying
+        updates left out, the rest combined as ``security.update_aggregation`` says."""
+        from nvflare_unlearn.protect.robust import aggregate_updates, screen_update, size_caps
+
+        if self._round_base is None:
+            raise RuntimeError("the round's global weights are unknown: _fedavg runs inside run_rounds")
+        usable, dropped = [], {}
         for r in results:
-            w = site_weight(r)
-            if w > 0:
-                helper.add(data=r.params, weight=w, contributor_name=site_name(r), contribution_round=r.current_round)
-                used.append(site_name(r))
-        if not used:
+            reason = screen_update(self._round_base, r.params)
+            if reason is not None:
+                dropped[site_name(r)] = reason
+                self.warning(f"left {site_name(r)} out of the average: {reason}")
+            elif site_weight(r) > 0:
+                usable.append(r)
+        if not usable:
             raise RuntimeError("no site had retained-class data to train on this round")
-        return FLModel(params_type=ParamsType.FULL, params=helper.get_result(), meta={"nr_aggregated": len(used)})
+        sec = self._security
+        caps = size_caps({site_name(r): site_weight(r) for r in usable}, sec.site_sizes, sec.size_cap_factor)
+        weights = [min(site_weight(r), caps[site_name(r)]) for r in usable]
+        params, info = aggregate_updates(
+            self._round_base,
+            [r.params for r in usable],
+            weights,
+            sec.update_aggregation,
+            sec.update_trim,
+            sec.update_clip,
+            sec.update_outlier,
+        )
+        names = [site_name(r) for r in usable]
+        self._last_aggregation = {
+            "aggregation": sec.update_aggregation,
+            "weights": dict(zip(names, weights)),
+            "capped": sorted(n for n, r in zip(names, usable) if site_weight(r) > caps[n]),
+            "clipped": [names[i] for i in info["clipped"]],
+            "update_norms": dict(zip(names, info["update_norms"])),
+            "left_out": [names[i] for i in info["left_out"]],
+            "dropped": dropped,
+        }
+        return FLModel(params_type=ParamsType.FULL, params=params, meta={"nr_aggregated": len(usable)})
 
     def train_task_model(self, model: FLModel) -> FLModel:
         """What a train task carries besides ``global_model`` (the unlearning job adds its method's needs)."""
@@ -389,6 +448,7 @@ class FedAvgEvalController(BaseFedAvg):
                 phase=stage, round=self.current_round + 1, num_rounds=self.num_rounds, rounds_done=len(history)
             )
             model = self.global_model(model.params, plan_json, self.current_round)
+            self._round_base = model.params  # the weights the sites start from (before a task adds a teacher)
             results = self.send_to_sites(TASK_TRAIN, self.train_task_model(model))
             no_result = list(self._no_result)  # crashed or timed-out sites: the round goes on without them
             if not any(site_weight(r) > 0 for r in results):
@@ -405,6 +465,7 @@ class FedAvgEvalController(BaseFedAvg):
                 n_trained=int(aggr.meta.get("nr_aggregated", 0)),
                 trained_sites=sorted(site_name(r) for r in results if site_weight(r) > 0),
                 no_result=no_result,
+                aggregation=jsonable(self._last_aggregation),
             )
             history.append(entry)
             self._record["per_round"] = list(history)  # a job that fails later still records its rounds
@@ -429,10 +490,7 @@ class FedAvgEvalController(BaseFedAvg):
         if error:
             record["error"] = error
         path = os.path.join(self.get_run_dir(), METRICS_FILE)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(jsonable(record), f, indent=2)
-        os.replace(tmp, path)
+        _io.write_json(path, jsonable(record))
         self.info(f"metrics written to {path} (status={status})")
         return path
 

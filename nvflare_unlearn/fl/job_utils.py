@@ -18,6 +18,8 @@ from typing import Optional
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 from nvflare.app_common.widgets.component_path_authorizer import CLASS_ALLOW_LIST
 
+from nvflare_unlearn import _io
+
 #: What a site's ``class_allow_list`` must contain to run these jobs without bundling code (non-BYOC).
 ALLOW_LIST_ENTRY = "nvflare_unlearn.fl"
 
@@ -108,8 +110,7 @@ def authorize_site_config(local_dir: str) -> str:
     if "*" not in allow and ALLOW_LIST_ENTRY not in allow:
         allow.append(ALLOW_LIST_ENTRY)
     resources[CLASS_ALLOW_LIST] = allow
-    with open(target, "w") as f:
-        json.dump(resources, f, indent=4)
+    _io.write_json(target, resources, indent=4)
     return target
 
 
@@ -147,8 +148,7 @@ def quiet_log_config(directory: str, console_level: str = "WARNING") -> str:
     path = os.path.join(os.path.abspath(directory), "quiet_log_config.json")
     if " " in path:
         raise ValueError(f"the simulator passes the log config on a command line: use a path without spaces ({path!r})")
-    with open(path, "w") as f:
-        json.dump(config, f, indent=2)
+    _io.write_json(path, config)
     return path
 
 

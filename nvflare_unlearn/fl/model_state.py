@@ -93,6 +93,20 @@ def load_numpy_state(model: nn.Module, params: Mapping[str, object]) -> nn.Modul
     return enforce_masks(model)  # mask mode: pruned channels read zero even if the sender's were not
 
 
+def model_key(params: Mapping[str, object] | None, plan_json: Optional[str]) -> str:
+    """SHA-256 (hex, first 32 characters) of a model as received: its weights (sorted by name) and its plan; how a
+    site's privacy ledger names the model a release was computed on."""
+    import hashlib
+
+    h = hashlib.sha256((plan_json or "").encode("utf-8"))
+    for key in sorted(params or {}):
+        arr = np.ascontiguousarray(np.asarray(params[key]))
+        h.update(key.encode("utf-8"))
+        h.update(str(arr.dtype).encode() + str(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()[:32]
+
+
 def count_params(model: nn.Module) -> int:
     """Trainable + frozen parameter count (what "smaller model" means in the job's metrics)."""
     return int(sum(p.numel() for p in model.parameters()))

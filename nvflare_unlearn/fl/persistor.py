@@ -178,11 +178,9 @@ class UnlearningModelPersistor(ModelPersistor):
         load_numpy_state(model, model_learnable[ModelLearnableKey.WEIGHTS])
         resume = meta.get(META_RESUME)
         extra = {"resume": resume} if isinstance(resume, dict) else None
-        tmp = f"{path}.tmp-{os.getpid()}"
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        save_checkpoint(tmp, model, parse_plan(plan_json), self.model_name, self.num_classes, extra=extra)
-        os.replace(tmp, path)
+        save_checkpoint(
+            path, model, parse_plan(plan_json), self.model_name, self.num_classes, extra=extra, overwrite=True
+        )
         return path
 
 

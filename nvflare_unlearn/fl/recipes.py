@@ -56,6 +56,7 @@ from nvflare_unlearn.options import (
     PlanOptions,
     PrivacyOptions,
     ScoringOptions,
+    SecurityOptions,
     SiteDataOptions,
     TrainingOptions,
     rename_deprecated,
@@ -72,7 +73,12 @@ _SCRIPT_KEYS = ("train_script", "train_args")
 class _JobRecipe(Recipe):
     """Shared construction: one server workflow + persistor (+ TensorBoard receiver), one executor per site."""
 
-    GROUPS: ClassVar[tuple[type[OptionGroup], ...]] = (SiteDataOptions, TrainingOptions, FederationOptions)
+    GROUPS: ClassVar[tuple[type[OptionGroup], ...]] = (
+        SiteDataOptions,
+        TrainingOptions,
+        FederationOptions,
+        SecurityOptions,
+    )
     DEFAULTS: ClassVar[dict[str, Any]] = {}  # this job's defaults for option fields (e.g. a larger pretraining lr)
     JOB_KIND: ClassVar[str] = "train"
     OUTPUT_FILE: ClassVar[str] = GLOBAL_MODEL_FILE
@@ -178,6 +184,7 @@ class _JobRecipe(Recipe):
             test_data_root=self.test_data_root,
             persistor_id=persistor_id,
             job_kind=self.JOB_KIND,
+            security=self._group("security", SecurityOptions).to_dict(),
         )
 
     def _create_executor(self, site_config: dict) -> Any:
@@ -321,7 +328,8 @@ class PretrainRecipe(_JobRecipe):
 
     Options (flat or as groups, see ``nvflare_unlearn.options``): ``site_data`` (dataset, data_root, partition,
     num_clients, ...), ``training`` (local_epochs, lr, batch_size, seed, ...), ``federation`` (num_rounds,
-    min_clients, task_timeout, stop_cond, ...). Defaults here: ``lr=0.05``, ``num_rounds=5``.
+    min_clients, task_timeout, stop_cond, ...), ``security`` (declared site sizes, robust update aggregation,
+    the record's signing key). Defaults here: ``lr=0.05``, ``num_rounds=5``.
     """
 
     DEFAULTS: ClassVar[dict[str, Any]] = {"lr": 0.05, "num_rounds": 5}
@@ -346,6 +354,7 @@ class PretrainRecipe(_JobRecipe):
         site_data: Optional[dict] = None,
         training: Optional[dict] = None,
         federation: Optional[dict] = None,
+        security: Optional[dict] = None,
         **options: Any,
     ):
         super().__init__(
@@ -363,7 +372,7 @@ class PretrainRecipe(_JobRecipe):
             bundle_code=bundle_code,
             train_script=train_script,
             train_args=train_args,
-            groups=dict(site_data=site_data, training=training, federation=federation),
+            groups=dict(site_data=site_data, training=training, federation=federation, security=security),
             options=options,
         )
 
@@ -395,7 +404,7 @@ class UnlearningRecipe(_JobRecipe):
             NVFlare 2.9's recipes: a relative path is a file here that the job carries in the server app; an absolute
             path is a file on the server (checked here, unless ``check_ckpt=False``). Never modified.
         forget_classes: class id(s) to forget; one statistics + pruning pass per class.
-        unlearning / scoring / plan / privacy / site_data / training / federation: the option groups
+        unlearning / scoring / plan / privacy / site_data / training / federation / security: the option groups
             (``nvflare_unlearn.options``), as dicts or group objects; any field may also be given flat
             (``method="neggrad"``, ``recovery="kd"``, ``prune_ratio=0.2``). Defaults here: ``num_rounds=3``,
             ``lr=0.01``; ``method="prune"`` (the paper).
@@ -418,6 +427,7 @@ class UnlearningRecipe(_JobRecipe):
         SiteDataOptions,
         TrainingOptions,
         FederationOptions,
+        SecurityOptions,
     )
     JOB_KIND: ClassVar[str] = "unlearn"
     OUTPUT_FILE: ClassVar[str] = FINAL_MODEL_FILE
@@ -447,6 +457,7 @@ class UnlearningRecipe(_JobRecipe):
         site_data: Optional[dict] = None,
         training: Optional[dict] = None,
         federation: Optional[dict] = None,
+        security: Optional[dict] = None,
         **options: Any,
     ):
         if not initial_ckpt or not isinstance(initial_ckpt, str):
@@ -476,6 +487,7 @@ class UnlearningRecipe(_JobRecipe):
                 site_data=site_data,
                 training=training,
                 federation=federation,
+                security=security,
             ),
             options=options,
         )
@@ -521,17 +533,19 @@ class UnlearningRecipe(_JobRecipe):
             test_data_root=self.test_data_root,
             persistor_id=persistor_id,
             aggregator_id="activation_aggregator",
+            security=o["security"].to_dict(),
         )
 
     def _add_server_components(self, job: FedJob) -> None:
-        scoring, privacy = self.options["scoring"], self.options["privacy"]
+        scoring, privacy, security = self.options["scoring"], self.options["privacy"], self.options["security"]
         job.to_server(
             ActivationAggregator(
                 self.num_classes,
                 aggregation=scoring.aggregation,
                 trim=scoring.trim,
                 clip_bound=privacy.clip_bound,
-                allow_negative=privacy.dp,
+                site_sizes=security.site_sizes,
+                size_cap_factor=security.size_cap_factor,
             ),
             id="activation_aggregator",
         )

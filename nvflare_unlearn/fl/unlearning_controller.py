@@ -6,7 +6,8 @@
 3. persist the pruned model with its plan (new files; the original checkpoint is never touched), evaluate it;
 4. fine-tune with FedAvg on the retained classes (``FedAvgEvalController.run_rounds``; the plan rides in the meta
    of EVERY round) for ``num_rounds`` rounds or until ``stop_cond`` holds, evaluating each round;
-5. write the final model, ``unlearning_metrics.json`` and the audit record into the server's run directory.
+5. write the final model, ``unlearning_metrics.json`` and the SIGNED audit record (with the public key beside it)
+   into the server's run directory.
 
 All math is in ``nvflare_unlearn.method``; this file only moves data between it and the sites.
 """
@@ -21,6 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from nvflare.app_common.abstract.fl_model import FLModel
 
+from nvflare_unlearn import _io
 from nvflare_unlearn._validation import normalize_forget_classes
 from nvflare_unlearn.fl.aggregator import ActivationAggregator
 from nvflare_unlearn.fl.defs import (
@@ -39,6 +41,7 @@ from nvflare_unlearn.fl.defs import (
     PLAN_FILE,
     PRUNED_MODEL_FILE,
     RECORD_FILE,
+    RECORD_PUBLIC_KEY_FILE,
     TASK_ACTIVATIONS,
     TASK_VERIFY,
     TEACHER_PREFIX,
@@ -52,13 +55,14 @@ from nvflare_unlearn.options import (
     PlanOptions,
     PrivacyOptions,
     ScoringOptions,
+    SecurityOptions,
     fold_legacy,
 )
 
 #: seconds a site may take per verification round when task_timeout is not set (the check must not hang the job)
 VERIFY_TIMEOUT_S = 900
 
-_GROUPS = (MethodOptions, ScoringOptions, PlanOptions, PrivacyOptions, FederationOptions)
+_GROUPS = (MethodOptions, ScoringOptions, PlanOptions, PrivacyOptions, FederationOptions, SecurityOptions)
 
 
 class UnlearningController(FedAvgEvalController):
@@ -79,6 +83,7 @@ class UnlearningController(FedAvgEvalController):
         test_data_root: Optional[str] = None,
         persistor_id: str = "persistor",
         aggregator_id: str = "activation_aggregator",
+        security: Optional[dict] = None,
         **legacy: Any,
     ):
         """
@@ -86,19 +91,28 @@ class UnlearningController(FedAvgEvalController):
             forget_classes: class ids to forget, one statistics + pruning pass each (the paper's multi-class rule).
             unlearning / scoring / plan / privacy / federation: the option groups as dicts (``nvflare_unlearn.options``;
                 ``unlearning`` holds the method: prune, finetune, neggrad, random_label, scrub, and its recovery).
-                ``privacy`` is what the sites were configured with; the audit record states it.
+                ``privacy`` is what the sites were configured with; the audit record states it. ``security``: declared
+                site sizes, robust fine-tuning and evaluation, and the key the record is signed with
+                (``_signing_key``).
             aggregator_id: the ``ActivationAggregator`` component that screens and combines the sites' reports.
             legacy: version 0.1's flat keywords (``prune_ratio=...``), accepted with a FutureWarning.
             Other arguments: see ``FedAvgEvalController``.
         """
         if legacy:
             folded = fold_legacy(
-                dict(unlearning=unlearning, scoring=scoring, plan=plan, privacy=privacy, federation=federation),
+                dict(
+                    unlearning=unlearning,
+                    scoring=scoring,
+                    plan=plan,
+                    privacy=privacy,
+                    federation=federation,
+                    security=security,
+                ),
                 legacy,
                 _GROUPS,
                 type(self).__name__,
             )
-            unlearning, scoring, plan, privacy, federation = (folded[g.GROUP] for g in _GROUPS)
+            unlearning, scoring, plan, privacy, federation, security = (folded[g.GROUP] for g in _GROUPS)
         plan_opts = PlanOptions.from_dict(plan)
         super().__init__(
             model_name=model_name,
@@ -111,6 +125,7 @@ class UnlearningController(FedAvgEvalController):
             test_data_root=test_data_root,
             persistor_id=persistor_id,
             job_kind="unlearn",
+            security=security,
         )
         self.forget_classes = normalize_forget_classes(forget_classes, self.num_classes)
         self.unlearning = MethodOptions.from_dict(unlearning).to_dict()
@@ -145,6 +160,7 @@ class UnlearningController(FedAvgEvalController):
             "plan": self.plan,
             "privacy": self.privacy,
             "federation": self.federation,
+            "security": self.security,
         }
 
     def collect_means(self, model: FLModel, net, forget_class: int) -> tuple[dict, dict]:
@@ -200,9 +216,8 @@ class UnlearningController(FedAvgEvalController):
         self.set_progress(phase="start", num_rounds=self.num_rounds, forget_classes=self.forget_classes)
         if resume:
             plan, last_eval, done = self._resume(resume, original_path, original_sha, plan_json, started)
-            if plan is not None and plan.steps:
-                with open(os.path.join(self.get_run_dir(), PLAN_FILE), "w") as f:
-                    f.write(plan.to_json())  # the outputs of a resumed job are complete too
+            if plan is not None and plan.steps:  # the outputs of a resumed job are complete too
+                _io.write_text(os.path.join(self.get_run_dir(), PLAN_FILE), plan.to_json())
         else:
             self._record.update(
                 model_name=self.model_name,
@@ -214,6 +229,8 @@ class UnlearningController(FedAvgEvalController):
                 params_before=count_params(net),
                 original_model={"path": original_path, "sha256": original_sha},
             )
+            first_plan = parse_plan(plan_json)
+            self._record["steps_before"] = len(first_plan.steps) if first_plan is not None else 0  # pruned before
             self._record["original"] = self.evaluate(model, "original", 0)
             if self._method.verify:
                 self._record["verification_original"] = self.verify(model, "original")
@@ -238,9 +255,14 @@ class UnlearningController(FedAvgEvalController):
         final_path = os.path.join(run_dir, loaded_meta.get(META_OUTPUT_FILE) or "")
         if plan is None:  # a method without pruning: the record states an empty plan of the original architecture
             plan = self._empty_plan()
-        self._write_audit_record(original_path, final_path, plan, self._record.get("activation_rounds", []), started)
+        rounds = self._record.get("activation_rounds", [])
+        self._write_audit_record(original_path, final_path, plan, rounds, started, self._record.get("steps_before", 0))
         self._record["files"] = dict(
-            pruned_model=PRUNED_MODEL_FILE, plan=PLAN_FILE, metrics=METRICS_FILE, record=RECORD_FILE
+            pruned_model=PRUNED_MODEL_FILE,
+            plan=PLAN_FILE,
+            metrics=METRICS_FILE,
+            record=RECORD_FILE,
+            record_public_key=RECORD_PUBLIC_KEY_FILE,
         )
         self._record["seconds"] = round(time.time() - started, 3)
         self.set_progress(phase="done")
@@ -261,8 +283,7 @@ class UnlearningController(FedAvgEvalController):
         self._record["params_after"] = count_params(net)
         run_dir = self.get_run_dir()
         if plan is not None and plan.steps:
-            with open(os.path.join(run_dir, PLAN_FILE), "w") as f:
-                f.write(plan.to_json())
+            _io.write_text(os.path.join(run_dir, PLAN_FILE), plan.to_json())
         self._record["pruned"] = self.evaluate(model, "pruned", 0)
         save_checkpoint(
             os.path.join(run_dir, PRUNED_MODEL_FILE),
@@ -317,6 +338,7 @@ class UnlearningController(FedAvgEvalController):
                     forget_class=forget_class,
                     sites=info["sites"],
                     rejected=info["rejected"],
+                    capped=info.get("capped", {}),
                     counts=info["counts"],
                     no_result=info["no_result"],
                     channels=channels,
@@ -422,7 +444,15 @@ class UnlearningController(FedAvgEvalController):
         """What a later job needs to go on after ``rounds_done`` fine-tuning rounds (saved with the model)."""
         if "pruned" not in self._record:
             return None
-        keep = ("original", "pruned", "activation_rounds", "plan_summary", "params_before", "params_after")
+        keep = (
+            "original",
+            "pruned",
+            "activation_rounds",
+            "plan_summary",
+            "params_before",
+            "params_after",
+            "steps_before",
+        )
         record = {k: self._record[k] for k in keep if k in self._record}
         record["per_round"] = list(history or [])
         return jsonable(
@@ -486,9 +516,25 @@ class UnlearningController(FedAvgEvalController):
         last_eval = history[-1] if history else self._record.get("pruned")
         return parse_plan(plan_json), last_eval, history
 
-    def _write_audit_record(self, original_path, final_path, plan, activation_rounds, started) -> str:
-        """``unlearning_record.json`` (``protect.audit.build_record``): what was asked, done and measured."""
-        from nvflare_unlearn.protect.audit import build_record, write_record
+    def _signing_key(self):
+        """(private key, where it came from): ``security.signing_key``, else the provisioned server identity
+        (``startup/server.key`` of a POC or production server), else this user's key outside the run folder
+        (simulator; ``protect.audit.default_key_dir``, created on first use)."""
+        from nvflare_unlearn.protect.audit import load_or_create_signing_key, load_signing_key
+
+        if self._security.signing_key:
+            return load_signing_key(self._security.signing_key), f"configured key {self._security.signing_key}"
+        workspace = self.engine.get_workspace() if self.engine is not None else None
+        if workspace is not None:
+            provisioned = workspace.get_file_path_in_startup("server.key")
+            if os.path.isfile(provisioned):
+                return load_signing_key(provisioned), "provisioned server identity (startup/server.key)"
+        key, path = load_or_create_signing_key()
+        return key, f"user key {path}"
+
+    def _write_audit_record(self, original_path, final_path, plan, activation_rounds, started, steps_before=0) -> str:
+        """``unlearning_record.json`` (``protect.audit.build_record``): what was asked, done and measured; signed."""
+        from nvflare_unlearn.protect.audit import build_record, public_key_pem, sign_record, write_record
         from nvflare_unlearn.protect.privacy import gaussian_sigma, sensitivity, split_budget
 
         params: dict[str, Any] = self.options()
@@ -503,14 +549,18 @@ class UnlearningController(FedAvgEvalController):
             eps, delta = split_budget(self._privacy.dp_epsilon, self._privacy.dp_delta, len(self.forget_classes))
             params["dp_per_pass"] = {"epsilon": eps, "delta": delta, "passes": len(self.forget_classes)}
             # sigma depends on the channels still present at each pass (the model shrinks pass by pass)
+            noise_counts = self._privacy.dp_unit == "add_remove_image"
             params["dp_sigma"] = [
-                gaussian_sigma(eps, delta, sensitivity(a["channels"], self._privacy.clip_bound))
+                gaussian_sigma(eps, delta, sensitivity(a["channels"], self._privacy.clip_bound, noise_counts))
                 for a in activation_rounds
             ]
         site_counts: dict[str, list[int]] = {}
         rejected: dict[str, list[str]] = {}
+        capped: dict[str, list[str]] = {}
         for a in activation_rounds:
             site_counts.update(a["site_counts"])
+            for site, why in a.get("capped", {}).items():
+                capped.setdefault(site, []).append(f"class {a['forget_class']}: {why}")
             for site, why in a["rejected"].items():
                 rejected.setdefault(site, []).append(f"class {a['forget_class']}: {why}")
             for site in a["no_result"]:
@@ -533,7 +583,18 @@ class UnlearningController(FedAvgEvalController):
             rejected_sites={s: "; ".join(v) for s, v in sorted(rejected.items())},
             verification=self._record.get("verification"),
             trained_sites=sorted({s for e in self._record.get("per_round", []) for s in e.get("trained_sites", [])}),
+            model_name=self.model_name,
+            params_before=self._record["params_before"],
+            params_after=self._record["params_after"],
+            steps_before=steps_before,
+            capped_sites={s: "; ".join(v) for s, v in sorted(capped.items())},
         )
+        key, source = self._signing_key()
+        record = sign_record(record, key, source)
         path = str(write_record(os.path.join(self.get_run_dir(), RECORD_FILE), record))
-        self.info(f"audit record written to {path} (plan sha256 {record['plan']['sha256'][:12]}...)")
+        _io.write_bytes(os.path.join(self.get_run_dir(), RECORD_PUBLIC_KEY_FILE), public_key_pem(key))
+        self.info(
+            f"audit record written to {path} (plan sha256 {record['plan']['sha256'][:12]}..., signed with {source}, "
+            f"key id {record['signature']['key_id'][:16]}...)"
+        )
         return path

@@ -1,26 +1,41 @@
 """Pruned checkpoints: weights + plan JSON + model name, so the model rebuilds from the factory alone.
 
 The file is a ``torch.save`` of a plain dict (tensors, strings, numbers; the plan as JSON text), loadable with
-``torch.load(weights_only=True)``: no pickled classes, nothing executes on load.
+``torch.load(weights_only=True)``: no pickled classes, nothing executes on load. The model name stored in the file
+is not trusted either: a name that is an import path (``"package.module:factory"``) would import and run that
+module, so loading rebuilds it only when the caller names the same model or allow-lists its module
+(``allow_import``). Sizes read from the file (classes, input channels, the plan) are bounded before anything is
+built. Writes are atomic (``nvflare_unlearn._io``): a crash never leaves a truncated checkpoint under its name.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
+from nvflare_unlearn import _io
 from nvflare_unlearn._validation import check_num_classes
 from nvflare_unlearn.method.graph import conv_modules
 from nvflare_unlearn.method.plan import PruningPlan
 from nvflare_unlearn.method.prune import apply_pruning_plan, enforce_masks, masked_plan
-from nvflare_unlearn.models.registry import INPUT_SHAPE_ATTR, MODEL_NAMES, build_model, check_model_name, is_import_path
+from nvflare_unlearn.models.registry import (
+    INPUT_SHAPE_ATTR,
+    MAX_INPUT_CHANNELS,
+    MODEL_NAMES,
+    build_model,
+    check_model_name,
+    import_path_module,
+    is_import_path,
+)
 
 _FORMAT = "nvflare_unlearn.checkpoint"  # the on-disk format name (stable across package layouts)
 _VERSION = 1
+#: A checkpoint's class count is allocated (the classifier) before its weights are checked: bounded.
+MAX_CLASSES = 100_000
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -57,8 +72,11 @@ def save_checkpoint(
     model_name: str,
     num_classes: int,
     extra: Mapping[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Write ``model``'s weights with the plan that shaped them; refuses to overwrite (FileExistsError).
+    """Write ``model``'s weights with the plan that shaped them, atomically; refuses to overwrite (FileExistsError)
+    unless ``overwrite`` (the persistor's round-by-round global model).
 
     ``plan`` must be fully applied to ``model`` (removed, or masked with mask mode); ``None`` for an unpruned model.
     """
@@ -95,7 +113,7 @@ def save_checkpoint(
             mode = "remove" if plan.steps else "none"
         else:
             raise ValueError("the model's widths do not match the plan: apply the whole plan before saving")
-    if path.exists():
+    if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; checkpoints are never overwritten: choose a new path")
     if not path.parent.exists():
         raise FileNotFoundError(f"directory {path.parent} does not exist")
@@ -110,9 +128,8 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": dict(extra) if extra is not None else {},
     }
-    with open(path, "xb") as fh:  # exclusive create: never clobbers a file that appeared meanwhile
-        torch.save(payload, fh)
-    return path
+    # exclusive unless overwriting: never clobbers a file that appeared meanwhile
+    return _io.torch_save(path, payload, exclusive=not overwrite)
 
 
 def _read(path: Path) -> Any:
@@ -137,19 +154,43 @@ def _state_dict_of(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
+def _check_allow_import(allow_import: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(allow_import, str) or not all(isinstance(m, str) and m for m in allow_import):
+        raise ValueError(f"allow_import must be a list of module names, e.g. ['my_pkg.nets'], got {allow_import!r}")
+    return tuple(allow_import)
+
+
+def _may_import(path: Path, stored: Any, given: str | None, allow_import: tuple[str, ...]) -> None:
+    """Refuse a stored import-path model name the caller neither named nor allow-listed (it would run its module)."""
+    if not isinstance(stored, str) or not is_import_path(stored) or stored == given:
+        return
+    module = import_path_module(stored)  # parsed and bounded, not imported
+    if any(module == m or module.startswith(m + ".") for m in allow_import):
+        return
+    raise ValueError(
+        f"{path} names its model by import path, so rebuilding it would import and run module {module!r}, a choice "
+        f"made by the file: pass model_name='{stored}' if that is the model you expect, or allow_import=['{module}'] "
+        "if you trust that module"
+    )
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model_name: str | None = None,
     num_classes: int | None = None,
     in_channels: int | None = None,
+    *,
+    allow_import: Sequence[str] = (),
 ) -> tuple[nn.Module, PruningPlan | None, dict[str, Any]]:
     """Rebuild ``(model, plan, meta)`` from ``build_model`` + the stored plan, then load the weights.
 
     Also reads a plain (unpruned) state_dict, or NVFlare's ``{"model": state_dict, ...}`` file; those need
-    ``model_name`` and ``num_classes``. Raises FileNotFoundError (missing), ValueError (corrupt, wrong architecture,
-    plan that does not match the weights).
+    ``model_name`` and ``num_classes``. A stored import-path model name is rebuilt only if it equals ``model_name``
+    or its module (or a parent package) is in ``allow_import``. Raises FileNotFoundError (missing), ValueError
+    (corrupt, wrong architecture, plan that does not match the weights, a module the caller did not allow).
     """
     path = Path(path)
+    allow_import = _check_allow_import(allow_import)
     data = _read(path)
     if isinstance(data, Mapping) and data.get("format") == _FORMAT:
         if data.get("version") != _VERSION:
@@ -159,12 +200,19 @@ def load_checkpoint(
             state, mode = data["state_dict"], data["prune_mode"]
         except KeyError as exc:
             raise ValueError(f"{path}: checkpoint lacks field {exc}") from None
-        plan = PruningPlan.from_json(data["plan"]) if data.get("plan") else None
+        for what, value, high in (("num_classes", k, MAX_CLASSES), ("in_channels", c, MAX_INPUT_CHANNELS)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+                raise ValueError(f"{path}: stored {what} must be an integer in [1, {high}], got {str(value)[:40]!r}")
+        try:
+            plan = PruningPlan.from_json(data["plan"]) if data.get("plan") else None
+        except ValueError as exc:
+            raise ValueError(f"{path}: stored pruning plan is invalid: {exc}") from None
         extra = data.get("extra", {})
         for arg, stored in (("model_name", name), ("num_classes", k), ("in_channels", c)):
             given = {"model_name": model_name, "num_classes": num_classes, "in_channels": in_channels}[arg]
             if given is not None and given != stored:
-                raise ValueError(f"{path} holds {arg}={stored!r}, but {given!r} was requested")
+                raise ValueError(f"{path} holds {arg}={repr(stored)[:100]}, but {repr(given)[:100]} was requested")
+        _may_import(path, name, model_name, allow_import)
     else:
         state = _state_dict_of(data)
         if state is None and isinstance(data, Mapping):

@@ -15,7 +15,7 @@ import copy
 import io
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -225,9 +225,12 @@ def export_checkpoint(
     fmt: str = "pt2",
     model_name: str | None = None,
     num_classes: int | None = None,
+    allow_import: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Export a checkpoint (ours, or a plain state_dict with ``model_name`` + ``num_classes``) with ``export_model``."""
-    model, plan, meta = load_checkpoint(ckpt, model_name=model_name, num_classes=num_classes)
+    """Export a checkpoint (ours, or a plain state_dict with ``model_name`` + ``num_classes``) with ``export_model``.
+    A checkpoint naming its model by import path needs that name as ``model_name`` or its module in
+    ``allow_import`` (``load_checkpoint`` never imports a module chosen by a file)."""
+    model, plan, meta = load_checkpoint(ckpt, model_name=model_name, num_classes=num_classes, allow_import=allow_import)
     summary = export_model(model, out, fmt=fmt)
     return {
         "checkpoint": str(ckpt),

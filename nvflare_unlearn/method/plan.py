@@ -14,19 +14,55 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from nvflare_unlearn.models.registry import check_input_shape
+
 _FORMAT = "nvflare_unlearn.pruning_plan"
 _VERSION = 1
+
+#: Bounds on what a plan may describe. A plan arrives from files and from the server in every task's meta, so it
+#: is untrusted input: these keep parsing, validation and error messages small whatever the text holds.
+MAX_PLAN_BYTES = 16 * 1024 * 1024
+MAX_CONVS = 4096
+MAX_WIDTH = 65536
+MAX_STEPS = 1024
+MAX_NAME_CHARS = 256
+_MAX_REPR = 80
+
+
+def _short(value: Any, limit: int = _MAX_REPR) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so an error message never echoes a huge input back."""
+    try:
+        text = repr(value)
+    except Exception:  # a hostile __repr__ cannot make the message fail
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS:
+        raise ValueError(
+            f"{what} must be a non-empty string of at most {MAX_NAME_CHARS} characters, got {_short(value)}"
+        )
+    return value
 
 
 def _int_list(values: Any, what: str) -> list[int]:
     if not isinstance(values, (list, tuple)):
-        raise ValueError(f"{what} must be a list of channel indices")
+        raise ValueError(f"{what} must be a list of channel indices, got {type(values).__name__}")
     out = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise ValueError(f"{what} holds a non-integer index {v!r}")
+            raise ValueError(f"{what} holds a non-integer index {_short(v)}")
         out.append(int(v))
     return out
+
+
+def _optional_int(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"plan {what} must be a non-negative integer or null, got {_short(value)}")
+    return int(value)
 
 
 @dataclass
@@ -53,51 +89,85 @@ class PruningPlan:
 
     # -- structure -----------------------------------------------------------------------------------------------
     def _validate(self) -> None:
+        """Structure, bounds and consistency, in one pass linear in the plan's size; every message is short."""
         if not isinstance(self.convs, Mapping) or not self.convs:
             raise ValueError("plan 'convs' must map conv names to their original widths")
+        if len(self.convs) > MAX_CONVS:
+            raise ValueError(f"plan names {len(self.convs)} convs; at most {MAX_CONVS} are supported")
         for name, width in self.convs.items():
-            if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
-                raise ValueError(f"plan: conv {name!r} has invalid width {width!r}")
+            _name(name, "plan conv name")
+            if isinstance(width, bool) or not isinstance(width, numbers.Integral) or not 1 <= width <= MAX_WIDTH:
+                raise ValueError(f"plan: conv {_short(name)} has invalid width {_short(width)} (1..{MAX_WIDTH})")
         if not isinstance(self.groups, list) or not all(isinstance(g, list) and g for g in self.groups):
             raise ValueError("plan 'groups' must be a list of non-empty lists of conv names")
         seen: set[str] = set()
         for g in self.groups:
             for name in g:
-                if name not in self.convs:
-                    raise ValueError(f"plan group {g} names conv {name!r} missing from the plan's convs")
+                if not isinstance(name, str) or name not in self.convs:
+                    raise ValueError(f"plan group names conv {_short(name)} missing from the plan's convs")
                 if name in seen:
-                    raise ValueError(f"plan: conv {name!r} appears in two groups")
+                    raise ValueError(f"plan: conv {_short(name)} appears in two groups")
                 seen.add(name)
             if len({self.convs[n] for n in g}) != 1:
-                raise ValueError(f"plan group {g} mixes convs of different widths")
+                raise ValueError(f"plan group {_short(g)} mixes convs of different widths")
         if self.excluded is not None:
-            if not isinstance(self.excluded, Mapping) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in self.excluded.items()
+            if (
+                not isinstance(self.excluded, Mapping)
+                or len(self.excluded) > MAX_CONVS
+                or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.excluded.items())
             ):
                 raise ValueError("plan 'excluded' must map conv names to the reason they are not pruned")
+            for name, why in self.excluded.items():
+                _name(name, "plan excluded conv name")
+                if len(why) > 4 * MAX_NAME_CHARS:
+                    raise ValueError(f"plan: the reason conv {_short(name)} is excluded is too long")
             both = sorted(set(self.excluded) & set(self.convs))
             if both:
-                raise ValueError(f"plan: conv(s) {both[:5]} are both prunable and excluded")
-        keys = {g[0] for g in self.groups}
-        pruned_so_far: dict[str, set[int]] = {k: set() for k in keys}
+                raise ValueError(f"plan: conv(s) {_short(both[:5])} are both prunable and excluded")
+        if not isinstance(self.steps, list):
+            raise ValueError("plan 'steps' must be a list")
+        if len(self.steps) > MAX_STEPS:
+            raise ValueError(f"plan has {len(self.steps)} steps; at most {MAX_STEPS} are supported")
+        if self.model_name is not None:
+            _name(self.model_name, "plan model_name")  # bounded like a conv name; not resolved here
+        if self.input_shape is not None:
+            self.input_shape = list(check_input_shape(self.input_shape, "plan input_shape"))  # allocated for tracing
+        self.original_params = _optional_int(self.original_params, "original_params")
+        self.original_flops = _optional_int(self.original_flops, "original_flops")
+        groups_by_key = {g[0]: g for g in self.groups}
+        pruned_so_far: dict[str, set[int]] = {k: set() for k in groups_by_key}
         for i, step in enumerate(self.steps):
             if not isinstance(step, Mapping) or not isinstance(step.get("pruned"), Mapping):
                 raise ValueError(f"plan step {i} must be a dict with a 'pruned' mapping")
+            fc = step.get("forget_class")
+            if fc is not None and (isinstance(fc, bool) or not isinstance(fc, numbers.Integral)):
+                raise ValueError(f"plan step {i}: forget_class must be an integer or null, got {_short(fc)}")
+            if "options" in step and not isinstance(step["options"], Mapping):
+                raise ValueError(f"plan step {i}: 'options' must be a dict")
             for key, idxs in step["pruned"].items():
-                if key not in keys:
-                    raise ValueError(f"plan step {i} prunes unknown group {key!r}")
-                idxs = _int_list(idxs, f"plan step {i}, group {key!r}")
+                if not isinstance(key, str) or key not in groups_by_key:
+                    raise ValueError(f"plan step {i} prunes unknown group {_short(key)}")
+                idxs = _int_list(idxs, f"plan step {i}, group {_short(key)}")
                 width = self.convs[key]
                 bad = [c for c in idxs if not 0 <= c < width]
                 if bad:
-                    raise ValueError(f"plan step {i}, group {key!r}: indices {bad} outside [0, {width})")
-                dup = pruned_so_far[key].intersection(idxs)
-                if dup or len(set(idxs)) != len(idxs):
-                    raise ValueError(f"plan step {i}, group {key!r}: channels {sorted(dup) or idxs} pruned twice")
-                pruned_so_far[key].update(idxs)
-                if len(pruned_so_far[key]) >= width:
                     raise ValueError(
-                        f"plan would empty layer(s) {self._group_of(key)}: all {width} channels pruned by step {i}"
+                        f"plan step {i}, group {_short(key)}: {len(bad)} indices outside [0, {width}), "
+                        f"e.g. {_short(bad[:5])}"
+                    )
+                seen_here = pruned_so_far[key]
+                unique = set(idxs)
+                dup = seen_here.intersection(unique)
+                if dup or len(unique) != len(idxs):
+                    raise ValueError(
+                        f"plan step {i}, group {_short(key)}: channels pruned twice, "
+                        f"e.g. {_short(sorted(dup)[:5] or idxs[:5])}"
+                    )
+                seen_here.update(unique)
+                if len(seen_here) >= width:
+                    raise ValueError(
+                        f"plan would empty layer(s) {_short(groups_by_key[key])}: all {width} channels pruned "
+                        f"by step {i}"
                     )
 
     def _group_of(self, key: str) -> list[str]:
@@ -130,8 +200,8 @@ class PruningPlan:
 
     def kept_channels(self, num_steps: int | None = None) -> dict[str, list[int]]:
         """Conv name -> ORIGINAL indices still present; position in this list = current channel index."""
-        pruned = self.pruned_channels(num_steps)
-        return {n: [c for c in range(self.convs[n]) if c not in set(pruned[n])] for n in pruned}
+        pruned = {n: set(v) for n, v in self.pruned_channels(num_steps).items()}
+        return {n: [c for c in range(self.convs[n]) if c not in gone] for n, gone in pruned.items()}
 
     def widths(self, num_steps: int | None = None) -> dict[str, int]:
         """Conv name -> width after the first ``num_steps`` steps."""
@@ -182,25 +252,32 @@ class PruningPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PruningPlan":
+        """The plan from its decoded JSON; anything malformed is a short ``ValueError`` (never a TypeError)."""
         if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
             raise ValueError("not a pruning plan (missing format 'nvflare_unlearn.pruning_plan')")
         if data.get("version") != _VERSION:
-            raise ValueError(f"unsupported pruning plan version {data.get('version')!r} (this code reads {_VERSION})")
+            raise ValueError(
+                f"unsupported pruning plan version {_short(data.get('version'))} (this code reads {_VERSION})"
+            )
         for key in ("convs", "groups", "steps"):
             if key not in data:
                 raise ValueError(f"pruning plan is missing {key!r}")
-        if not isinstance(data["steps"], list):
-            raise ValueError("pruning plan 'steps' must be a list")
+        if not isinstance(data["steps"], list) or not all(isinstance(s, Mapping) for s in data["steps"]):
+            raise ValueError("pruning plan 'steps' must be a list of dicts")
         if not isinstance(data["convs"], Mapping):
             raise ValueError("pruning plan 'convs' must map conv names to widths")
+        groups = data["groups"]
+        if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
+            raise ValueError("pruning plan 'groups' must be a list of lists of conv names")
+        shape = data.get("input_shape")
+        if shape is not None and not isinstance(shape, list):
+            raise ValueError(f"pruning plan 'input_shape' must be [C, H, W], got {_short(shape)}")
         return cls(
-            convs={str(k): v for k, v in dict(data["convs"]).items()},
-            groups=[list(g) for g in data["groups"]] if isinstance(data["groups"], list) else data["groups"],
-            steps=[dict(s) for s in data["steps"]]
-            if all(isinstance(s, Mapping) for s in data["steps"])
-            else data["steps"],
+            convs=dict(data["convs"]),
+            groups=[list(g) for g in groups],
+            steps=[dict(s) for s in data["steps"]],
             model_name=data.get("model_name"),
-            input_shape=list(data["input_shape"]) if data.get("input_shape") else None,
+            input_shape=list(shape) if shape else None,
             original_params=data.get("original_params"),
             original_flops=data.get("original_flops"),
             excluded=dict(data["excluded"]) if isinstance(data.get("excluded"), Mapping) else data.get("excluded"),
@@ -208,8 +285,15 @@ class PruningPlan:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "PruningPlan":
+        """Parse plan text (at most ``MAX_PLAN_BYTES``); linear in its size, short ``ValueError`` on any defect."""
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise ValueError(f"pruning plan must be JSON text, got {type(text).__name__}")
+        if len(text) > MAX_PLAN_BYTES:
+            raise ValueError(f"pruning plan is {len(text)} bytes; at most {MAX_PLAN_BYTES} are accepted")
         try:
             data = json.loads(text)
-        except (TypeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"pruning plan is not valid JSON: {exc}") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer with too many digits
+            raise ValueError(f"pruning plan is not valid JSON: {_short(str(exc), 160)}") from None
+        except RecursionError:
+            raise ValueError("pruning plan is not valid JSON: nested too deeply") from None
         return cls.from_dict(data)

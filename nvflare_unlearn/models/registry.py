@@ -51,8 +51,19 @@ IMPORT_SEP = ":"
 SHAPE_SEP = "@"
 _IMPORT_PATH_RE = re.compile(
     r"^(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)"
-    r"(?:@(?P<shape>\d+x\d+x\d+))?$"
+    r"(?:@(?P<shape>\d{1,7}x\d{1,7}x\d{1,7}))?$"
 )
+#: Bounds on a model name and on an input shape (C, H, W). Names and shapes arrive from files and job configs; a
+#: shape is allocated (example inputs for tracing), so it is bounded before anything is built.
+MAX_NAME_CHARS = 512
+MAX_INPUT_CHANNELS = 4096
+MAX_INPUT_SIDE = 16384
+MAX_INPUT_ELEMENTS = 1 << 24  # 16.7 M values (64 MiB as float32), e.g. 3 x 2048 x 2048
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def is_import_path(name: object) -> bool:
@@ -62,7 +73,7 @@ def is_import_path(name: object) -> bool:
 
 def _unknown_name(name: object) -> ValueError:
     return ValueError(
-        f"unknown model name {name!r}; known models: {', '.join(MODEL_NAMES)}; or name your own model by import "
+        f"unknown model name {_short(name)}; known models: {', '.join(MODEL_NAMES)}; or name your own model by import "
         "path 'package.module:factory' (factory(num_classes=...) returns the nn.Module)"
     )
 
@@ -73,31 +84,44 @@ def _check_name(name: object) -> str:
     return name
 
 
-def _check_shape(shape: Any, where: str) -> tuple[int, int, int]:
-    """A (C, H, W) of three positive integers."""
+def check_input_shape(shape: Any, where: str = "input_shape") -> tuple[int, int, int]:
+    """A (C, H, W) of three positive integers within the bounds above (it is allocated for tracing)."""
     if (
         isinstance(shape, str)
         or not isinstance(shape, Sequence)
         or len(shape) != 3
         or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in shape)
     ):
-        raise ValueError(f"{where} must be (C, H, W): three positive integers, got {shape!r}")
-    return tuple(int(v) for v in shape)  # type: ignore[return-value]
+        raise ValueError(f"{where} must be (C, H, W): three positive integers, got {_short(shape)}")
+    c, h, w = (int(v) for v in shape)
+    if c > MAX_INPUT_CHANNELS or h > MAX_INPUT_SIDE or w > MAX_INPUT_SIDE or c * h * w > MAX_INPUT_ELEMENTS:
+        raise ValueError(
+            f"{where} {c}x{h}x{w} is too large: at most {MAX_INPUT_CHANNELS} channels, {MAX_INPUT_SIDE} pixels a "
+            f"side and {MAX_INPUT_ELEMENTS} values per image"
+        )
+    return c, h, w
 
 
 def _parse_import_path(spec: str) -> tuple[str, str, tuple[int, int, int] | None]:
-    match = _IMPORT_PATH_RE.match(spec.strip())
+    match = _IMPORT_PATH_RE.match(spec.strip()) if len(spec) <= MAX_NAME_CHARS else None
     if match is None:
         raise ValueError(
-            f"model {spec!r} is not an import path: write 'package.module:factory' (optionally "
+            f"model {_short(spec)} is not an import path: write 'package.module:factory' (optionally "
             "'package.module:factory@CxHxW' to give the input shape), e.g. 'my_pkg.nets:build_net@1x28x28'"
         )
     shape = match.group("shape")
     return (
         match.group("module"),
         match.group("attr"),
-        tuple(int(v) for v in shape.split("x")) if shape else None,  # type: ignore[misc]
+        check_input_shape([int(v) for v in shape.split("x")], f"input shape of model {_short(spec)}")
+        if shape
+        else None,
     )
+
+
+def import_path_module(name: str) -> str:
+    """The module an import-path model name would import (``"pkg.nets:f@1x8x8"`` -> ``"pkg.nets"``), not imported."""
+    return _parse_import_path(name)[0]
 
 
 def _import_factory(module_name: str, attr: str) -> Callable[..., Any]:
@@ -139,7 +163,7 @@ def _declared_shape(factory: Callable[..., Any], path: str) -> tuple[int, int, i
     shape = getattr(factory, "input_shape", None)
     if shape is None or isinstance(shape, property):
         return None
-    return _check_shape(shape, f"{path}.input_shape")
+    return check_input_shape(shape, f"{path}.input_shape")
 
 
 def _missing_shape(path: str) -> ValueError:
@@ -208,7 +232,7 @@ def model_spec(model: str | Callable[..., Any], input_shape: Sequence[int] | Non
     rebuild it). The import path is imported here, so a typo fails now, not on a site.
     """
     if input_shape is not None:
-        input_shape = _check_shape(input_shape, "input_shape")
+        input_shape = check_input_shape(input_shape, "input_shape")
     if isinstance(model, nn.Module):
         built = model_name_of(model)
         if built is None:
@@ -252,8 +276,12 @@ def registry_input_shape(name: str, in_channels: int | None = None) -> tuple[int
 def _check_in_channels(in_channels: Any, shape: tuple[int, int, int] | None = None, name: str = "") -> None:
     if in_channels is None:
         return
-    if isinstance(in_channels, bool) or not isinstance(in_channels, numbers.Integral) or in_channels < 1:
-        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+    if (
+        isinstance(in_channels, bool)
+        or not isinstance(in_channels, numbers.Integral)
+        or not 1 <= in_channels <= MAX_INPUT_CHANNELS
+    ):
+        raise ValueError(f"in_channels must be an integer in [1, {MAX_INPUT_CHANNELS}], got {_short(in_channels)}")
     if shape is not None and int(in_channels) != shape[0]:
         raise ValueError(
             f"model {name!r} takes {shape[0]}-channel inputs (input shape {shape}), not in_channels={in_channels}: "

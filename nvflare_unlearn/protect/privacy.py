@@ -1,7 +1,7 @@
 """Privacy controls for a site's class-activation upload: minimum counts, clipping bound, Gaussian noise.
 
 A site uploads, per conv layer, the per-class SUMS of per-image activations (ReLU, then global average pooling, one
-value per channel) and the per-class COUNTS. Three controls, applied on the site before the upload:
+value per channel) and the per-class COUNTS. Four controls, applied on the site before the upload:
 
 1. :func:`apply_min_count` - a class with fewer than ``min_count`` images at this site is not reported (sums and
    count zeroed), in the spirit of NVFlare's ``MinCountCleanser`` for federated statistics. A deterministic policy,
@@ -10,16 +10,21 @@ value per channel) and the per-class COUNTS. Three controls, applied on the site
    upper bound B has to be enforced per image *inside the collector* (sums cannot be un-clipped afterwards).
    :func:`clip_activations` is that per-image operation; :func:`check_clip_bound` is the check a report can be
    given after the fact (necessary, not sufficient: class means <= B do not prove every image was clipped).
-3. :func:`gaussian_noise` - the Gaussian mechanism on the per-class sums, (epsilon, delta)-DP with respect to
-   adding or removing one image at the site (see :func:`sensitivity`).
+3. :func:`gaussian_noise` - the Gaussian mechanism on the per-class sums (and, for the add/remove unit, the counts).
+4. :class:`PrivacyLedger` - the site's own account of every release it made from its data, which refuses a release
+   beyond the site's budget, so a server cannot ask again and again and average the noise away.
 
-Sensitivity (add/remove one image, all conv layers released together): the image adds its activation vector
-(one value per channel of every hooked layer, ``C_total`` values, each in [0, B]) to the sum row of its own class
-only, so the L2 change of the whole upload is at most ``B * sqrt(C_total)``. Counts: by default they are treated as
-public (released exactly, NOT protected; they change by 1 in one class). With ``noise_counts=True`` they are noised
-in the same Gaussian release, L2 sensitivity ``sqrt(B^2 * C_total + 1)``, then rounded and clipped at 0
-(post-processing keeps the guarantee). Under replace-one adjacency (an image swapped for another of a different
-class) the sensitivity is ``sqrt(2)`` times larger: pass ``epsilon``/``delta`` accordingly.
+What epsilon covers (the unit of privacy; ``PrivacyOptions.dp_unit``):
+
+* ``"swap_within_class"`` (default): two data sets are neighbours when one image is replaced by another image OF
+  THE SAME CLASS. Class counts do not change, so they are released exactly (public), and one image moves the sum
+  row of its class by a vector in ``[-B, B]^C_total``: L2 sensitivity ``B * sqrt(C_total)``. This does NOT protect
+  whether an image is in the data set at all, nor the class sizes: both are released exactly.
+* ``"add_remove_image"``: neighbours differ by one image added or removed. Counts are then noised in the same
+  Gaussian release (``noise_counts=True``), L2 sensitivity ``sqrt(B^2 * C_total + 1)``, rounded and clipped at 0.
+  This is the usual DP unit; it costs noisy counts (and so noisy class means) at small sites.
+
+``C_total`` is the number of channels of every hooked conv layer together (all released together).
 
 Sigma: the analytic Gaussian mechanism (Balle & Wang, ICML 2018, Thm. 8) gives the smallest sigma that is exactly
 (epsilon, delta)-DP, for any epsilon > 0. The classic bound ``sqrt(2 ln(1.25/delta)) * S / epsilon`` (Dwork & Roth,
@@ -27,17 +32,25 @@ Thm. A.1) is only proven for epsilon < 1 and is offered for comparison (``method
 
 Composition: one activation pass is one release. Unlearning k classes runs k passes (one per class, as in the
 paper), so the request's total is (k*epsilon, k*delta) by basic composition; :func:`split_budget` divides a
-per-request budget. Limitation: numpy's generator is not a cryptographic RNG and floating-point Gaussian samples
-are not a hardened DP implementation (Mironov, CCS 2012); treat the guarantee as a design-level one.
+per-request budget, and the site's ledger adds up every release across requests. Not covered: the fine-tuning
+updates (weights) and the evaluation counts a site returns carry no noise. Limitation: numpy's generator is not a
+cryptographic RNG and floating-point Gaussian samples are not a hardened DP implementation (Mironov, CCS 2012);
+treat the guarantee as a design-level one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
-from typing import Callable
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
+from nvflare_unlearn import _io
 from nvflare_unlearn.method.activations import ClassActivationReport
 
 
@@ -126,7 +139,8 @@ def total_channels(report: ClassActivationReport) -> int:
 
 
 def sensitivity(num_channels: int, clip_bound: float, noise_counts: bool = False) -> float:
-    """L2 sensitivity of one upload to adding/removing one image: ``B*sqrt(C_total)`` (``+1`` inside: noised counts)."""
+    """L2 sensitivity of one upload: ``B*sqrt(C_total)`` for one image swapped within its class (counts public),
+    ``sqrt(B^2*C_total + 1)`` for one image added or removed with the counts noised (``noise_counts``)."""
     if isinstance(num_channels, bool) or not isinstance(num_channels, (int, np.integer)) or num_channels < 1:
         raise ValueError(f"num_channels must be a positive integer; got {num_channels!r}")
     bound = validate_clip_bound(clip_bound)
@@ -218,12 +232,12 @@ def gaussian_noise(
     noise_counts: bool = False,
     method: str = "analytic",
 ) -> ClassActivationReport:
-    """A new report with Gaussian noise on every per-class sum: (epsilon, delta)-DP per one added/removed image.
+    """A new report with Gaussian noise on every per-class sum: (epsilon, delta)-DP for one image swapped within its
+    class (counts public), or, with ``noise_counts``, for one image added or removed (counts noised too).
 
     Requires the report's activations to have been clipped per image to ``[0, clip_bound]`` (checked as far as a
     report allows, see :func:`check_clip_bound`). Noise ``N(0, sigma^2)`` is added to every entry of every class row
-    of every layer, with sigma from :func:`gaussian_sigma` at sensitivity :func:`sensitivity`. Counts are public
-    unless ``noise_counts``.
+    of every layer, with sigma from :func:`gaussian_sigma` at sensitivity :func:`sensitivity`.
     Post-processing, which keeps the guarantee: noised counts are rounded and clipped at 0, and noised sums are
     clipped to ``[0, clip_bound * count]`` so the result is still a valid report. Apply :func:`apply_min_count`
     before this call when counts are public, after it when counts are noised (so the policy sees only noised counts).
@@ -246,3 +260,154 @@ def gaussian_noise(
         noisy = sums[name] + rng.normal(0.0, sigma, size=sums[name].shape)
         sums[name] = np.clip(noisy, 0.0, bound * counts[:, None].astype(np.float64))
     return _copy_report(report, sums, counts)
+
+
+# ------------------------------------------------------------------------------------------------ the site's ledger
+class BudgetExceeded(ValueError):
+    """A release the site's privacy ledger refuses: it would spend more than the site's budget."""
+
+
+_LEDGER_FORMAT = "nvflare_unlearn.privacy_ledger/1"
+_SLACK = 1e-9  # relative: k releases of epsilon/k add up to epsilon up to float rounding
+
+
+class PrivacyLedger:
+    """The site's own account of every DP release it made from its data, kept at the site (a JSON file).
+
+    Every release is recorded BEFORE it leaves the site (a crash after recording over-counts, never under-counts)
+    with its (epsilon, delta), the model it was computed on and a note; a release that would take the running total
+    (basic composition) over the budget raises :class:`BudgetExceeded` and nothing is released. The budget covers
+    every release this site makes from its data, whatever model or server asks. The first use writes the budget
+    into the file; a later job's configuration can lower it but never raise it (only the site's admin, editing the
+    file, can). An unreadable ledger refuses every release (fail closed). Writes are atomic.
+    """
+
+    def __init__(self, path: str | os.PathLike, budget_epsilon: float, budget_delta: float):
+        _check_eps_delta(budget_epsilon, budget_delta)
+        if not math.isfinite(float(budget_epsilon)):
+            raise ValueError("a privacy budget must be finite (an infinite budget is no budget)")
+        self.path = Path(path)
+        self.budget_epsilon = float(budget_epsilon)
+        self.budget_delta = float(budget_delta)
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {
+                "format": _LEDGER_FORMAT,
+                "budget": {"epsilon": self.budget_epsilon, "delta": self.budget_delta},
+                "entries": [],
+            }
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            budget = data["budget"]
+            eps, delta = float(budget["epsilon"]), float(budget["delta"])
+            entries = list(data["entries"])
+            for e in entries:
+                float(e["epsilon"]), float(e["delta"])
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise BudgetExceeded(
+                f"privacy ledger {str(self.path)!r} is unreadable ({type(exc).__name__}); no release until the "
+                "site's admin repairs or removes it"
+            ) from None
+        if data.get("format") != _LEDGER_FORMAT:
+            raise BudgetExceeded(f"{str(self.path)!r} is not a privacy ledger; no release until it is repaired")
+        data["budget"] = {"epsilon": min(eps, self.budget_epsilon), "delta": min(delta, self.budget_delta)}
+        return data
+
+    def spent(self) -> tuple[float, float]:
+        """(epsilon, delta) released so far (basic composition)."""
+        entries = self._read()["entries"]
+        return float(sum(float(e["epsilon"]) for e in entries)), float(sum(float(e["delta"]) for e in entries))
+
+    def spend(self, epsilon: float, delta: float, *, model: str, note: str = "") -> dict[str, Any]:
+        """Record one release of (epsilon, delta) about ``model``, or raise ``BudgetExceeded`` (nothing recorded)."""
+        _check_eps_delta(epsilon, delta)
+        if not math.isfinite(float(epsilon)):
+            raise BudgetExceeded("a release without noise (epsilon = inf) cannot be charged to a finite budget")
+        with _locked(self.path):
+            data = self._read()
+            eps_used = sum(float(e["epsilon"]) for e in data["entries"])
+            delta_used = sum(float(e["delta"]) for e in data["entries"])
+            budget = data["budget"]
+            if (
+                eps_used + epsilon > budget["epsilon"] * (1 + _SLACK)
+                or delta_used + delta > budget["delta"] * (1 + _SLACK) + 1e-300
+            ):
+                raise BudgetExceeded(
+                    f"this release (epsilon {epsilon:g}, delta {delta:g}) would exceed the site's privacy budget "
+                    f"(epsilon {budget['epsilon']:g}, delta {budget['delta']:g}; spent {eps_used:g}, {delta_used:g} "
+                    f"in {len(data['entries'])} release(s)); ledger {str(self.path)!r}"
+                )
+            entry = {
+                "time": time.time(),
+                "epsilon": float(epsilon),
+                "delta": float(delta),
+                "model": str(model)[:128],
+                "note": str(note)[:256],
+            }
+            data["entries"].append(entry)
+            _io.write_json(self.path, data)
+        return entry
+
+
+def site_ledger(privacy: Any, path: str | os.PathLike) -> PrivacyLedger | None:
+    """The ledger a site keeps under ``PrivacyOptions`` (None without DP): budget ``dp_budget_*``, by default one
+    request's ``dp_epsilon`` / ``dp_delta``."""
+    from nvflare_unlearn.options import PrivacyOptions
+
+    privacy = PrivacyOptions.from_dict(privacy)
+    if not privacy.dp:
+        return None
+    return PrivacyLedger(
+        path,
+        privacy.dp_budget_epsilon if privacy.dp_budget_epsilon is not None else privacy.dp_epsilon,
+        privacy.dp_budget_delta if privacy.dp_budget_delta is not None else privacy.dp_delta,
+    )
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock beside the ledger, so two tasks of one site cannot both pass the budget check."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - no flock (Windows): one process per site is assumed
+            pass
+        yield
+
+
+def privatize_report(
+    report: ClassActivationReport,
+    privacy: Any,
+    passes: int,
+    rng: np.random.Generator,
+    ledger: PrivacyLedger | None = None,
+    model: str = "",
+) -> tuple[ClassActivationReport, float]:
+    """What a site does to its activation report before it leaves (``PrivacyOptions``); returns (report, sigma).
+
+    Min-count, then (with DP) one Gaussian release of ``dp_epsilon / passes``, ``dp_delta / passes`` at the
+    sensitivity of ``dp_unit`` (noised counts for ``add_remove_image``, where min-count then runs on the noised
+    counts), charged to ``ledger`` first. The report must come from a collector that clipped per image to
+    ``clip_bound``. Used by the executor and the Client API helper alike.
+    """
+    from nvflare_unlearn.options import PrivacyOptions
+
+    privacy = PrivacyOptions.from_dict(privacy)
+    noise_counts = privacy.dp and privacy.dp_unit == "add_remove_image"
+    if privacy.min_count > 1 and not noise_counts:
+        report = apply_min_count(report, privacy.min_count)
+    sigma = 0.0
+    if privacy.dp:
+        eps, delta = split_budget(privacy.dp_epsilon, privacy.dp_delta, passes)
+        if ledger is not None:
+            ledger.spend(eps, delta, model=model, note=f"activation statistics, 1 of {passes} pass(es)")
+        bound = privacy.clip_bound
+        report = gaussian_noise(report, eps, delta, bound, rng, noise_counts=noise_counts)
+        sigma = gaussian_sigma(eps, delta, sensitivity(total_channels(report), bound, noise_counts))
+        if privacy.min_count > 1 and noise_counts:
+            report = apply_min_count(report, privacy.min_count)
+    return report, sigma
