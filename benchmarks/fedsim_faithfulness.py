@@ -2,7 +2,8 @@
 """Is the benchmarks' in-process federation (``evaluation/fedsim.py``) faithful to the NVFlare job it stands for?
 
 One FedAvg configuration (small CNN on sklearn digits) is run twice from the same initial weights, site slices and
-batch orders: as the real NVFlare job (``PretrainRecipe`` in the simulator, one process per site) and in-process
+batch orders: as the real NVFlare job (``PretrainRecipe`` in the simulator, one process per site, plain weighted
+FedAvg: ``update_aggregation="mean"``, no update clipping or outlier filter) and in-process
 (``run_fedavg`` with ``FedConfig(emulate="nvflare", lr_min=lr)``: the executor's batch seeds and the server's
 averaging arithmetic, a constant lr, every site each round). The same in-process run with other seeds gives the
 run-to-run noise any difference is judged against; a run with fedsim's own seeds and float64 averaging shows what
@@ -71,6 +72,9 @@ def nvflare_run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
         q=args.q,
         test_dataset="digits",
         tensorboard=False,
+        # fedsim is plain FedAvg: the job's weighted mean, without the robust defaults (median, clipping, outlier
+        # filter; docs/reliability.md measures what they change on honest sites)
+        security={"update_aggregation": "mean", "update_clip": None, "update_outlier": None},
     )
     env = SimEnv(
         num_clients=args.sites,

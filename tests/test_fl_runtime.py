@@ -19,6 +19,7 @@ from test_fl_faults import trained_checkpoint
 
 from nvflare_unlearn.fl import UnlearningRecipe, authorize_site_config, quiet_log_config, run_job
 from nvflare_unlearn.fl import recipes as recipes_module
+from nvflare_unlearn.fl.defs import RECORD_PUBLIC_KEY_FILE
 from nvflare_unlearn.method.checkpoint import load_checkpoint
 from nvflare_unlearn.protect.audit import sha256_file, verify_record
 
@@ -82,7 +83,9 @@ def test_the_resubmitted_job_goes_on_from_the_next_round_with_the_same_plan(resu
     with open(result.record_path) as f:
         record = json.load(f)
     assert record["request"]["parameters"]["resumed"]["after_round"] == 1
-    assert verify_record(result.record_path, result.model_path, resumed["ckpt"]).ok
+    key = os.path.join(result.run_dir, RECORD_PUBLIC_KEY_FILE)
+    outcome = verify_record(result.record_path, result.model_path, resumed["ckpt"], public_key=key)
+    assert outcome.ok, str(outcome)
     assert sha256_file(resumed["ckpt"]) == resumed["before"]
 
 

@@ -12,8 +12,9 @@ every method uses the same cosine learning-rate family, so two methods differ on
 
 Faithfulness to the NVFlare job: with ``FedConfig(emulate="nvflare", lr_min=lr)`` and every site sampled each
 round, a site's batch order is the executor's (``data.site_shuffle_seed`` with the site's name ``site-<i+1>``), the
-learning rate is constant as in the job, and the server averages as NVFlare's ``WeightedAggregationHelper`` does
-(float32 weighted sum in site-name order, times 1 / total weight), so the two federations train the same model:
+learning rate is constant as in the job, and the server averages with the job's own function
+(``protect.robust.aggregate_updates``, weighted mean: the job with ``update_aggregation="mean"``), so the two
+federations train the same model:
 ``benchmarks/fedsim_faithfulness.py`` checks it against the simulator, round by round.
 Costs are counted as an FL deployment would pay them: bytes of the model state sent to and returned by each
 sampled site per round, bytes of any statistics uploads, and wall time of the method (evaluation excluded).
@@ -204,18 +205,21 @@ def _average_states(states: list[dict[str, torch.Tensor]], weights: list[float])
     return out
 
 
-def _average_states_nvflare(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """NVFlare's ``WeightedAggregationHelper`` on numpy weights: ``sum(v * w)`` in float32, in the order given (the
-    server sorts results by site name), times ``1 / sum(w)``, cast back to each entry's dtype on loading."""
-    inv = 1.0 / float(sum(weights))
-    out: dict[str, torch.Tensor] = {}
-    for key, ref in states[0].items():
-        total = None
-        for st, w in zip(states, weights):
-            v = st[key].cpu().numpy()
-            total = v * w if total is None else total + v * w
-        out[key] = torch.as_tensor(np.asarray(total * inv)).to(device=ref.device, dtype=ref.dtype)
-    return out
+def _average_states_nvflare(
+    base: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]], weights: list[float]
+) -> dict[str, torch.Tensor]:
+    """The job's own aggregation (``protect.robust.aggregate_updates``, weighted mean without clipping or outlier
+    filter: the job with ``update_aggregation="mean"``), on the sites' states in the order given (the server sorts
+    results by site name)."""
+    from nvflare_unlearn.protect.robust import aggregate_updates
+
+    def as_numpy(state):
+        return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+    params, _info = aggregate_updates(
+        as_numpy(base), [as_numpy(st) for st in states], weights, aggregation="mean", clip=None, outlier=None
+    )
+    return {k: torch.as_tensor(params[k]).to(device=ref.device, dtype=ref.dtype) for k, ref in base.items()}
 
 
 def run_fedavg(
@@ -281,8 +285,10 @@ def run_fedavg(
             weights.append(float(xs.shape[0]))
             meter.bytes_up += nbytes
         if states:
-            average = _average_states_nvflare if cfg.emulate == "nvflare" else _average_states
-            model.load_state_dict(average(states, weights))
+            if cfg.emulate == "nvflare":
+                model.load_state_dict(_average_states_nvflare(global_state, states, weights))
+            else:
+                model.load_state_dict(_average_states(states, weights))
             if after_step is not None:
                 after_step(model)
         if fed.device.type == "cuda":
