@@ -49,9 +49,9 @@ from nvflare_unlearn.fl.job_utils import authorize_site_config, model_files_to_s
 from nvflare_unlearn.fl.persistor import UnlearningModelPersistor, load_initial_model, resume_state
 from nvflare_unlearn.fl.unlearning_controller import UnlearningController
 from nvflare_unlearn.models import model_spec
+from nvflare_unlearn.options import GROUPS as ALL_GROUPS
 from nvflare_unlearn.options import (
     FederationOptions,
-    MethodOptions,
     OptionGroup,
     PlanOptions,
     PrivacyOptions,
@@ -419,16 +419,7 @@ class UnlearningRecipe(_JobRecipe):
             then unused, the script loads its own data.
     """
 
-    GROUPS: ClassVar[tuple[type[OptionGroup], ...]] = (
-        MethodOptions,
-        ScoringOptions,
-        PlanOptions,
-        PrivacyOptions,
-        SiteDataOptions,
-        TrainingOptions,
-        FederationOptions,
-        SecurityOptions,
-    )
+    GROUPS: ClassVar[tuple[type[OptionGroup], ...]] = ALL_GROUPS  # every option group (options.GROUPS)
     JOB_KIND: ClassVar[str] = "unlearn"
     OUTPUT_FILE: ClassVar[str] = FINAL_MODEL_FILE
 
