@@ -255,3 +255,12 @@ def test_output_level_hiding_does_not_pass_the_feature_attack(memorising):
     fa = feature_membership_attack(a["u_train"]["features"], a["u_test"]["features"], n_boot=100)
     fb = feature_membership_attack(b["u_train"]["features"], b["u_test"]["features"], n_boot=100)
     assert fa["auc"] == pytest.approx(fb["auc"], abs=1e-9) and fb["auc"] > 0.65
+
+
+def test_arrays_and_json_create_their_folder(tmp_path):
+    """A benchmark writes a run's arrays into a folder of their own: the first write creates it."""
+    folder = tmp_path / "arrays" / "run"
+    save_arrays(folder / "m.npz", {"u_test": {"labels": np.arange(3), "loss": np.ones(3, np.float32)}})
+    write_json(tmp_path / "new" / "r.json", {"a": np.float32(1.5)})
+    assert load_arrays(folder / "m.npz")["u_test"]["labels"].tolist() == [0, 1, 2]
+    assert (tmp_path / "new" / "r.json").read_text().strip().endswith("}")

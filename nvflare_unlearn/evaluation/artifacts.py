@@ -35,7 +35,9 @@ FIELDS = ("labels", "loss", "logits", "features")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """``obj`` as indented JSON (numpy scalars and arrays converted), written atomically."""
+    """``obj`` as indented JSON (numpy scalars and arrays converted), written atomically (folders created: a
+    benchmark's results folder is its own)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     return _io.write_text(path, json.dumps(obj, indent=1, default=_jsonable))
 
 
@@ -63,7 +65,7 @@ def per_example_arrays(
 
 
 def save_arrays(path: str | os.PathLike, sets: Mapping[str, Mapping[str, np.ndarray]]) -> Path:
-    """One compressed npz holding every set's arrays (features as float16); atomic."""
+    """One compressed npz holding every set's arrays (features as float16); atomic (folders created)."""
     flat: dict[str, np.ndarray] = {}
     for name, arrays in sets.items():
         if _SEP in name or not name:
@@ -76,6 +78,7 @@ def save_arrays(path: str | os.PathLike, sets: Mapping[str, Mapping[str, np.ndar
             flat[f"{name}{_SEP}{field}"] = a.astype(np.float16) if field == "features" else a
     buf = io.BytesIO()
     np.savez_compressed(buf, **flat)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     return _io.write_bytes(path, buf.getvalue())
 
 
