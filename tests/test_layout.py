@@ -19,7 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"_validation", "options"},
     "method": {"_validation", "options", "models", "data"},
     "protect": {"_validation", "options", "models", "data", "method"},
-    "evaluation": {"_validation", "options", "models", "data", "method"},
+    "evaluation": {"_validation", "options", "models", "data", "method", "protect"},
     "fl": {"_validation", "options", "models", "data", "method", "protect", "evaluation"},
     "cli": {"_validation", "options", "models", "data", "method", "protect", "evaluation", "fl"},
     "__init__": {"method", "models"},
