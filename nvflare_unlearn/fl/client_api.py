@@ -145,7 +145,6 @@ def protected_report(
     max_batches: Optional[int] = None,
     device=None,
     ledger_path: Optional[str] = None,
-    model_id: str = "",
 ) -> tuple[ClassActivationReport, dict]:
     """A site's activation report with its privacy applied, and what was applied (the one code path of the
     executor and of your own script).
@@ -181,6 +180,8 @@ def protected_report(
         clip=privacy.clip_bound,
     )
     passes = max(1, len(meta.get(META_FORGET) or []))
+    # the ledger names the model the release was computed on (weights + plan); hashed only when charged
+    model_id = model_key(state_to_numpy(model), meta.get(META_PLAN)) if ledger is not None else ""
     report, sigma = privatize_report(report, privacy, passes, np.random.default_rng(), ledger=ledger, model=model_id)
     applied = {**privacy.to_dict(), "dp_sigma": float(sigma), "passes": passes if privacy.dp else None}
     applied.pop("dp_ledger", None)  # a site-local path: not the server's business
@@ -213,7 +214,6 @@ def activation_result(
         hook_point=hook_point,
         max_batches=max_batches,
         ledger_path=ledger_path,
-        model_id=model_key(fl_model.params or {}, meta.get(META_PLAN)) if fl_model is not None else "",
     )
     return FLModel(
         params_type=ParamsType.FULL,

@@ -38,7 +38,6 @@ from nvflare_unlearn.fl.defs import (
     META_FORGET,
     META_METHOD,
     META_PLAN,
-    META_PRIVACY,
     META_PRIVACY_APPLIED,
     META_PRUNE_MODE,
     META_VERIFY,
@@ -51,7 +50,6 @@ from nvflare_unlearn.fl.defs import (
 )
 from nvflare_unlearn.fl.model_state import (
     load_numpy_state,
-    model_key,
     rebuild_model,
     split_teacher,
     state_to_numpy,
@@ -212,7 +210,7 @@ class UnlearningExecutor(Executor):
         return DataLoader(data, batch_size=self._training.batch_size, sampler=sampler, num_workers=0)
 
     def _class_activations(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
-        from nvflare_unlearn.fl.client_api import effective_privacy, protected_report
+        from nvflare_unlearn.fl.client_api import protected_report
 
         report, applied = protected_report(  # the same code path as a user's Client API script
             model,
@@ -223,10 +221,7 @@ class UnlearningExecutor(Executor):
             hook_point=self._scoring.hook_point,
             max_batches=self._scoring.max_activation_batches,
             device=self._device,
-            ledger_path=self._ledger_path(fl_ctx)
-            if effective_privacy(self._privacy, meta.get(META_PRIVACY)).dp
-            else None,
-            model_id=model_key(fl_model.params, meta.get(META_PLAN)),
+            ledger_path=self._ledger_path(fl_ctx),
         )
         counts = [int(c) for c in report.counts]
         self.log_info(
@@ -244,12 +239,16 @@ class UnlearningExecutor(Executor):
             },
         )
 
-    def _ledger_path(self, fl_ctx: FLContext) -> str:
+    def _ledger_path(self, fl_ctx: FLContext) -> Optional[str]:
         """This site's privacy ledger file: ``dp_ledger`` (``{site_name}`` filled in), else ``privacy_ledger.json`` in
-        the site's workspace root (kept across jobs, unlike the job's run folder)."""
+        the site's workspace root (kept across jobs, unlike the job's run folder); None without a workspace (a DP
+        request is then refused by ``protected_report``)."""
         path = self._privacy.dp_ledger
         if path is None:
-            path = os.path.join(fl_ctx.get_engine().get_workspace().get_root_dir(), "privacy_ledger.json")
+            engine = fl_ctx.get_engine()
+            if engine is None:
+                return None
+            path = os.path.join(engine.get_workspace().get_root_dir(), "privacy_ledger.json")
         return path.replace("{site_name}", str(self._site_name))
 
     def _forget_set(self, meta) -> list[int]:
