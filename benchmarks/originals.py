@@ -13,7 +13,8 @@ loadable by ``nvflare-unlearn evaluate``) plus a JSON with its accuracy, per-rou
 - setting ``digits``: the small CNN on sklearn's digits, 4 sites: the seconds-sized stand-in the quick (CI) run of
   ``benchmarks/forgetting_benchmark.py`` builds for itself (not in the default job list).
 
-Jobs are independent and skipped when their JSON exists, so the command resumes after a kill and two workers can
+Jobs are independent and skipped when their JSON exists; a job killed part-way resumes from its last finished round
+(``NAME.partial.pt``, removed when the job ends), with the result an uninterrupted run gives. Two workers can
 split the list (``--worker 0/2`` and ``--worker 1/2``, one CPU thread each).
 
     python benchmarks/originals.py                      # every job, in priority order
@@ -40,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from nvflare_unlearn._io import torch_save  # noqa: E402
 from nvflare_unlearn.data import load_dataset, partition_iid, stratified_subset_indices  # noqa: E402
 from nvflare_unlearn.evaluation import (  # noqa: E402
     as_tensors,  # noqa: E402
@@ -174,20 +176,40 @@ def run_job(
     torch.manual_seed(seed)
     model = build_model(cfg["model"], k)
     drop = list(forget) if kind == "retrain" else []
-    meter = CostMeter()
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / f"{name}.partial.pt"
+    meter, history = CostMeter(), []
+    resumed = load_partial(partial, model, fc)
+    if resumed is not None:
+        meter, history = resumed
+        log(f"{name}: resuming after round {meter.rounds} from {partial.name}")
 
     def eval_fn(m: torch.nn.Module, _r: int) -> dict[str, Any]:
         e = evaluate(m, xc, yc, k, drop)
         return {key: e.get(key) for key in ("acc", "u_acc", "r_acc")}
 
     def on_round(r: int, rec: dict[str, Any]) -> None:
+        history.append(rec)
+        torch_save(
+            partial,
+            {"fed": fc.to_dict(), "state_dict": model.state_dict(), "meter": meter.snapshot(), "history": history},
+        )
         log(f"{name} round {r}/{fc.rounds}: acc {rec['acc']:.4f} ({meter.total_s:.0f}s)")
 
     log(f"{name}: {fc}")
-    history = run_fedavg(model, fed, fc, drop_classes=drop, meter=meter, eval_fn=eval_fn, on_round=on_round)
+    start_round = meter.rounds
+    run_fedavg(
+        model,
+        fed,
+        fc,
+        drop_classes=drop,
+        meter=meter,
+        eval_fn=eval_fn,
+        on_round=on_round,
+        start_round=start_round,
+    )
     train_idx = torch.as_tensor(stratified_subset_indices(y.numpy(), min(5000, y.numel()), seed=2))
     model = model.to(memory_format=torch.contiguous_format)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = out / f"{name}.pt"
     if ckpt.exists():
         ckpt.unlink()  # a leftover of a killed run (its JSON, written last, does not exist)
@@ -212,6 +234,7 @@ def run_job(
         "cost": meter.snapshot(),
         "checkpoint": {"file": ckpt.name, "sha256": sha256(ckpt), "bytes": ckpt.stat().st_size},
         "wall_s": time.perf_counter() - t_start,
+        "resumed_after_round": start_round or None,
         "command": "python benchmarks/originals.py --only "
         + f"{setting}:{kind}:"
         + ("+".join(map(str, forget)) or "-")
@@ -222,11 +245,27 @@ def run_job(
     tmp = out / f"{name}.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / f"{name}.json")
+    partial.unlink(missing_ok=True)
     log(
         f"{name}: test acc {result['test']['acc']:.4f}, train-subset acc {result['train_subset']['acc']:.4f}, "
         f"{result['wall_s']:.0f}s"
     )
     return result
+
+
+def load_partial(path: Path, model: torch.nn.Module, fc: FedConfig) -> tuple[CostMeter, list[dict]] | None:
+    """Load a killed job's last finished round into ``model``; returns its (meter, history), or None to start over.
+
+    Every round is saved (atomically) after it ends, so a kill costs at most one round. A state written under
+    another configuration is refused rather than silently continued.
+    """
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("fed") != fc.to_dict():
+        raise ValueError(f"{path} was written with {state.get('fed')}, not {fc.to_dict()}: remove it to start over")
+    model.load_state_dict(state["state_dict"])
+    return CostMeter.from_snapshot(state["meter"]), list(state["history"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,38 @@ def test_the_headline_original_scores_its_recorded_accuracy(cifar_root):
     acc = float((pred == y).float().mean())
     assert acc == pytest.approx(rec["test"]["acc"], abs=2e-3) and acc >= 0.80
     assert np.isfinite(acc)
+
+
+def test_a_killed_job_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Hours-long retrains survive a killed process: the job restarts from its last finished round and ends with
+    the weights an uninterrupted run gives; a saved state from another configuration is refused, not continued."""
+    sys.path.insert(0, str(ORIGINALS.parents[1]))
+    import originals
+
+    monkeypatch.setitem(originals.SETTINGS["digits"], "fed", {**originals.SETTINGS["digits"]["fed"], "rounds": 3})
+    job = ("digits", "retrain", (9,), 0)
+    straight = originals.run_job(*job, out=tmp_path / "straight", data_root=None)
+
+    def killed_after_round_2(msg: str) -> None:
+        if "round 2/3" in msg:
+            raise KeyboardInterrupt("killed")
+
+    with monkeypatch.context() as m:
+        m.setattr(originals, "log", killed_after_round_2)
+        with pytest.raises(KeyboardInterrupt):
+            originals.run_job(*job, out=tmp_path / "killed", data_root=None)
+    partial = tmp_path / "killed" / f"{originals.job_name(*job)}.partial.pt"
+    assert partial.is_file() and not (tmp_path / "killed" / f"{originals.job_name(*job)}.json").exists()
+    resumed = originals.run_job(*job, out=tmp_path / "killed", data_root=None)
+    assert resumed["resumed_after_round"] == 2 and not partial.exists()
+    assert [h["acc"] for h in resumed["history"]] == [h["acc"] for h in straight["history"]]
+    a = torch.load(tmp_path / "straight" / straight["checkpoint"]["file"], weights_only=False)
+    b = torch.load(tmp_path / "killed" / resumed["checkpoint"]["file"], weights_only=False)
+    sa, sb = a["state_dict"], b["state_dict"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    torch.save({"fed": {"rounds": 99}, "state_dict": {}, "meter": {}, "history": []}, partial)
+    with pytest.raises(ValueError, match="remove it to start over"):
+        originals.load_partial(
+            partial, originals.build_model("small_cnn", 10), originals.FedConfig(rounds=3, clients_per_round=4)
+        )

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -124,6 +124,16 @@ class CostMeter:
     @property
     def total_bytes(self) -> int:
         return int(self.bytes_down + self.bytes_up)
+
+    @classmethod
+    def from_snapshot(cls, snap: Mapping[str, Any]) -> CostMeter:
+        """The meter a ``snapshot()`` was taken of: how a resumed run keeps counting where it stopped."""
+        return cls(
+            rounds=int(snap["rounds"]),
+            bytes_down=int(snap["bytes_down"]),
+            bytes_up=int(snap["bytes_up"]),
+            wall_s={str(k): float(v) for k, v in dict(snap["wall_s"]).items()},
+        )
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -234,6 +244,7 @@ def run_fedavg(
     on_round: Callable[[int, dict[str, Any]], None] | None = None,
     phase: str = "train",
     stop_fn: Callable[[dict[str, Any]], bool] | None = None,
+    start_round: int = 0,
 ) -> list[dict[str, Any]]:
     """Train `model` in place for `cfg.rounds` FedAvg rounds; returns per-round records.
 
@@ -243,13 +254,17 @@ def run_fedavg(
     (an unlearning method's ``method.objectives.UnlearningObjective.batch_loss``; None = cross-entropy), as the
     NVFlare executor builds it per task. `stop_fn(record)` returning True ends training after
     that round (the lr schedule stays the one of `cfg.rounds`): how a benchmark compares models at equal
-    accuracy instead of equal rounds.
+    accuracy instead of equal rounds. `start_round` resumes a killed run: `model` and `meter` hold the state after
+    that many rounds, and since a round depends only on (global model, seed, round), the result is the one an
+    uninterrupted run gives; the returned records are those of the rounds run now.
     """
+    if not 0 <= start_round <= cfg.rounds:
+        raise ValueError(f"start_round must be in [0, {cfg.rounds}], got {start_round}")
     meter = meter if meter is not None else CostMeter()
     drop = sorted(set(int(c) for c in drop_classes))
     history: list[dict[str, Any]] = []
     local = copy.deepcopy(model)
-    for r in range(cfg.rounds):
+    for r in range(start_round, cfg.rounds):
         t0 = time.perf_counter()
         lr = cosine_lr(cfg.lr, r, cfg.rounds, cfg.lr_min)
         sites = fed.sample_sites(r, cfg.clients_per_round, cfg.seed)
