@@ -71,6 +71,22 @@ def test_the_quick_results_cover_the_issues_forget_sets() -> None:
     assert {("digits", "9"), ("digits", "3"), ("digits", "0+5+9")} <= have
 
 
+def test_the_memorising_setting_gives_the_attacks_more_power() -> None:
+    """Issue 12's attack with power: on the CIFAR-100 original (150 images a class, no augmentation) the loss attack
+    separates retained members from non-members well above the CIFAR-10 original's chance level, and LiRA with the
+    retrained models as "out" references finds the forget class's training images. The issue's 60 % is not reached
+    (docs/benchmarks.md says so and gives the best power found)."""
+    c100, c10 = RESULTS / "c100m_f9.json", RESULTS / "c10_f9.json"
+    if not (c100.is_file() and c10.is_file()):
+        pytest.skip("the CIFAR-10 / CIFAR-100 results are not committed")
+    power = json.loads(c100.read_text())["attack_power"]
+    weak = json.loads(c10.read_text())["attack_power"]
+    assert power["loss_attack_retained_accuracy"] > max(0.55, weak["loss_attack_retained_accuracy"] + 0.03)
+    assert power["reaches_0.60"] is (power["loss_attack_retained_accuracy"] >= 0.60)
+    lira = power["lira_original"]
+    assert lira["n_refs"] >= 3 and lira["low"] > 0.5 and lira["tpr_at_fpr"] > 0.01  # above chance at 1 % FPR
+
+
 def test_saved_arrays_reproduce_the_reported_attacks() -> None:
     """Rerunning attacks offline from the npz gives the JSON's numbers (the arrays are what the tests read)."""
     path = RESULTS / "digits_f9.json"
