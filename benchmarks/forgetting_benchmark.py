@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summarise(report, ref_names)
         write_json(stem_path.with_suffix(".json"), report)
         title = f"# Forgetting benchmark: {args.setting}, forget {forget} ({', '.join(report['class_names'])})"
-        rel = os.path.relpath(stem_path.with_suffix(".json"), REPO_ROOT)
+        rel = _project_path(stem_path.with_suffix(".json"))
         _io.write_text(stem_path.with_suffix(".md"), "\n".join([title, "", *markdown(report, rel)]) + "\n")
 
     # -- references: the original and every retrained model
@@ -717,6 +717,14 @@ HEADLINE = (
     ("feat_forget_auc", 3, False),
     ("kl_to_retrain", 4, False),
 )
+
+
+def _project_path(path: Path) -> str:
+    """``path`` relative to the project folder holding it (a worktree writing into another checkout names the file as
+    that checkout will), else to this one."""
+    path = path.resolve()
+    root = next((p for p in path.parents if (p / "pyproject.toml").is_file()), REPO_ROOT)
+    return os.path.relpath(path, root)
 
 
 def provenance(report: dict[str, Any], path: str) -> list[str]:
