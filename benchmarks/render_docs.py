@@ -317,9 +317,28 @@ def forgetting_blocks(text: str) -> dict[str, tuple[Callable[[], list[str]], lis
     return {f"forgetting:{s}": (lambda s=s: forgetting_block(s), [FORGETTING / f"{s}.json"]) for s in stems}
 
 
+def goal_sources(key: str) -> list[Path]:
+    """The finished runs of one forget set: ``<setting>_f<forget>`` and every ``<setting>_f<forget>_<tag>`` (a run
+    still going, or killed, is left out until ``--resume`` completes it)."""
+    paths = sorted(p for p in FORGETTING.glob("*.json") if p.stem == key or p.stem.startswith(key + "_"))
+    return [p for p in paths if _load(p).get("complete")]
+
+
+def goal_blocks(text: str) -> dict[str, tuple[Callable[[], list[str]], list[Path]]]:
+    """A block per ``generated:goal:<setting>_f<forget>`` marker: every method run on that forget set, one table."""
+    keys = re.findall(r"<!-- generated:goal:([A-Za-z0-9_+.-]+) -->", text)
+    return {
+        f"goal:{k}": (
+            lambda k=k: fb.goal_table({p.stem: _load(p) for p in goal_sources(k)}),
+            goal_sources(k) or [FORGETTING / f"{k}.json"],
+        )
+        for k in keys
+    }
+
+
 def render(text: str) -> str:
     """`text` with every generated block present in it rebuilt from its JSON."""
-    for name, (fn, sources) in {**BLOCKS, **forgetting_blocks(text)}.items():
+    for name, (fn, sources) in {**BLOCKS, **forgetting_blocks(text), **goal_blocks(text)}.items():
         pat = re.compile(rf"(<!-- generated:{re.escape(name)} -->\n)(.*?)(<!-- /generated:{re.escape(name)} -->)", re.S)
         if not pat.search(text):
             continue

@@ -73,6 +73,53 @@ def test_the_results_cover_the_issues_forget_sets(setting: str) -> None:
     assert {(setting, "9"), (setting, "3"), (setting, "0+5+9")} <= have
 
 
+def _goal_rows(lines: list[str]) -> dict[str, list[str]]:
+    return {r.split("|")[1].strip(" *"): [c.strip() for c in r.split("|")[2:-1]] for r in lines if r.startswith("| **")}
+
+
+def test_the_goal_table_scores_every_method_against_the_goal() -> None:
+    """Issue 13's comparison: every method of every run on a forget set gets one row, each goal is read against the
+    run's own floor, and a change on either side of a threshold flips its mark."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import forgetting_benchmark as fb
+
+    runs = {p.stem: json.loads(p.read_text()) for p in COMMITTED if p.stem in ("c10_f3", "c10_f3_kd")}
+    if len(runs) < 2:
+        pytest.skip("the CIFAR-10 forget-3 results are not committed")
+    rows = _goal_rows(fb.goal_table(runs))
+    assert set(rows) == {m for r in runs.values() for m in r["summary"]}
+    assert all(len(c) == 10 and c[-1].endswith("of 6") for c in rows.values())
+    fine = runs["c10_f3"]["summary"]["finetune"]
+    assert rows["finetune"][2].endswith("✓") == (fine["u_acc"]["mean"] <= 0.01)
+    assert rows["finetune"][4].endswith("✓") == fine["probe_auc"]["within_floor"]
+    # move finetune's numbers across the thresholds: U to 2 %, R to 0.4 points under retraining, probe inside the floor
+    edited = json.loads(json.dumps(runs))
+    e = edited["c10_f3"]["summary"]["finetune"]
+    e["u_acc"]["mean"], e["r_acc"]["minus_retrain"], e["probe_auc"]["within_floor"] = 0.02, -0.004, True
+    after = _goal_rows(fb.goal_table(edited))["finetune"]
+    assert after[2].endswith("✗") and after[3] == "-0.40 ✓" and after[4].endswith("✓")
+
+
+def test_the_goal_table_refuses_runs_it_cannot_compare() -> None:
+    """Pooling runs with another reference or budget would compare unequal things: refused, naming the difference."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import forgetting_benchmark as fb
+
+    runs = {p.stem: json.loads(p.read_text()) for p in COMMITTED if p.stem in ("c10_f3", "c10_f3_kd")}
+    if len(runs) < 2:
+        pytest.skip("the CIFAR-10 forget-3 results are not committed")
+    other = json.loads(json.dumps(runs))
+    other["c10_f3_kd"]["models"]["retrain_s1"]["checkpoint"]["sha256"] = "0" * 64
+    with pytest.raises(ValueError, match="not comparable.*models"):
+        fb.goal_table(other)
+    other = json.loads(json.dumps(runs))
+    other["c10_f3_kd"]["config"]["ft_rounds"] = 12
+    with pytest.raises(ValueError, match="ft_rounds"):
+        fb.goal_table(other)
+    with pytest.raises(ValueError, match="at least one"):
+        fb.goal_table({})
+
+
 def test_the_memorising_setting_gives_the_attacks_more_power() -> None:
     """Issue 12's attack with power: on the CIFAR-100 original (150 images a class, no augmentation) the loss attack
     separates retained members from non-members well above the CIFAR-10 original's chance level, and LiRA with the
