@@ -940,7 +940,7 @@ def goal_table(reports: dict[str, dict[str, Any]]) -> list[str]:
         if diff:
             raise ValueError(f"runs {first_name!r} and {name!r} are not comparable: they differ in {diff}")
     ref = first["reference_summary"]
-    floor = first["noise_floor"]
+    fl = {k: first["noise_floor"].get(k, {}).get("max_abs_diff") for k, _ in GOAL_FLOOR_METRICS}
     orig = metrics_of(first["models"]["original"]["tests"])
     refs = [n for n, m in first["models"].items() if m["kind"] == "retrain"]
     budget = first["models"][refs[0]]["training_cost"]["rounds"] * GOAL_ROUNDS_FRACTION
@@ -966,8 +966,8 @@ def goal_table(reports: dict[str, dict[str, Any]]) -> list[str]:
                 d = e[key].get("minus_retrain")
                 digits = 1 if key == "relearn_steps" else 3
                 cells.append(cell(e[key].get("within_floor"), f"{_f(e[key]['mean'], digits)} ({d:+.{digits}f})"))
-                gap, fk = ref[key]["mean"] - orig[key], floor.get(key, {}).get("max_abs_diff") or 0.0
-                closed.append((e[key]["mean"] - orig[key]) / gap if abs(gap) > fk else None)  # else: no gap to close
+                gap = ref[key]["mean"] - orig[key]
+                closed.append((e[key]["mean"] - orig[key]) / gap if abs(gap) > (fl[key] or 0.0) else None)  # else none
             rq = e["rounds_to_quality"]
             reached = [v for v in rq["values"] if v is not None]
             if len(reached) == len(rq["values"]):
@@ -989,7 +989,6 @@ def goal_table(reports: dict[str, dict[str, Any]]) -> list[str]:
                     + f" | {met} of {len(marks)} |",
                 )
             )
-    fl = {k: floor.get(k, {}).get("max_abs_diff") for k in dict(GOAL_FLOOR_METRICS)}
     fmt = {k: 1 if k == "relearn_steps" else 3 for k in fl}
     lines = [
         f"Original: {', '.join(f'{label} {_f(orig[k], fmt[k])}' for k, label in GOAL_FLOOR_METRICS)}. "

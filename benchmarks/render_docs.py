@@ -318,22 +318,21 @@ def forgetting_blocks(text: str) -> dict[str, tuple[Callable[[], list[str]], lis
 
 
 def goal_sources(key: str) -> list[Path]:
-    """The finished runs of one forget set: ``<setting>_f<forget>`` and every ``<setting>_f<forget>_<tag>`` (a run
-    still going, or killed, is left out until ``--resume`` completes it)."""
-    paths = sorted(p for p in FORGETTING.glob("*.json") if p.stem == key or p.stem.startswith(key + "_"))
-    return [p for p in paths if _load(p).get("complete")]
+    """The runs of one forget set: ``<setting>_f<forget>`` and every ``<setting>_f<forget>_<tag>``."""
+    return sorted(p for p in FORGETTING.glob("*.json") if p.stem == key or p.stem.startswith(key + "_"))
+
+
+def goal_block(key: str) -> list[str]:
+    """Every method of the finished runs on one forget set against the goal (a run still going, or killed, is left
+    out until ``--resume`` completes it)."""
+    reports = {p.stem: report for p in goal_sources(key) if (report := _load(p)).get("complete")}
+    return fb.goal_table(reports)
 
 
 def goal_blocks(text: str) -> dict[str, tuple[Callable[[], list[str]], list[Path]]]:
     """A block per ``generated:goal:<setting>_f<forget>`` marker: every method run on that forget set, one table."""
     keys = re.findall(r"<!-- generated:goal:([A-Za-z0-9_+.-]+) -->", text)
-    return {
-        f"goal:{k}": (
-            lambda k=k: fb.goal_table({p.stem: _load(p) for p in goal_sources(k)}),
-            goal_sources(k) or [FORGETTING / f"{k}.json"],
-        )
-        for k in keys
-    }
+    return {f"goal:{k}": (lambda k=k: goal_block(k), goal_sources(k) or [FORGETTING / f"{k}.json"]) for k in keys}
 
 
 def render(text: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,12 +78,10 @@ def test_the_results_cover_the_issues_forget_sets(setting: str) -> None:
 def test_every_cifar10_forget_set_has_the_issue_13_methods(forget: str) -> None:
     """Issue 13 compares every method on each forget set: fine-tune only, the paper's pruning, pruning 20 % with
     distillation, NegGrad+ and SCRUB are on all three (random-label + KD is on 9 and 3, not yet on 0+5+9)."""
-    runs = [
-        json.loads(p.read_text())
-        for p in COMMITTED
-        if p.stem == f"c10_f{forget}" or p.stem.startswith(f"c10_f{forget}_")
-    ]
-    have = {m for r in runs for m in r["summary"]}
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import render_docs
+
+    have = {m for p in render_docs.goal_sources(f"c10_f{forget}") for m in json.loads(p.read_text())["summary"]}
     assert {"finetune", "prune", "prune@0.2+kd", "neggrad+kd", "scrub"} <= have, sorted(have)
 
 
@@ -90,15 +89,22 @@ def _goal_rows(lines: list[str]) -> dict[str, list[str]]:
     return {r.split("|")[1].strip(" *"): [c.strip() for c in r.split("|")[2:-1]] for r in lines if r.startswith("| **")}
 
 
-def test_the_goal_table_scores_every_method_against_the_goal() -> None:
-    """Issue 13's comparison: every method of every run on a forget set gets one row, each goal is read against the
-    run's own floor, and a change on either side of a threshold flips its mark."""
+@pytest.fixture(scope="module")
+def c10_f3_runs() -> tuple[Any, dict[str, dict]]:
+    """The goal-table module and two CIFAR-10 forget-3 runs that share the original, references and budget."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import forgetting_benchmark as fb
 
     runs = {p.stem: json.loads(p.read_text()) for p in COMMITTED if p.stem in ("c10_f3", "c10_f3_kd")}
     if len(runs) < 2:
         pytest.skip("the CIFAR-10 forget-3 results are not committed")
+    return fb, runs
+
+
+def test_the_goal_table_scores_every_method_against_the_goal(c10_f3_runs: tuple[Any, dict[str, dict]]) -> None:
+    """Issue 13's comparison: every method of every run on a forget set gets one row, each goal is read against the
+    run's own floor, and a change on either side of a threshold flips its mark."""
+    fb, runs = c10_f3_runs
     rows = _goal_rows(fb.goal_table(runs))
     assert set(rows) == {m for r in runs.values() for m in r["summary"]}
     assert all(len(c) == 10 and c[-1].endswith("of 6") for c in rows.values())
@@ -113,14 +119,9 @@ def test_the_goal_table_scores_every_method_against_the_goal() -> None:
     assert after[2].endswith("✗") and after[3] == "-0.40 ✓" and after[4].endswith("✓")
 
 
-def test_the_goal_table_refuses_runs_it_cannot_compare() -> None:
+def test_the_goal_table_refuses_runs_it_cannot_compare(c10_f3_runs: tuple[Any, dict[str, dict]]) -> None:
     """Pooling runs with another reference or budget would compare unequal things: refused, naming the difference."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import forgetting_benchmark as fb
-
-    runs = {p.stem: json.loads(p.read_text()) for p in COMMITTED if p.stem in ("c10_f3", "c10_f3_kd")}
-    if len(runs) < 2:
-        pytest.skip("the CIFAR-10 forget-3 results are not committed")
+    fb, runs = c10_f3_runs
     other = json.loads(json.dumps(runs))
     other["c10_f3_kd"]["models"]["retrain_s1"]["checkpoint"]["sha256"] = "0" * 64
     with pytest.raises(ValueError, match="not comparable.*models"):
