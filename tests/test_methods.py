@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -127,3 +128,52 @@ def test_a_training_method_without_rounds_is_refused(tmp_path, method):
     with pytest.raises(ValueError, match="num_rounds=0 would leave the model unchanged"):
         UnlearningRecipe(model="small_cnn", num_classes=10, in_channels=1, initial_ckpt=str(ckpt),
                          forget_classes=FORGET, method=method, num_rounds=0, num_clients=2)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "forget, given, method, recovery, ratio",
+    [
+        ([3], {}, "prune", "ce", 0.05),  # one class: the paper's pruning at the measured 5 %
+        ([0, 5, 9], {}, "neggrad", "kd", 0.05),  # several: NegGrad+ with distillation kept R
+        ([0, 5, 9], {"method": "prune"}, "prune", "ce", 0.05),  # the paper's method, one flag away
+        ([0, 5, 9], {"recovery": "ce"}, "neggrad", "ce", 0.05),
+        ([0, 5, 9], {"prune_ratio": 0.2}, "prune", "ce", 0.2),  # a pruning option asks for pruning
+        ([0, 5, 9], {"plan": {"scope": "per_layer"}}, "prune", "ce", 0.05),
+        ([0, 5, 9], {"ratio": 0.2}, "prune", "ce", 0.2),  # deprecated name of prune_ratio
+        ([0, 5, 9], {"unlearning": {"method": "scrub"}}, "scrub", "ce", 0.05),
+    ],
+)
+def test_the_default_method_is_the_measured_best_for_the_forget_set(tmp_path, forget, given, method, recovery, ratio):
+    """Issue 13: defaults from the evidence (options.measured_defaults), written into the exported job as concrete
+    values, so the sites, the record and the auditor see the method that ran, not a rule."""
+    from nvflare_unlearn.cli.commands import method_summary
+    from nvflare_unlearn.fl import UnlearningRecipe
+
+    ckpt = tmp_path / "trained.pt"
+    save_checkpoint(ckpt, trained_digits_cnn(), None, "small_cnn", 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        recipe = UnlearningRecipe(model="small_cnn", num_classes=10, in_channels=1, initial_ckpt=str(ckpt),
+                                  forget_classes=forget, num_clients=2, tensorboard=False, **given)  # fmt: skip
+    u = recipe.options["unlearning"]
+    assert (u.method, u.recovery, recipe.prune_ratio) == (method, recovery, ratio)
+    assert ("method" in recipe.defaults_applied) == ("method" not in given and "unlearning" not in given)
+    summary = method_summary(recipe)
+    assert summary.startswith(f"method: {method}") and ("measured best" in summary) == (
+        "method" in recipe.defaults_applied and (method != "prune" or len(forget) == 1)
+    )
+    recipe.export(str(tmp_path / "job"))
+    server = json.loads(next((tmp_path / "job").rglob("config_fed_server.json")).read_text())
+    args = next(c["args"] for c in server["workflows"] if "unlearning" in c.get("args", {}))
+    assert args["unlearning"]["method"] == method and args["unlearning"]["recovery"] == recovery
+    assert args["plan"]["prune_ratio"] == ratio
+
+
+def test_a_default_training_method_without_rounds_says_it_was_the_default(tmp_path):
+    from nvflare_unlearn.fl import UnlearningRecipe
+
+    ckpt = tmp_path / "trained.pt"
+    save_checkpoint(ckpt, trained_digits_cnn(), None, "small_cnn", 10)
+    with pytest.raises(ValueError, match=r"'neggrad' \(the default for 2 forget classes\).*method='prune' to prune"):
+        UnlearningRecipe(model="small_cnn", num_classes=10, in_channels=1, initial_ckpt=str(ckpt),
+                         forget_classes=[3, 8], num_rounds=0, num_clients=2)  # fmt: skip

@@ -212,9 +212,27 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
         **_model_kwargs(args),
         **option_values(args, args.groups),
     )
+    say(method_summary(recipe))
     result = run_recipe(recipe, args, os.path.join(out, "workspace"), f"unlearning class(es) {args.forget_classes}")
     _finish_unlearning(result, out)
     return EXIT_OK
+
+
+def method_summary(recipe: Any) -> str:
+    """The method this request runs, and whether the job chose it (the measured default) or the user did."""
+    u = recipe.options["unlearning"]
+    what = u.method + (f" at prune_ratio {recipe.prune_ratio:g}" if u.method == "prune" else "")
+    what += " with recovery kd" if u.recovery == "kd" else ""
+    if "method" not in recipe.defaults_applied:
+        return f"method: {what}"
+    n = len(recipe.forget_classes)
+    if u.method != "prune":
+        why = f"the measured best for {n} forget classes, docs/benchmarks.md; --method prune runs the paper's pruning"
+    elif n == 1:
+        why = "the measured best for one forget class, docs/benchmarks.md"
+    else:
+        why = f"a pruning option is set; without one, {n} forget classes default to neggrad with recovery kd"
+    return f"method: {what} ({why})"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

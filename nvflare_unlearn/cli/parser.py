@@ -109,6 +109,13 @@ def _field_type(f: dataclasses.Field) -> Any:
     raise TypeError(f"no CLI type for option {f.name} ({text})")
 
 
+#: what ``--help`` of ``unlearn`` shows as the default of the options ``options.measured_defaults`` sets
+MEASURED_DEFAULTS_HELP = {
+    "method": "prune for one forget class or when a pruning option is set, neggrad for several",
+    "recovery": "ce; kd when the default method is neggrad",
+}
+
+
 def add_option_groups(p: argparse.ArgumentParser, groups: tuple[type[OptionGroup], ...], defaults: dict) -> None:
     """One flag per field of ``groups``; unset flags stay absent from the namespace (the recipe's default applies)."""
     for group in groups:
@@ -234,7 +241,7 @@ def build_parser(commands: dict[str, Any]) -> argparse.ArgumentParser:
             )
         if name != "pretrain":
             add_forget_arg(s, required=True)
-        add_option_groups(s, groups, PretrainRecipe.DEFAULTS if name != "unlearn" else {})
+        add_option_groups(s, groups, PretrainRecipe.DEFAULTS if name != "unlearn" else MEASURED_DEFAULTS_HELP)
         s.set_defaults(func=commands[name], groups=groups)
 
     e = sub.add_parser("evaluate", help="U-set / R-set accuracy of a checkpoint on a test set")

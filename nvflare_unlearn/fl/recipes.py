@@ -49,8 +49,8 @@ from nvflare_unlearn.fl.job_utils import authorize_site_config, model_files_to_s
 from nvflare_unlearn.fl.persistor import UnlearningModelPersistor, load_initial_model, resume_state
 from nvflare_unlearn.fl.unlearning_controller import UnlearningController
 from nvflare_unlearn.models import model_spec
-from nvflare_unlearn.options import GROUPS as ALL_GROUPS
 from nvflare_unlearn.options import (
+    DEPRECATED_NAMES,
     FederationOptions,
     OptionGroup,
     PlanOptions,
@@ -59,9 +59,11 @@ from nvflare_unlearn.options import (
     SecurityOptions,
     SiteDataOptions,
     TrainingOptions,
+    measured_defaults,
     rename_deprecated,
     split_options,
 )
+from nvflare_unlearn.options import GROUPS as ALL_GROUPS
 
 __all__ = ["PretrainRecipe", "RetrainRecipe", "UnlearningRecipe"]
 
@@ -105,7 +107,12 @@ class _JobRecipe(Recipe):
         resume_from: Optional[str] = None,
     ):
         where = type(self).__name__
-        flat = {**{k: v for k, v in self.DEFAULTS.items() if not _given(k, options, groups)}, **options}
+        self.num_classes = check_num_classes(num_classes)
+        self.forget_classes = normalize_forget_classes(forget_classes, self.num_classes, required=False)
+        given = _given_names(options, groups)
+        #: the defaults this job chose for options the caller left unset (the record and the CLI name them)
+        self.defaults_applied = {k: v for k, v in self._defaults(given).items() if k not in given}
+        flat = {**self.defaults_applied, **options}
         parsed, rest = split_options(flat, self.GROUPS, where, given=groups)
         if rest:
             raise TypeError(f"{where}() got unexpected keyword argument(s) {sorted(rest)}")
@@ -116,8 +123,6 @@ class _JobRecipe(Recipe):
             parsed["federation"] = fed
         self.options: dict[str, OptionGroup] = parsed
         self.model_name = model_spec(model, input_shape)
-        self.num_classes = check_num_classes(num_classes)
-        self.forget_classes = normalize_forget_classes(forget_classes, self.num_classes, required=False)
         self.num_clients = parsed["site_data"].num_clients
         quorums = fed.quorums(self.num_clients)
         too_many = {p: q for p, q in quorums.items() if q > self.num_clients}
@@ -161,6 +166,10 @@ class _JobRecipe(Recipe):
             self._bundle(["server"])
 
     # -- hooks (override to swap a component) ------------------------------------------------------------------
+    def _defaults(self, given: set[str]) -> dict[str, Any]:
+        """This job's defaults for option fields; ``given`` holds the fields the caller set."""
+        return dict(self.DEFAULTS)
+
     def _create_persistor(self) -> UnlearningModelPersistor:
         return UnlearningModelPersistor(
             self.model_name,
@@ -315,10 +324,12 @@ class _JobRecipe(Recipe):
         return {g.GROUP: self._group(g.GROUP, g) for g in SITE_GROUPS}
 
 
-def _given(name: str, options: dict, groups: dict) -> bool:
-    return name in options or any(
-        name in (g.to_dict() if isinstance(g, OptionGroup) else (g or {})) for g in groups.values()
-    )
+def _given_names(options: dict, groups: dict) -> set[str]:
+    """The option fields a caller set, flat or inside a group (deprecated names counted as their new ones)."""
+    names = set(options)
+    for g in groups.values():
+        names |= set(g.to_dict() if isinstance(g, OptionGroup) else (g or {}))
+    return names | {new for old, new in DEPRECATED_NAMES.items() if old in names}
 
 
 class PretrainRecipe(_JobRecipe):
@@ -407,7 +418,9 @@ class UnlearningRecipe(_JobRecipe):
         unlearning / scoring / plan / privacy / site_data / training / federation / security: the option groups
             (``nvflare_unlearn.options``), as dicts or group objects; any field may also be given flat
             (``method="neggrad"``, ``recovery="kd"``, ``prune_ratio=0.2``). Defaults here: ``num_rounds=3``,
-            ``lr=0.01``; ``method="prune"`` (the paper).
+            ``lr=0.01``, and the measured best method (``options.measured_defaults``): the paper's pruning at 5 %
+            for one forget class, NegGrad+ with distillation for several, unless a method or a pruning option is
+            given; ``method="prune"`` is the paper's method for any number of classes.
         test_dataset / test_data_root: optional server-side test set evaluated centrally at every stage.
         tensorboard: add NVFlare's TensorBoard receiver (U/R accuracy by round under the run's tb_events/).
         bundle_code: copy the plugin's whole package into the job (BYOC) instead of referencing the installed one.
@@ -486,9 +499,10 @@ class UnlearningRecipe(_JobRecipe):
         mode = self.options["plan"].prune_mode
         method = self.options["unlearning"].method
         if method != "prune" and self.num_rounds == 0:
+            chosen = f" (the default for {len(self.forget_classes)} forget classes)" if self.defaults_applied else ""
             raise ValueError(
-                f"method={method!r} unlearns by training at the sites: num_rounds=0 would leave the model unchanged; "
-                "give num_rounds >= 1"
+                f"method={method!r}{chosen} unlearns by training at the sites: num_rounds=0 would leave the model "
+                "unchanged; give num_rounds >= 1, or method='prune' to prune only"
             )
         for arg in (self._ckpt_arg, self._resume_arg):  # corrupt file or wrong architecture: say so now
             local = self._local_ckpt(arg)
@@ -507,6 +521,9 @@ class UnlearningRecipe(_JobRecipe):
                     f"resume_from {resume_from!r} already holds {state['round']} fine-tuning round(s); "
                     f"num_rounds={self.num_rounds} leaves nothing to do"
                 )
+
+    def _defaults(self, given: set[str]) -> dict[str, Any]:
+        return {**super()._defaults(given), **measured_defaults(len(self.forget_classes), given)}
 
     def _create_controller(self, persistor_id: str) -> UnlearningController:
         o = self.options

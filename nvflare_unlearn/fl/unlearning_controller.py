@@ -256,7 +256,7 @@ class UnlearningController(FedAvgEvalController):
         if plan is None:  # a method without pruning: the record states an empty plan of the original architecture
             plan = self._empty_plan()
         rounds = self._record.get("activation_rounds", [])
-        self._write_audit_record(original_path, final_path, plan, rounds, started, self._record.get("steps_before", 0))
+        self._write_audit_record(original_path, final_path, plan, rounds, started)
         self._record["files"] = dict(
             pruned_model=PRUNED_MODEL_FILE,
             plan=PLAN_FILE,
@@ -532,7 +532,7 @@ class UnlearningController(FedAvgEvalController):
         key, path = load_or_create_signing_key()
         return key, f"user key {path}"
 
-    def _write_audit_record(self, original_path, final_path, plan, activation_rounds, started, steps_before=0) -> str:
+    def _write_audit_record(self, original_path, final_path, plan, activation_rounds, started) -> str:
         """``unlearning_record.json`` (``protect.audit.build_record``): what was asked, done and measured; signed."""
         from nvflare_unlearn.protect.audit import build_record, public_key_pem, sign_record, write_record
         from nvflare_unlearn.protect.privacy import gaussian_sigma, sensitivity, split_budget
@@ -586,7 +586,7 @@ class UnlearningController(FedAvgEvalController):
             model_name=self.model_name,
             params_before=self._record["params_before"],
             params_after=self._record["params_after"],
-            steps_before=steps_before,
+            steps_before=self._record.get("steps_before", 0),  # plan steps applied before a resumed run
             capped_sites={s: "; ".join(v) for s, v in sorted(capped.items())},
         )
         key, source = self._signing_key()
