@@ -227,9 +227,9 @@ def method_summary(recipe: Any) -> str:
         return f"method: {what}"
     n = len(recipe.forget_classes)
     if u.method != "prune":
-        why = f"the measured best for {n} forget classes, docs/benchmarks.md; --method prune runs the paper's pruning"
+        why = f"the default for {n} forget classes, measured best in docs/benchmarks.md; --method prune: the paper's"
     elif n == 1:
-        why = "the measured best for one forget class, docs/benchmarks.md"
+        why = "the default for one forget class, measured best in docs/benchmarks.md"
     else:
         why = f"a pruning option is set; without one, {n} forget classes default to neggrad with recovery kd"
     return f"method: {what} ({why})"
