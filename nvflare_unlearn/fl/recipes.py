@@ -110,7 +110,7 @@ class _JobRecipe(Recipe):
         self.num_classes = check_num_classes(num_classes)
         self.forget_classes = normalize_forget_classes(forget_classes, self.num_classes, required=False)
         given = _given_names(options, groups)
-        #: the defaults this job chose for options the caller left unset (the record and the CLI name them)
+        #: the defaults this job chose for options the caller left unset (the CLI names them; the job holds the values)
         self.defaults_applied = {k: v for k, v in self._defaults(given).items() if k not in given}
         flat = {**self.defaults_applied, **options}
         parsed, rest = split_options(flat, self.GROUPS, where, given=groups)
@@ -499,7 +499,8 @@ class UnlearningRecipe(_JobRecipe):
         mode = self.options["plan"].prune_mode
         method = self.options["unlearning"].method
         if method != "prune" and self.num_rounds == 0:
-            chosen = f" (the default for {len(self.forget_classes)} forget classes)" if self.defaults_applied else ""
+            n = len(self.forget_classes)
+            chosen = f" (the default for {n} forget classes)" if "method" in self.defaults_applied else ""
             raise ValueError(
                 f"method={method!r}{chosen} unlearns by training at the sites: num_rounds=0 would leave the model "
                 "unchanged; give num_rounds >= 1, or method='prune' to prune only"
