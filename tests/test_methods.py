@@ -22,6 +22,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FORGET = [3]
 
 
+@pytest.fixture
+def trained_ckpt(tmp_path) -> str:
+    """The trained digits CNN saved as the checkpoint a job unlearns from."""
+    ckpt = tmp_path / "trained.pt"
+    save_checkpoint(ckpt, trained_digits_cnn(), None, "small_cnn", 10)
+    return str(ckpt)
+
+
 def _split():
     xtr, ytr, _, _ = digits_tensors()
     f = ytr == FORGET[0]
@@ -85,17 +93,15 @@ def test_forget_terms_raise_the_forget_loss_and_keep_the_rest(method):
 
 
 @pytest.mark.sim
-def test_a_non_pruning_method_runs_as_a_job_and_verifies(tmp_path):
+def test_a_non_pruning_method_runs_as_a_job_and_verifies(tmp_path, trained_ckpt):
     """NegGrad+ with distillation through NVFlare: the sites use their forget data and the teacher the task carries;
     the job ends with the forgetting check, recorded in the metrics and the audit record."""
     from nvflare.recipe.sim_env import SimEnv
 
     from nvflare_unlearn.fl import UnlearningRecipe, quiet_log_config, read_job_result
 
-    ckpt = tmp_path / "trained.pt"
-    save_checkpoint(ckpt, trained_digits_cnn(), None, "small_cnn", 10)
     recipe = UnlearningRecipe(
-        name="neggrad_kd", model="small_cnn", num_classes=10, in_channels=1, initial_ckpt=str(ckpt),
+        name="neggrad_kd", model="small_cnn", num_classes=10, in_channels=1, initial_ckpt=trained_ckpt,
         forget_classes=FORGET, method="neggrad", recovery="kd", num_rounds=1, num_clients=2, tensorboard=False,
     )  # fmt: skip
     env = SimEnv(num_clients=2, num_threads=2, workspace_root=str(tmp_path / "ws"),
@@ -118,15 +124,13 @@ def test_a_non_pruning_method_runs_as_a_job_and_verifies(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["finetune", "neggrad"])
-def test_a_training_method_without_rounds_is_refused(tmp_path, method):
+def test_a_training_method_without_rounds_is_refused(trained_ckpt, method):
     """Only pruning changes the model before fine-tuning: any other method with num_rounds=0 would return the
     original unchanged under an "unlearned" name."""
     from nvflare_unlearn.fl import UnlearningRecipe
 
-    ckpt = tmp_path / "trained.pt"
-    save_checkpoint(ckpt, trained_digits_cnn(), None, "small_cnn", 10)
     with pytest.raises(ValueError, match="num_rounds=0 would leave the model unchanged"):
-        UnlearningRecipe(model="small_cnn", num_classes=10, in_channels=1, initial_ckpt=str(ckpt),
+        UnlearningRecipe(model="small_cnn", num_classes=10, in_channels=1, initial_ckpt=trained_ckpt,
                          forget_classes=FORGET, method=method, num_rounds=0, num_clients=2)  # fmt: skip
 
 
@@ -143,17 +147,17 @@ def test_a_training_method_without_rounds_is_refused(tmp_path, method):
         ([0, 5, 9], {"unlearning": {"method": "scrub"}}, "scrub", "ce", 0.05),
     ],
 )
-def test_the_default_method_is_the_measured_best_for_the_forget_set(tmp_path, forget, given, method, recovery, ratio):
+def test_the_default_method_is_the_measured_best_for_the_forget_set(
+    tmp_path, trained_ckpt, forget, given, method, recovery, ratio
+):
     """Issue 13: defaults from the evidence (options.measured_defaults), written into the exported job as concrete
     values, so the sites, the record and the auditor see the method that ran, not a rule."""
     from nvflare_unlearn.cli.commands import method_summary
     from nvflare_unlearn.fl import UnlearningRecipe
 
-    ckpt = tmp_path / "trained.pt"
-    save_checkpoint(ckpt, trained_digits_cnn(), None, "small_cnn", 10)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        recipe = UnlearningRecipe(model="small_cnn", num_classes=10, in_channels=1, initial_ckpt=str(ckpt),
+        recipe = UnlearningRecipe(model="small_cnn", num_classes=10, in_channels=1, initial_ckpt=trained_ckpt,
                                   forget_classes=forget, num_clients=2, tensorboard=False, **given)  # fmt: skip
     u = recipe.options["unlearning"]
     assert (u.method, u.recovery, recipe.prune_ratio) == (method, recovery, ratio)
@@ -169,11 +173,9 @@ def test_the_default_method_is_the_measured_best_for_the_forget_set(tmp_path, fo
     assert args["plan"]["prune_ratio"] == ratio
 
 
-def test_a_default_training_method_without_rounds_says_it_was_the_default(tmp_path):
+def test_a_default_training_method_without_rounds_says_it_was_the_default(trained_ckpt):
     from nvflare_unlearn.fl import UnlearningRecipe
 
-    ckpt = tmp_path / "trained.pt"
-    save_checkpoint(ckpt, trained_digits_cnn(), None, "small_cnn", 10)
     with pytest.raises(ValueError, match=r"'neggrad' \(the default for 2 forget classes\).*method='prune' to prune"):
-        UnlearningRecipe(model="small_cnn", num_classes=10, in_channels=1, initial_ckpt=str(ckpt),
+        UnlearningRecipe(model="small_cnn", num_classes=10, in_channels=1, initial_ckpt=trained_ckpt,
                          forget_classes=[3, 8], num_rounds=0, num_clients=2)  # fmt: skip
