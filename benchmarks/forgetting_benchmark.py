@@ -218,7 +218,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="keep the method runs of an interrupted run with the same configuration (references are retested)",
+        help="keep the method runs of an interrupted run with the same configuration (references are retested); "
+        "the method list may change, so one interrupted run can be split over several --tag runs",
     )
     args = p.parse_args(argv)
     for k, v in PRESETS[args.setting].items():
@@ -616,11 +617,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _resumable_runs(path: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """The finished method runs of an earlier report at ``path`` made with the same configuration (else none)."""
+    """The finished method runs of an earlier report at ``path`` made with the same configuration (else none).
+
+    The method list is not part of the comparison: every method x seed run is seeded on its own and tested against the
+    same references, so a run kept from a longer list is the run the shorter list would have made."""
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
-    ignore = {"resume"}
+    ignore = {"resume", "methods"}
     if {k: v for k, v in old["config"].items() if k not in ignore} != {
         k: v for k, v in config.items() if k not in ignore
     }:

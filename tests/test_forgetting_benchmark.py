@@ -70,7 +70,8 @@ def test_committed_results_keep_the_contract(path: Path) -> None:
 @pytest.mark.parametrize("setting", ["digits", "c10"])
 def test_the_results_cover_the_issues_forget_sets(setting: str) -> None:
     """Issue 12 asks for forget 9, 3 (cat: a hard class) and 0+5+9 (several at once), at the CI scale and at size."""
-    have = {(json.loads(p.read_text())["setting"], p.stem.split("_f", 1)[1]) for p in COMMITTED}
+    reports = [json.loads(p.read_text()) for p in COMMITTED]
+    have = {(r["setting"], "+".join(map(str, r["forget"]))) for r in reports}
     assert {(setting, "9"), (setting, "3"), (setting, "0+5+9")} <= have
 
 
@@ -200,5 +201,23 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     again = fb.main(args + ["--resume"])
     assert again["runs"] == json.loads(json.dumps(res))
     assert again["models"]["original"]["tests"]["accuracy"] == report["models"]["original"]["tests"]["accuracy"]
+    # ...and may go on with fewer methods (one interrupted run split over several --tag runs): those listed are kept
+    fewer = fb.main([a if a != ",".join(methods) else "row_reset" for a in args] + ["--resume"])
+    assert fewer["runs"] == {k: v for k, v in again["runs"].items() if k.startswith("row_reset_")}
     with pytest.raises(SystemExit, match="another configuration"):
         fb.main(args + ["--ft-rounds", "3", "--resume"])
+
+
+def test_resume_keeps_runs_across_method_lists_and_refuses_another_configuration(tmp_path: Path) -> None:
+    """A resumed run may list other methods (each method x seed run is seeded on its own), nothing else may differ."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import forgetting_benchmark as fb
+
+    config = vars(fb.parse_args(["--setting", "digits", "--methods", "finetune,prune", "--out", str(tmp_path)]))
+    runs = {"finetune_s0": {"method": "finetune"}}
+    path = tmp_path / "digits_f9.json"
+    path.write_text(json.dumps({"config": config, "runs": runs}))
+    assert fb._resumable_runs(path, {**config, "methods": "finetune", "resume": True}) == runs
+    with pytest.raises(SystemExit, match="another configuration"):
+        fb._resumable_runs(path, {**config, "ft_rounds": config["ft_rounds"] + 1})
+    assert fb._resumable_runs(tmp_path / "absent.json", config) == {}
