@@ -19,12 +19,7 @@ RESULTS = REPO / "benchmarks" / "results" / "forgetting"
 COMMITTED = sorted(RESULTS.glob("*.json"))
 
 
-#: Runs made before their setting had its references and seeds (one seed, one retrained reference): docs/benchmarks.md
-#: labels them so. They keep every other part of the contract, and must not show a noise floor they cannot have.
-PRELIMINARY = {"c10_f9", "c10_f9_kd"}
-
-
-def _check_contract(report: dict, preliminary: bool = False) -> None:
+def _check_contract(report: dict) -> None:
     """What issue 12 asks every result file to carry."""
     orig = report["models"]["original"]
     assert 0.0 < orig["test_acc"] <= 1.0
@@ -33,12 +28,9 @@ def _check_contract(report: dict, preliminary: bool = False) -> None:
     refs = [n for n in report["models"] if n.startswith("retrain_")]
     floor = report["noise_floor"]
     keys = ("r_acc", "probe_auc", "relearn_steps", "mia_forget_auc", "lira_auc", "feat_forget_auc")
-    if preliminary:
-        assert len(refs) == 1 and all(floor[k]["max_abs_diff"] is None for k in keys), "no floor from one reference"
-    else:
-        assert len(refs) >= 2, "a noise floor needs at least two retrained references"
-        for key in keys:
-            assert floor[key]["n"] >= 2 and floor[key]["max_abs_diff"] is not None, key
+    assert len(refs) >= 2, "a noise floor needs at least two retrained references"
+    for key in keys:
+        assert floor[key]["n"] >= 2 and floor[key]["max_abs_diff"] is not None, key
     tests = [m["tests"] for m in report["models"].values()] + [r["tests"] for r in report["runs"].values()]
     for t in tests:
         steps = [s for s, _ in t["relearn"]["curve"]]
@@ -50,7 +42,7 @@ def _check_contract(report: dict, preliminary: bool = False) -> None:
     assert 0.0 <= power["loss_attack_retained_accuracy"] <= 1.0
     assert power["lira_original"]["auc"] is not None and power["lira_original"]["tpr_at_fpr"] is not None
     for method, entry in report["summary"].items():
-        assert len(entry["seeds"]) >= (1 if preliminary else 3), f"{method}: the headline needs >= 3 seeds"
+        assert len(entry["seeds"]) >= 3, f"{method}: the headline needs >= 3 seeds"
     budgets = {len(r["history"]) for r in report["runs"].values()}
     assert budgets == {report["config"]["ft_rounds"]}, "every method gets the same fine-tune rounds"
     # rounds to quality are read on the FULL test set, not a subset
@@ -64,7 +56,7 @@ def _check_contract(report: dict, preliminary: bool = False) -> None:
 def test_committed_results_keep_the_contract(path: Path) -> None:
     report = json.loads(path.read_text())
     assert report["complete"], f"{path.name} is an interrupted run"
-    _check_contract(report, preliminary=path.stem in PRELIMINARY)
+    _check_contract(report)
 
 
 @pytest.mark.parametrize("setting", ["digits", "c10"])
@@ -140,7 +132,7 @@ def test_the_memorising_setting_gives_the_attacks_more_power() -> None:
     separates retained members from non-members well above the CIFAR-10 original's chance level, and LiRA with the
     retrained models as "out" references finds the forget class's training images. The issue's 60 % is not reached
     (docs/benchmarks.md says so and gives the best power found)."""
-    c100, c10 = RESULTS / "c100m_f9.json", RESULTS / "c10_f9.json"
+    c100, c10 = RESULTS / "c100m_f9.json", RESULTS / "c10_f9_all.json"
     if not (c100.is_file() and c10.is_file()):
         pytest.skip("the CIFAR-10 / CIFAR-100 results are not committed")
     power = json.loads(c100.read_text())["attack_power"]
