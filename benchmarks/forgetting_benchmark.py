@@ -629,7 +629,7 @@ def _resumable_runs(path: Path, config: dict[str, Any]) -> dict[str, Any]:
         k: v for k, v in config.items() if k not in ignore
     }:
         raise SystemExit(f"--resume: {path} was made with another configuration; move it away or drop --resume")
-    log(f"--resume: keeping {len(old['runs'])} finished method run(s) of {path.name}")
+    log(f"--resume: {path.name} has {len(old['runs'])} finished method run(s); those of the listed methods are kept")
     return old["runs"]
 
 
