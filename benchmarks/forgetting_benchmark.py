@@ -1015,6 +1015,48 @@ def goal_table(reports: dict[str, dict[str, Any]]) -> list[str]:
     return lines + [r for *_, r in sorted(rows)] + [""]
 
 
+def default_rule(sets: dict[str, dict[str, dict[str, Any]]]) -> tuple[list[str], str | None]:
+    """The rule behind the job's default method (``options.measured_defaults``), read from the runs.
+
+    ``sets``: ``{forget-set label: {run name: report}}``. A method is eligible when it reaches U <= 1 % on every
+    set (a model that still answers the class has not forgotten it); the winner is the eligible method with the
+    least R lost against retraining, averaged over the sets. Returns (markdown table, winner or None).
+    """
+    labels = list(sets)
+    cells: dict[str, dict[str, tuple[float, float | None]]] = {}
+    for label, reports in sets.items():
+        for rep in reports.values():
+            for method, e in rep["summary"].items():
+                cells.setdefault(method, {})[label] = (e["u_acc"]["mean"], e["r_acc"].get("minus_retrain"))
+    rows = []
+    for method, by_set in cells.items():
+        complete = len(by_set) == len(labels) and all(d is not None for _u, d in by_set.values())
+        ok = complete and all(u <= GOAL_U_AT_MOST for u, _d in by_set.values())
+        mean_dr = float(np.mean([by_set[lb][1] for lb in labels])) if complete else None
+        u_cells = " / ".join(
+            "not run" if lb not in by_set else
+            f"{'✓' if by_set[lb][0] <= GOAL_U_AT_MOST else '✗'} {_f(by_set[lb][0], 4, True)}" for lb in labels
+        )  # fmt: skip
+        r_cells = " / ".join(
+            "not run" if lb not in by_set or by_set[lb][1] is None else f"{100 * by_set[lb][1]:+.2f}" for lb in labels
+        )
+        mean = "n/a" if mean_dr is None else f"{100 * mean_dr:+.2f}"
+        rows.append((not ok, -(mean_dr if mean_dr is not None else -1e9), method, ok, u_cells, r_cells, mean))
+    rows.sort()
+    winner = rows[0][2] if rows and rows[0][3] else None
+    lines = [
+        f"Sets: {', '.join(labels)} (goal tables above; each cell a mean over seeds). Eligible: U ≤ "
+        f"{100 * GOAL_U_AT_MOST:.0f} % on every set; the default is the eligible method with the least mean R lost "
+        f"against retraining: **{winner or 'none'}**.",
+        "",
+        f"| method | U acc % ({' / '.join(labels)}) | R − retrain, points ({' / '.join(labels)}) | mean R − retrain "
+        "| eligible |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| **{m}** | {u} | {r} | {mean} | {'yes' if ok else 'no'} |" for _a, _b, m, ok, u, r, mean in rows]
+    return lines + [""], winner
+
+
 def markdown(report: dict[str, Any], path: str | None = None, level: int = 2) -> list[str]:
     """The report's tables under headings of ``level`` (the docs page nests them deeper), without a title."""
     path = path or f"benchmarks/results/forgetting/{report['setting']}_f{'+'.join(map(str, report['forget']))}.json"

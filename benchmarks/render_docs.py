@@ -293,6 +293,26 @@ def faithfulness_block() -> list[str]:
     return ff.markdown(_load(FAITHFULNESS), _rel(FAITHFULNESS))
 
 
+def goal_sources(key: str) -> list[Path]:
+    """The runs of one forget set: ``<setting>_f<forget>`` and every ``<setting>_f<forget>_<tag>``."""
+    return sorted(p for p in FORGETTING.glob("*.json") if p.stem == key or p.stem.startswith(key + "_"))
+
+
+def finished_runs(key: str) -> dict[str, dict[str, Any]]:
+    """``{run name: report}`` of one forget set's finished runs (a run still going, or killed, is left out until
+    ``--resume`` completes it)."""
+    return {p.stem: report for p in goal_sources(key) if (report := _load(p)).get("complete")}
+
+
+#: the forget sets the job's default method is chosen on (``options.measured_defaults``): CIFAR-10, every set
+DEFAULT_RULE_SETS = {"cat": "c10_f3", "truck": "c10_f9", "0+5+9": "c10_f0+5+9"}
+
+
+def default_rule_block() -> list[str]:
+    """Which method the rule of ``options.measured_defaults`` picks from the CIFAR-10 runs, and why."""
+    return fb.default_rule({label: finished_runs(key) for label, key in DEFAULT_RULE_SETS.items()})[0]
+
+
 BLOCKS: dict[str, tuple[Callable[[], list[str]], list[Path]]] = {
     "faithfulness": (faithfulness_block, [FAITHFULNESS]),
     "full-cpu": (full_cpu_block, [FULL_CPU]),
@@ -302,6 +322,7 @@ BLOCKS: dict[str, tuple[Callable[[], list[str]], list[Path]]] = {
     "h100-sweep": (h100_sweep_block, [H100_SWEEP]),
     "cpu-ratio0.2": (cpu_ratio02_block, [CPU_RATIO02]),
     "quick": (quick_block, [QUICK_SEEDS]),
+    "default-rule": (default_rule_block, [p for key in DEFAULT_RULE_SETS.values() for p in goal_sources(key)]),
 }
 
 
@@ -317,16 +338,9 @@ def forgetting_blocks(text: str) -> dict[str, tuple[Callable[[], list[str]], lis
     return {f"forgetting:{s}": (lambda s=s: forgetting_block(s), [FORGETTING / f"{s}.json"]) for s in stems}
 
 
-def goal_sources(key: str) -> list[Path]:
-    """The runs of one forget set: ``<setting>_f<forget>`` and every ``<setting>_f<forget>_<tag>``."""
-    return sorted(p for p in FORGETTING.glob("*.json") if p.stem == key or p.stem.startswith(key + "_"))
-
-
 def goal_block(key: str) -> list[str]:
-    """Every method of the finished runs on one forget set against the goal (a run still going, or killed, is left
-    out until ``--resume`` completes it)."""
-    reports = {p.stem: report for p in goal_sources(key) if (report := _load(p)).get("complete")}
-    return fb.goal_table(reports)
+    """Every method of the finished runs on one forget set against the goal."""
+    return fb.goal_table(finished_runs(key))
 
 
 def goal_blocks(text: str) -> dict[str, tuple[Callable[[], list[str]], list[Path]]]:

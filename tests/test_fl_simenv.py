@@ -201,3 +201,23 @@ def test_unlearn_with_a_users_client_api_script(sim_root, pretrained, tmp_path):
     assert m["pruned"]["u_acc"] <= 0.05 and m["unlearned"]["u_acc"] <= 0.05
     assert m["unlearned"]["r_acc"] > m["pruned"]["r_acc"] + 0.3, "fine-tuning through the user's script did not help"
     assert m["verification"]["status"] == "ok" and m["verification"]["sites"] == ["site-1", "site-2"]
+    # the script ignores the objective: fine for the paper's cross-entropy fine-tune, so nothing is flagged ...
+    silent = {"site-1": ["not reported"], "site-2": ["not reported"]}
+    assert m["objective"] == {"requested": "ce", "sites": silent, "not_as_requested": []}
+
+    # ... but under a NegGrad+ request the record must not pass its plain fine-tuning off as NegGrad+
+    recipe = UnlearningRecipe(
+        name="unlearn_script_neggrad",
+        initial_ckpt=pretrained.model_path,
+        forget_classes=[3],
+        method="neggrad",
+        num_rounds=1,
+        num_clients=N_SITES,
+        train_script=str(script),
+        verify=False,
+    )
+    result = read_job_result(recipe.execute(_env(sim_root)).get_result())
+    check = result.metrics["objective"]
+    assert check == {"requested": "neggrad+ce", "sites": silent, "not_as_requested": ["site-1", "site-2"]}
+    record = json.loads(open(result.record_path).read())
+    assert record["request"]["parameters"]["objective_applied"] == check

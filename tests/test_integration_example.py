@@ -319,6 +319,8 @@ def test_example_pretrains_and_unlearns_the_users_model_in_the_simulator(tmp_pat
     assert final["u_acc"] <= 0.05, s
     assert final["r_acc"] >= orig["r_acc"] - 0.05, s
     assert s["params_after"] < s["params_before"] and s["rounds"] == 3
+    # the user's script passes its objective to weights_result: every site says what it ran, through NVFlare
+    assert s["objective"] == {"requested": "ce", "sites": {"site-1": ["ce"], "site-2": ["ce"]}, "not_as_requested": []}
     for line in ("original: U (forgotten)", "unlearned: U (forgotten)", "parameters:"):
         assert line in out.stdout
 

@@ -219,20 +219,13 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
 
 def method_summary(recipe: Any) -> str:
-    """The method this request runs, and whether the job chose it (the measured default) or the user did."""
+    """The method this request runs, and why when the job chose it (``options.measured_defaults``)."""
     u = recipe.options["unlearning"]
     what = u.method + (f" at prune_ratio {recipe.prune_ratio:g}" if u.method == "prune" else "")
     what += " with recovery kd" if u.recovery == "kd" else ""
     if "method" not in recipe.defaults_applied:
         return f"method: {what}"
-    n = len(recipe.forget_classes)
-    if u.method != "prune":
-        why = f"the default for {n} forget classes, measured best in docs/benchmarks.md; --method prune: the paper's"
-    elif n == 1:
-        why = "the default for one forget class, measured best in docs/benchmarks.md"
-    else:
-        why = f"a pruning option is set; without one, {n} forget classes default to neggrad with recovery kd"
-    return f"method: {what} ({why})"
+    return f"method: {what} ({recipe.method_default.reason})"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

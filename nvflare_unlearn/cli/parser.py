@@ -111,8 +111,8 @@ def _field_type(f: dataclasses.Field) -> Any:
 
 #: what ``--help`` of ``unlearn`` shows as the default of the options ``options.measured_defaults`` sets
 MEASURED_DEFAULTS_HELP = {
-    "method": "prune for one forget class or when a pruning option is set, neggrad for several",
-    "recovery": "ce; kd when the default method is neggrad",
+    "method": "neggrad, the measured best; prune when a pruning option is set",
+    "recovery": "kd with the default neggrad, else ce",
 }
 
 

@@ -8,6 +8,7 @@ from typing import Optional
 from nvflare_unlearn import _io
 from nvflare_unlearn.fl.defs import FINAL_MODEL_FILE, PLAN_FILE, PRUNED_MODEL_FILE, RECORD_FILE, RECORD_PUBLIC_KEY_FILE
 from nvflare_unlearn.fl.results import sites_per_phase
+from nvflare_unlearn.method.objectives import OBJECTIVE_HINT
 
 
 def _acc(entry: Optional[dict]) -> dict:
@@ -35,13 +36,20 @@ def build_report(metrics: dict) -> dict:
         seconds=metrics.get("seconds"),
         verification=metrics.get("verification"),
         verification_original=metrics.get("verification_original"),
+        objective=metrics.get("objective"),  # the loss each site says it minimised, against the request
         sites_per_phase=sites_per_phase(metrics),  # which sites each activation pass and round used
         resumed=metrics.get("resumed"),  # set when the job went on from an earlier run's round (resume_from)
     )
 
 
+def prunes(report: dict) -> bool:
+    """Whether the job's method pruned before fine-tuning (the others start from the original model)."""
+    return ((report.get("options") or {}).get("unlearning") or {}).get("method", "prune") == "prune"
+
+
 def plot_u_r_by_round(report: dict, path: str, title: str = "") -> str:
-    """PNG: U-set (forgotten) and R-set (retained) accuracy, original model dashed, round 0 = just pruned."""
+    """PNG: U-set (forgotten) and R-set (retained) accuracy, original model dashed, round 0 = just pruned (or the
+    original, for a method that does not prune)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,7 +65,7 @@ def plot_u_r_by_round(report: dict, path: str, title: str = "") -> str:
     ax.axhline(100 * report["original"]["r_acc"], ls="--", color="tab:blue", alpha=0.5, label="original R-set")
     ax.axhline(100 * report["original"]["u_acc"], ls="--", color="tab:red", alpha=0.5, label="original U-set")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("fine-tuning round (0 = right after pruning)")
+    ax.set_xlabel(f"fine-tuning round (0 = {'right after pruning' if prunes(report) else 'the original'})")
     ax.set_ylabel("federated test accuracy (%)")
     ax.set_ylim(-3, 103)
     ax.set_title(title or f"forgetting class(es) {report['forget_classes']}")
@@ -77,16 +85,23 @@ def print_report(report: dict) -> None:
     print()
     print(f"  forget classes: {report['forget_classes']}")
     print(f"  {'stage':<10} {'U-set':>7} {'R-set':>7}")
-    for stage in ("original", "pruned", "unlearned"):
+    for stage in ("original", "pruned", "unlearned") if prunes(report) else ("original", "unlearned"):
         print(f"  {stage:<10} {pct(report[stage]['u_acc']):>7} {pct(report[stage]['r_acc']):>7}")
     pb, pa = report["params_before"], report["params_after"]
-    if pb and pa:
+    if pb and pa and pa != pb:
         print(f"  parameters: {pb:,} -> {pa:,} ({100 * (1 - pa / pb):.1f}% removed), rounds: {report['rounds']}")
+    elif pb and pa:
+        print(f"  parameters: {pb:,} (none removed), rounds: {report['rounds']}")
     check = report.get("verification") or {}
     if check.get("verdict"):
         print(f"  {check['verdict']}")
         for line in check.get("evidence", []):
             print(f"    {line}")
+    objective = report.get("objective") or {}
+    if objective.get("not_as_requested"):
+        sites = "; ".join(f"{s}: {', '.join(objective['sites'][s])}" for s in objective["not_as_requested"])
+        print(f"  warning: not every site reports the requested loss {objective['requested']} ({sites})")
+        print(f"    {OBJECTIVE_HINT}")
     print()
 
 

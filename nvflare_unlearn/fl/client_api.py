@@ -13,8 +13,9 @@
             flare.send(ua.activation_result(model, DataLoader(train_set, batch_size=64), 10))
         elif task == ua.TASK_TRAIN:
             data = ua.retained(train_set, received)          # forget classes dropped here, not by your code
-            n = my_train(model, data) if len(data) else 0     # your training loop (mask mode: see enforce_masks)
-            flare.send(ua.weights_result(model, n))           # n = 0 -> left out of the average
+            objective = ua.training_objective(received, "small_cnn", 10, forget_loader)  # None: pretraining
+            n = my_train(model, data, objective) if len(data) else 0  # loss = objective.batch_loss(model, x, y)
+            flare.send(ua.weights_result(model, n, objective))  # n = 0: left out; objective: what ran, recorded
         elif task == ua.TASK_VALIDATE:
             flare.send(ua.validation_result(model, DataLoader(val_set, batch_size=256), 10))
 
@@ -24,12 +25,13 @@ reshape received weights to the shapes of the previous round, which breaks after
 Privacy: ``activation_result`` applies the job's min-count, per-image clipping and Gaussian noise (sent in the
 task's meta) with ``protected_report``, the very function ``UnlearningExecutor`` uses, and tells the server what it
 applied; the audit record lists that per site (a script that answers without these helpers is recorded as having
-applied nothing it can vouch for).
+applied nothing it can vouch for). Likewise ``weights_result(model, n, objective)`` reports the loss the site
+minimised, and the record lists a site that does not as "not reported" (``method.objectives.objective_check``).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
@@ -40,6 +42,7 @@ from nvflare_unlearn.fl.defs import (
     META_FORGET,
     META_HOOK_POINT,
     META_METHOD,
+    META_OBJECTIVE_APPLIED,
     META_PLAN,
     META_PRIVACY,
     META_PRIVACY_APPLIED,
@@ -62,6 +65,9 @@ from nvflare_unlearn.fl.model_state import (
 )
 from nvflare_unlearn.method.activations import WIRE_SUMS_DTYPE, ClassActivationReport
 from nvflare_unlearn.options import PrivacyOptions
+
+if TYPE_CHECKING:
+    from nvflare_unlearn.method.objectives import UnlearningObjective
 
 __all__ = [
     "TASK_ACTIVATIONS",
@@ -226,15 +232,19 @@ def activation_result(
     )
 
 
-def weights_result(model: nn.Module, num_samples: int) -> FLModel:
-    """Answer the train task: the full state dict as numpy, weighted by the number of training samples."""
+def weights_result(model: nn.Module, num_samples: int, objective: Optional[UnlearningObjective] = None) -> FLModel:
+    """Answer the train task: the full state dict as numpy, weighted by the number of training samples.
+
+    ``objective``: the one ``training_objective`` gave you and your loop minimised; its report (the loss and how
+    many batches used it) goes back with the weights, so the job's record shows that this site ran the method. A
+    job whose method needs more than plain cross-entropy lists a site that sends no report as "not reported".
+    """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
         raise ValueError(f"num_samples must be an integer >= 0 (0 = nothing trained), got {num_samples!r}")
-    return FLModel(
-        params_type=ParamsType.FULL,
-        params=state_to_numpy(model),
-        meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: num_samples},
-    )
+    meta: dict = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: num_samples}
+    if objective is not None:
+        meta[META_OBJECTIVE_APPLIED] = objective.report()
+    return FLModel(params_type=ParamsType.FULL, params=state_to_numpy(model), meta=meta)
 
 
 def validation_result(model: nn.Module, loader: Iterable, num_classes: int) -> FLModel:
@@ -256,18 +266,21 @@ def training_objective(
     in_channels: Optional[int] = None,
     seed: int = 0,
 ):
-    """The loss this round's method asks for (``method.objectives``), or None for plain cross-entropy.
+    """The loss this round's method asks for (``method.objectives``); None for a task without forget classes
+    (pretraining: plain cross-entropy).
 
-    Use it as ``loss = objective.batch_loss(model, x, y)`` in your training loop on retained data. Methods that use
-    the forget classes (neggrad, random_label, scrub) need ``forget_loader`` over this site's forget-class images;
-    a distilling method gets the original model (the teacher) from the task itself.
+    Use it as ``loss = objective.batch_loss(model, x, y)`` in your training loop on retained data, and pass it to
+    ``weights_result``: it counts the batches it computed, and the job records what each site ran. Methods that use
+    the forget classes (neggrad, random_label, scrub) need ``forget_loader`` over this site's forget-class images
+    (without one the site trains on the retained term alone, and says so); a distilling method gets the original
+    model (the teacher) from the task itself.
     """
     from nvflare_unlearn.method.objectives import UnlearningObjective
     from nvflare_unlearn.options import MethodOptions
 
     options = MethodOptions.from_dict((fl_model.meta or {}).get(META_METHOD))
     forget = forget_classes_of(fl_model)
-    if not forget or not (options.needs_teacher or options.needs_forget_data):
+    if not forget:
         return None
     teacher = None
     if options.needs_teacher:

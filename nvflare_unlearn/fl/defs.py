@@ -27,6 +27,7 @@ META_TEACHER_PLAN = "teacher_plan"  # the plan of that original model, when it h
 META_RESUME = "resume"  # controller <-> persistor: the job state saved with each round (resume_from=)
 META_PRIVACY = "privacy"  # activation task: the PrivacyOptions the job asks the sites to apply
 META_PRIVACY_APPLIED = "privacy_applied"  # activation report: what this site actually applied
+META_OBJECTIVE_APPLIED = "objective_applied"  # train result: {"loss", "steps", "forget_steps"} this site minimised
 META_DP_SIGMA = "dp_sigma"  # DXO meta of an activation report: std of the Gaussian noise the site added (0 = none)
 
 # Keys of the per-class evaluation metrics a site returns for TASK_VALIDATE (counts only, never samples).

@@ -37,6 +37,7 @@ from nvflare_unlearn.fl.defs import (
     META_DP_SIGMA,
     META_FORGET,
     META_METHOD,
+    META_OBJECTIVE_APPLIED,
     META_PLAN,
     META_PRIVACY_APPLIED,
     META_PRUNE_MODE,
@@ -307,10 +308,11 @@ class UnlearningExecutor(Executor):
                 global_step=fl_model.current_round,
             )
             send_analytic_dxo(self, dxo, fl_ctx)
+        applied = objective.report() if objective is not None else {"loss": "ce", "steps": steps, "forget_steps": 0}
         return DXO(
             data_kind=DataKind.WEIGHTS,
             data=state_to_numpy(model),
-            meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: n},
+            meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: n, META_OBJECTIVE_APPLIED: applied},
         )
 
     def _objective(self, meta: dict, forget: list[int], round_num: Optional[int]):

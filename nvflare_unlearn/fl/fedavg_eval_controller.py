@@ -160,6 +160,7 @@ class FedAvgEvalController(BaseFedAvg):
         self._progress: dict[str, Any] = {"job_kind": job_kind}
         self._round_base: Optional[dict] = None  # the global weights the current round's sites started from
         self._last_aggregation: dict = {}
+        self._last_averaged: list[FLModel] = []  # the results the last aggregation averaged (round_record)
 
     # ------------------------------------------------------------------ plumbing
     def task_meta(self) -> dict:
@@ -405,6 +406,7 @@ class FedAvgEvalController(BaseFedAvg):
             sec.update_outlier,
         )
         names = [site_name(r) for r in usable]
+        self._last_averaged = [r for i, r in enumerate(usable) if i not in set(info["left_out"])]
         self._last_aggregation = {
             "aggregation": sec.update_aggregation,
             "weights": dict(zip(names, weights)),
@@ -419,6 +421,11 @@ class FedAvgEvalController(BaseFedAvg):
     def train_task_model(self, model: FLModel) -> FLModel:
         """What a train task carries besides ``global_model`` (the unlearning job adds its method's needs)."""
         return model
+
+    def round_record(self, averaged: list[FLModel]) -> dict:
+        """What a round's history entry keeps about the sites whose update was averaged, besides the aggregation
+        (the unlearning job adds the loss each says it minimised)."""
+        return {}
 
     def run_rounds(
         self,
@@ -466,6 +473,7 @@ class FedAvgEvalController(BaseFedAvg):
                 trained_sites=sorted(site_name(r) for r in results if site_weight(r) > 0),
                 no_result=no_result,
                 aggregation=jsonable(self._last_aggregation),
+                **self.round_record(self._last_averaged),
             )
             history.append(entry)
             self._record["per_round"] = list(history)  # a job that fails later still records its rounds

@@ -414,13 +414,12 @@ class UnlearningRecipe(_JobRecipe):
         initial_ckpt: the trained model (our checkpoint, a state_dict .pt, or NVFlare's FL_global_model.pt). As in
             NVFlare 2.9's recipes: a relative path is a file here that the job carries in the server app; an absolute
             path is a file on the server (checked here, unless ``check_ckpt=False``). Never modified.
-        forget_classes: class id(s) to forget; one statistics + pruning pass per class.
+        forget_classes: class id(s) to forget (``method="prune"``: one statistics + pruning pass per class).
         unlearning / scoring / plan / privacy / site_data / training / federation / security: the option groups
             (``nvflare_unlearn.options``), as dicts or group objects; any field may also be given flat
             (``method="neggrad"``, ``recovery="kd"``, ``prune_ratio=0.2``). Defaults here: ``num_rounds=3``,
-            ``lr=0.01``, and the measured best method (``options.measured_defaults``): the paper's pruning at 5 %
-            for one forget class, NegGrad+ with distillation for several, unless a method or a pruning option is
-            given; ``method="prune"`` is the paper's method for any number of classes.
+            ``lr=0.01``, and the measured best method (``options.measured_defaults``): NegGrad+ with distillation,
+            unless a method or a pruning option is given; ``method="prune"`` is the paper's method.
         test_dataset / test_data_root: optional server-side test set evaluated centrally at every stage.
         tensorboard: add NVFlare's TensorBoard receiver (U/R accuracy by round under the run's tb_events/).
         bundle_code: copy the plugin's whole package into the job (BYOC) instead of referencing the installed one.
@@ -499,8 +498,7 @@ class UnlearningRecipe(_JobRecipe):
         mode = self.options["plan"].prune_mode
         method = self.options["unlearning"].method
         if method != "prune" and self.num_rounds == 0:
-            n = len(self.forget_classes)
-            chosen = f" (the default for {n} forget classes)" if "method" in self.defaults_applied else ""
+            chosen = f" ({self.method_default.reason})" if "method" in self.defaults_applied else ""
             raise ValueError(
                 f"method={method!r}{chosen} unlearns by training at the sites: num_rounds=0 would leave the model "
                 "unchanged; give num_rounds >= 1, or method='prune' to prune only"
@@ -524,7 +522,9 @@ class UnlearningRecipe(_JobRecipe):
                 )
 
     def _defaults(self, given: set[str]) -> dict[str, Any]:
-        return {**super()._defaults(given), **measured_defaults(len(self.forget_classes), given)}
+        #: the method this job chose for a request that named none, and why (``reason`` is "" when it named one)
+        self.method_default = measured_defaults(given)
+        return {**super()._defaults(given), **self.method_default.values}
 
     def _create_controller(self, persistor_id: str) -> UnlearningController:
         o = self.options

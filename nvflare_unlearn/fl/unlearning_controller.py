@@ -29,6 +29,7 @@ from nvflare_unlearn.fl.defs import (
     META_DP_SIGMA,
     META_HOOK_POINT,
     META_METHOD,
+    META_OBJECTIVE_APPLIED,
     META_ORIGINAL_CKPT,
     META_OUTPUT_FILE,
     META_PLAN,
@@ -243,6 +244,7 @@ class UnlearningController(FedAvgEvalController):
         self._record["per_round"] = history
         self._record["rounds"] = len(history)
         self._record["unlearned"] = history[-1] if history else self._record["pruned"]
+        self._check_objective(history)
         if self._method.verify:
             self.set_progress(phase="verify")
             self._record["verification"] = self._verdict(self.verify(model, "unlearned"))
@@ -430,6 +432,28 @@ class UnlearningController(FedAvgEvalController):
         summary = verification_summary(after, before if before and before.get("status") == "ok" else None)
         return {**after, **summary}
 
+    def round_record(self, averaged: list[FLModel]) -> dict:
+        """The loss each averaged site says it minimised (checked and kept as a short name: it comes from the site)."""
+        from nvflare_unlearn.method.objectives import reported_loss
+
+        return {
+            "objective_applied": {
+                site_name(r): reported_loss((r.meta or {}).get(META_OBJECTIVE_APPLIED)) for r in averaged
+            }
+        }
+
+    def _check_objective(self, history: list[dict]) -> None:
+        """Record which sites ran the requested loss (``method.objectives.objective_check``); warn about the rest."""
+        from nvflare_unlearn.method.objectives import OBJECTIVE_HINT, objective_check
+
+        check = objective_check(self._method, [e.get("objective_applied") or {} for e in history])
+        self._record["objective"] = check
+        for site in check["not_as_requested"]:
+            self.warning(
+                f"{site} reported {', '.join(check['sites'][site])}, not the requested {check['requested']}: "
+                + OBJECTIVE_HINT
+            )
+
     def train_task_model(self, model: FLModel) -> FLModel:
         """The train task carries the method's objective, and the original model when the objective distils."""
         model.meta[META_METHOD] = self._method.to_dict()
@@ -543,6 +567,8 @@ class UnlearningController(FedAvgEvalController):
         params["privacy_applied"] = {
             f"class {a['forget_class']}": a.get("privacy_applied") or {} for a in activation_rounds
         }
+        # the loss each site says it minimised, against the request (a script may ignore the method)
+        params["objective_applied"] = self._record.get("objective")
         if self._record.get("resumed"):
             params["resumed"] = self._record["resumed"]
         if self._privacy.dp:

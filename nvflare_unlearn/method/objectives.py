@@ -19,12 +19,18 @@ data to forget lives) and some distil from the original model (the teacher, sent
 ``UnlearningObjective.batch_loss(model, x, y)`` is what ``evaluation.training.train_epochs`` calls for every
 retained batch; the forget batch, when the method needs one, is drawn from a cycling iterator over the site's
 forget data. Pure torch: the NVFlare executor, the Client API helpers and the benchmark all use this one object.
+
+A site's training code is its own (a Client API script may ignore the objective), so each site reports the loss it
+minimised (``UnlearningObjective.report``, read by ``reported_loss``) and ``objective_check`` compares the reports
+with the request: a site that ran plain fine-tuning under a NegGrad+ request shows up in the record instead of
+passing as NegGrad+. The unit is the site's own statement: it catches code that does not apply the method, not a
+site that lies about it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,10 +39,24 @@ from torch import nn
 
 from nvflare_unlearn.options import MethodOptions
 
-__all__ = ["FORGET_LOSS_CAP", "UnlearningObjective"]
+__all__ = [
+    "FORGET_LOSS_CAP",
+    "OBJECTIVE_HINT",
+    "SITE_LOSSES",
+    "UnlearningObjective",
+    "objective_check",
+    "reported_loss",
+]
 
 #: cap (in multiples of ln K, chance-level cross-entropy) beyond which a forget term stops pushing
 FORGET_LOSS_CAP = 2.0
+
+#: every loss a site can report (``MethodOptions.site_loss``); anything else in a report is malformed
+SITE_LOSSES = frozenset(
+    MethodOptions(method=m, recovery=r).site_loss
+    for m in ("prune", "neggrad", "random_label", "scrub")
+    for r in ("ce", "kd")
+)
 
 
 def _cycle(loader: Iterable) -> Iterator:
@@ -75,6 +95,8 @@ class UnlearningObjective:
         self._forget_batches = _cycle(forget_loader) if self.needs_forget_data else None
         self._gen = torch.Generator().manual_seed(int(seed))
         self._cap = FORGET_LOSS_CAP * math.log(self.num_classes)
+        self.steps = 0  # retained batches this objective computed a loss for (what ``report`` vouches for)
+        self.forget_steps = 0  # forget-class batches among them
 
     @property
     def needs_teacher(self) -> bool:
@@ -102,6 +124,7 @@ class UnlearningObjective:
 
     def _forget_term(self, model: nn.Module, device: torch.device) -> torch.Tensor:
         xf, yf = next(self._forget_batches)
+        self.forget_steps += 1
         xf = torch.as_tensor(xf).to(device)
         yf = torch.as_tensor(yf, dtype=torch.int64).to(device)
         logits = model(xf).float()
@@ -120,6 +143,7 @@ class UnlearningObjective:
     def batch_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None):
         """The loss of one retained batch (plus the method's forget term), ready for ``backward()``."""
         logits = model(x) if logits is None else logits
+        self.steps += 1
         loss = self._retained_term(logits.float(), y, x)
         if self.needs_forget_data:
             loss = loss + self.options.forget_weight * self._forget_term(model, x.device)
@@ -127,3 +151,53 @@ class UnlearningObjective:
 
     def describe(self) -> dict[str, Any]:
         return {**self.options.to_dict(), "forget_classes": self.forget}
+
+    def report(self) -> dict[str, Any]:
+        """What this site tells the server it minimised this round (``fl.defs.META_OBJECTIVE_APPLIED``)."""
+        return {"loss": self.options.site_loss, "steps": self.steps, "forget_steps": self.forget_steps}
+
+
+#: why a site's reported loss may differ from the request, and what to do (the server log and the CLI print it)
+OBJECTIVE_HINT = (
+    "a site without forget-class images trains on the retained term alone; a Client API script must minimise "
+    "ua.training_objective(...) and pass it to ua.weights_result(model, n, objective)"
+)
+
+
+def reported_loss(report: Any) -> str:
+    """One site's report (``UnlearningObjective.report``, or None) as a loss name, or why it cannot be read. It comes
+    from the site, so every field is checked, and only this short name is kept."""
+    if report is None:
+        return "not reported"
+    if not isinstance(report, dict) or not isinstance(report.get("loss"), str) or report["loss"] not in SITE_LOSSES:
+        return "malformed report"
+    counts = [report.get("steps"), report.get("forget_steps")]
+    if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts) or counts[1] > counts[0]:
+        return "malformed report"
+    loss = str(report["loss"])
+    if counts[0] == 0:
+        return f"{loss} (no step)"
+    if (loss == "scrub" or "+" in loss) and counts[1] == 0:
+        return f"{loss} (no forget-class step)"
+    return loss
+
+
+def objective_check(requested: MethodOptions | dict, rounds: Sequence[Mapping[str, str]]) -> dict[str, Any]:
+    """Compare what the sites report they minimised with what the job asked, over all fine-tuning rounds.
+
+    ``rounds``: per round, ``{site: reported_loss(its report)}`` for the sites whose update was averaged. Returns the
+    requested loss, each site's reported losses (distinct, in round order) and the sites that ever reported
+    anything else (for a plain cross-entropy request, a site that does not report is not flagged: any training loop
+    runs it). A site without forget-class images legitimately trains on the retained term alone: it is listed
+    with what it ran (e.g. ``kd``), since the method did not run there.
+    """
+    want = MethodOptions.from_dict(requested).site_loss
+    sites: dict[str, list[str]] = {}
+    for per_site in rounds:
+        for site, got in sorted(per_site.items()):
+            if got not in sites.setdefault(str(site), []):
+                sites[str(site)].append(str(got))
+    # plain cross-entropy is what any training loop runs: a script that does not report is not flagged for it
+    ok = {want, "not reported"} if want == "ce" else {want}
+    differ = sorted(site for site, got in sites.items() if not set(got) <= ok)
+    return {"requested": want, "sites": sites, "not_as_requested": differ}

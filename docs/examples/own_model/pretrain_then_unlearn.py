@@ -132,6 +132,7 @@ def main(argv=None) -> int:
         params_before=m["params_before"],
         params_after=m["params_after"],
         rounds=m["rounds"],
+        objective=m["objective"],  # the loss each site's script reports it minimised, against the request
         seconds=round(time.time() - started, 1),
         model_path=result.model_path,
     )
@@ -151,6 +152,8 @@ def main(argv=None) -> int:
         failures.append(f"retained accuracy fell from {orig['r_acc']:.3f} to {final['r_acc']:.3f}")
     if m["params_after"] >= m["params_before"]:
         failures.append("the model did not get smaller")
+    if m["objective"]["not_as_requested"]:
+        failures.append(f"sites did not run the requested loss: {m['objective']}")
     summary["ok"] = not failures
     if a.summary:
         with open(a.summary, "w") as f:

@@ -88,7 +88,9 @@ def main():
                 forget_loader = DataLoader(forget, batch_size=args.batch_size, shuffle=True) if len(forget) else None
                 objective = ua.training_objective(received, build_net, NUM_CLASSES, forget_loader)
                 n = train_locally(model, data, args.epochs, args.lr, args.batch_size, seed, masked, objective)
-            flare.send(ua.weights_result(model, n))  # n = 0: this site is left out of the average
+                flare.send(ua.weights_result(model, n, objective))  # the loss it minimised goes on the record
+            else:
+                flare.send(ua.weights_result(model, 0))  # n = 0: this site is left out of the average
         elif task == ua.TASK_VALIDATE:
             flare.send(ua.validation_result(model, DataLoader(test_set, batch_size=256), NUM_CLASSES))
         elif task == ua.TASK_VERIFY:
