@@ -11,7 +11,8 @@ Routes (``--routes``, default all):
   in its ``app/custom/pretrained_model.pt`` (the templates name the checkpoint, never a path); ``nvflare poc stop``.
 - ``recipe``: the Python user. ``PretrainRecipe`` then ``UnlearningRecipe`` through NVFlare's ``PocEnv`` with
   ``nvflare_unlearn.fl.run_job`` (each job provisions a fresh POC system; the result is downloaded before it stops).
-- ``cli``: the shell user. ``nvflare-unlearn pretrain --env poc`` then ``nvflare-unlearn unlearn --env poc``.
+- ``cli``: the shell user. ``nvflare-unlearn pretrain --env poc`` then ``nvflare-unlearn unlearn --env poc`` with
+  no method flag: the job's default method (NegGrad+ with distillation), where the other routes prune.
 - ``prod``: the production route. A POC system started by hand stands in for a deployment; ``nvflare-unlearn ...
   --env prod --startup-kit <its admin kit>`` submits through NVFlare's ``ProdEnv``, the package installed and
   allowed on the sites (no code in the job).
@@ -42,7 +43,8 @@ BIN = os.path.dirname(sys.executable)
 DOC_BLOCK = "poc-run"
 ROUTES = ("templates", "recipe", "cli", "prod", "kill")
 DIGITS = dict(model="small_cnn", num_classes=10, in_channels=1, dataset="digits")
-#: the jobs every route runs (as the job templates do): 5 pretraining rounds, forget digit 3 at ratio 0.3, 3 rounds
+#: the jobs every route runs (as the job templates do): 5 pretraining rounds, forget digit 3 at ratio 0.3, 3 rounds;
+#: the CLI routes leave the method to the job's default (no ``prune_ratio``: NegGrad+ with distillation)
 PRETRAIN = dict(num_rounds=5, lr=0.05)
 UNLEARN = dict(forget_classes=[3], prune_ratio=0.3, num_rounds=3, lr=0.01)
 
@@ -87,12 +89,21 @@ def job_summary(result: Any, seconds: float) -> dict:
         "seconds": round(seconds, 1),
     }
     if m.get("job_kind") == "unlearn":
-        for stage in ("original", "pruned", "unlearned"):
-            out[stage] = {k: m.get(stage, {}).get(k) for k in ("u_acc", "r_acc")}
-        out["params"] = [m.get("params_before"), m.get("params_after")]
-        out["sites"] = phase_sites(m)
+        out.update(unlearn_numbers(m))
     else:
         out["final_acc"] = (m.get("final") or {}).get("acc")
+    return out
+
+
+def unlearn_numbers(m: dict) -> dict:
+    """What an unlearning job's metrics say: the method, U/R per stage, parameters, sites, the losses sites ran."""
+    u = (m.get("options") or {}).get("unlearning") or {}
+    out: dict[str, Any] = {"method": f"{u.get('method')}" + ("+kd" if u.get("recovery") == "kd" else "")}
+    for stage in ("original", "pruned", "unlearned"):
+        out[stage] = {k: (m.get(stage) or {}).get(k) for k in ("u_acc", "r_acc")}
+    out["params"] = [m.get("params_before"), m.get("params_after")]
+    out["sites"] = phase_sites(m)
+    out["objective"] = m.get("objective")
     return out
 
 
@@ -172,17 +183,8 @@ def route_cli(out: str, env_args: list[str], label: str, num_clients: int = 2) -
     ckpt = os.path.join(pre_out, "global_model.pt")
     before = sha256(ckpt)
     t1 = time.time()
-    unl_flags = {
-        "ckpt": ckpt,
-        "forget-classes": 3,
-        "prune-ratio": UNLEARN["prune_ratio"],
-        "num-rounds": UNLEARN["num_rounds"],
-        "lr": UNLEARN["lr"],
-    }
-    shown = (
-        f"--ckpt OUT/pretrain/global_model.pt --forget-classes 3 --prune-ratio {UNLEARN['prune_ratio']} "
-        f"--num-rounds {UNLEARN['num_rounds']}"
-    )
+    unl_flags = {"ckpt": ckpt, "forget-classes": 3, "num-rounds": UNLEARN["num_rounds"], "lr": UNLEARN["lr"]}
+    shown = f"--ckpt OUT/pretrain/global_model.pt --forget-classes 3 --num-rounds {UNLEARN['num_rounds']}"
     text = run_cli("unlearn", unl_flags, unl_out, shown)
     unl_s = time.time() - t1
     for line in text.splitlines():
@@ -198,9 +200,7 @@ def route_cli(out: str, env_args: list[str], label: str, num_clients: int = 2) -
         "record_status": m.get("status"),
         "rounds": m.get("rounds"),
         "seconds": round(unl_s, 1),
-        **{s: {k: m.get(s, {}).get(k) for k in ("u_acc", "r_acc")} for s in ("original", "pruned", "unlearned")},
-        "params": [m.get("params_before"), m.get("params_after")],
-        "sites": phase_sites(m),
+        **unlearn_numbers(m),
     }
     return {
         "pretrain": {"job_id": pre_id, "status": pre_status, "seconds": round(pre_s, 1)},
@@ -407,9 +407,9 @@ def render_doc(summary: dict, log_name: str) -> str:
         f"total {summary['seconds']:.0f} s. Console log: `{log_name}`. Every number below is in "
         "`docs/results/poc_summary.json`.",
         "",
-        "| route | job | NVFlare status | record | rounds | original U / R | pruned U / R | unlearned U / R | "
-        "params | time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| route | job | method | NVFlare status | record | rounds | original U / R | pruned U / R | unlearned U / R | "
+        "params | sites ran the requested loss | time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ur(d: Optional[dict]) -> str:
@@ -422,16 +422,17 @@ def render_doc(summary: dict, log_name: str) -> str:
         if not data:
             continue
         if data.get("error"):
-            lines.append(f"| {route} | | **failed** | {data['error'][:150]} | | | | | | |")
+            lines.append(f"| {route} | | | **failed** | {data['error'][:150]} | | | | | | | |")
             continue
         pre, unl = data["pretrain"], data["unlearn"]
         acc = f"accuracy {100 * pre['final_acc']:.1f} %" if pre.get("final_acc") is not None else ""
-        lines.append(f"| {route} | pretrain | {pre.get('status')} | {acc} | | | | | | {pre['seconds']:.0f} s |")
+        lines.append(f"| {route} | pretrain | | {pre.get('status')} | {acc} | | | | | | | {pre['seconds']:.0f} s |")
         p = unl.get("params") or [None, None]
+        pruned = ur(unl.get("pruned")) if unl.get("method", "prune").startswith("prune") else "no pruning"
         lines.append(
-            f"| {route} | unlearn | {unl.get('status')} | {unl.get('record_status')} | {unl.get('rounds')} | "
-            f"{ur(unl.get('original'))} | {ur(unl.get('pruned'))} | {ur(unl.get('unlearned'))} | "
-            f"{p[0]:,} -> {p[1]:,} | {unl['seconds']:.0f} s |"
+            f"| {route} | unlearn | {unl.get('method', '')} | {unl.get('status')} | {unl.get('record_status')} | "
+            f"{unl.get('rounds')} | {ur(unl.get('original'))} | {pruned} | {ur(unl.get('unlearned'))} | "
+            f"{p[0]:,} -> {p[1]:,} | {ran_requested(unl.get('objective'))} | {unl['seconds']:.0f} s |"
         )
     kill = summary["routes"].get("kill")
     if kill and not kill.get("error"):
@@ -465,6 +466,15 @@ def render_doc(summary: dict, log_name: str) -> str:
                 f"{'yes' if e.get('original_unchanged') else 'NO'} | {sites} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def ran_requested(check: Optional[dict]) -> str:
+    """The objective check of a job's record in a table cell: the requested loss and the sites that differ."""
+    if not check:
+        return ""
+    differ = check.get("not_as_requested") or []
+    ran = ", ".join(f"{s}: {'/'.join(v)}" for s, v in (check.get("sites") or {}).items())
+    return f"{check.get('requested')}: {'yes' if not differ else 'NO, ' + ', '.join(differ)} ({ran})"
 
 
 def write_doc(doc: str, summary: dict, log_name: str) -> None:

@@ -143,6 +143,9 @@ def test_resubmitted_request_gives_the_same_plan(twice):
     with open(run_a.record_path) as fa, open(out_b / RECORD_FILE) as fb:
         rec_a, rec_b = json.load(fa), json.load(fb)
     assert rec_a["plan"] == rec_b["plan"]
+    # the CLI's output folder holds exactly the files its report lists (the CLI prints the same list)
+    listed = json.loads((out_b / "report.json").read_text())["files"]
+    assert sorted(listed) == sorted(p.name for p in out_b.iterdir() if p.is_file()), listed
 
 
 @pytest.mark.sim

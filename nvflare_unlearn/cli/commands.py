@@ -189,9 +189,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def _finish_unlearning(result, out: str) -> None:
     report = collect_unlearning_outputs(result, out)
     print_report(report)
-    say(
-        f"outputs: {out} (report.json, unlearned_model.pt, pruning_plan.json, unlearning_record.json, u_r_accuracy.png)"
-    )
+    say(f"outputs: {out} ({', '.join(report['files'])})")
 
 
 def cmd_unlearn(args: argparse.Namespace) -> int:

@@ -109,6 +109,7 @@ def collect_unlearning_outputs(result, out: str) -> dict:
     """Copy the job's models, plan, metrics, signed audit record and its public key into ``out`` (atomically) and
     write report.json + the plot."""
     key = os.path.join(result.run_dir, RECORD_PUBLIC_KEY_FILE) if result.record_path else None
+    copied = []
     for src, name in (
         (result.model_path, FINAL_MODEL_FILE),
         (result.pruned_model_path, PRUNED_MODEL_FILE),
@@ -119,8 +120,10 @@ def collect_unlearning_outputs(result, out: str) -> dict:
     ):
         if src:
             _io.copy_file(src, os.path.join(out, name))
+            copied.append(name)
     report = build_report(result.metrics)
     report["job_result_dir"] = result.result_dir
+    report["files"] = ["report.json", *copied, "u_r_accuracy.png"]  # a method that does not prune writes no plan
     _io.write_json(os.path.join(out, "report.json"), report)
     plot_u_r_by_round(report, os.path.join(out, "u_r_accuracy.png"))
     return report

@@ -286,7 +286,9 @@ class UnlearningController(FedAvgEvalController):
         run_dir = self.get_run_dir()
         if plan is not None and plan.steps:
             _io.write_text(os.path.join(run_dir, PLAN_FILE), plan.to_json())
-        self._record["pruned"] = self.evaluate(model, "pruned", 0)
+        # the record keeps the key "pruned" for the prepared model; a method that does not prune says so in the log
+        label = "pruned" if self._method.method == "prune" else "prepared (no pruning)"
+        self._record["pruned"] = self.evaluate(model, label, 0)
         save_checkpoint(
             os.path.join(run_dir, PRUNED_MODEL_FILE),
             net,
