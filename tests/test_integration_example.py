@@ -327,7 +327,7 @@ def test_example_pretrains_and_unlearns_the_users_model_in_the_simulator(tmp_pat
     # The saved model rebuilds from the user's factory + its plan alone, with coupled residual channels intact.
     sys.path.insert(0, str(EXAMPLE))
     try:
-        model, plan, meta = load_checkpoint(s["model_path"])
+        model, plan, meta = load_checkpoint(s["model_path"], model_name="my_net:build_net")  # the model we expect
     finally:
         sys.path.remove(str(EXAMPLE))
     assert meta["model_name"] == "my_net:build_net" and plan.forget_classes == [3]
@@ -367,6 +367,6 @@ def test_a_users_model_module_ships_to_the_server_and_sites_with_the_plugins_exe
     assert result.metrics["final"]["acc"] > 0.5
     for site in ("server", "site-1", "site-2"):
         assert list(ws.glob(f"shipped/{site}/simulate_job/app_*/custom/shipped_user_net.py")), site
-    model, plan, meta = load_checkpoint(result.model_path)
+    model, plan, meta = load_checkpoint(result.model_path, model_name="shipped_user_net:build_net")
     assert meta["model_name"] == "shipped_user_net:build_net" and plan is None
     assert type(model).__name__ == "DigitResNet"
