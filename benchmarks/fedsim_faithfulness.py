@@ -36,9 +36,9 @@ from nvflare_unlearn import load_checkpoint  # noqa: E402
 from nvflare_unlearn.data import digits_dataset  # noqa: E402
 from nvflare_unlearn.evaluation import as_tensors, class_correct_total  # noqa: E402
 from nvflare_unlearn.evaluation.artifacts import write_json  # noqa: E402
-from nvflare_unlearn.evaluation.data import TensorBatches  # noqa: E402
 from nvflare_unlearn.evaluation.fedsim import FedConfig, Federation, run_fedavg  # noqa: E402
 from nvflare_unlearn.models import build_model  # noqa: E402
+from nvflare_unlearn.runtime.batches import TensorBatches  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "fedsim_faithfulness.json"
 MODEL = "small_cnn"

@@ -59,7 +59,6 @@ from nvflare_unlearn.evaluation import (  # noqa: E402
 )
 from nvflare_unlearn.evaluation.artifacts import per_example_arrays, save_arrays, write_json  # noqa: E402
 from nvflare_unlearn.evaluation.baselines import METHODS, PruneOptions, prepare_method, site_objectives  # noqa: E402
-from nvflare_unlearn.evaluation.data import TensorBatches  # noqa: E402
 from nvflare_unlearn.evaluation.fedsim import CostMeter, FedConfig, Federation, run_fedavg, state_bytes  # noqa: E402
 from nvflare_unlearn.evaluation.membership import (  # noqa: E402
     feature_membership_attack,
@@ -71,6 +70,7 @@ from nvflare_unlearn.evaluation.membership import (  # noqa: E402
 from nvflare_unlearn.evaluation.probe import linear_probe_features  # noqa: E402
 from nvflare_unlearn.evaluation.stats import noise_floor, paired_difference, t_interval  # noqa: E402
 from nvflare_unlearn.options import MethodOptions, PlanOptions  # noqa: E402
+from nvflare_unlearn.runtime.batches import TensorBatches  # noqa: E402
 
 T_START = time.perf_counter()
 RESULTS = HERE / "results"

@@ -48,10 +48,10 @@ from nvflare_unlearn.evaluation import (  # noqa: E402
     class_correct_total,
     u_r_accuracy,
 )
-from nvflare_unlearn.evaluation.data import TensorBatches  # noqa: E402
 from nvflare_unlearn.evaluation.fedsim import CostMeter, FedConfig, Federation, run_fedavg  # noqa: E402
 from nvflare_unlearn.method.checkpoint import save_checkpoint  # noqa: E402
 from nvflare_unlearn.models import build_model  # noqa: E402
+from nvflare_unlearn.runtime.batches import TensorBatches  # noqa: E402
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "c10": dict(

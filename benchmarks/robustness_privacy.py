@@ -43,7 +43,6 @@ import torch
 from nvflare_unlearn import _io
 from nvflare_unlearn.data import digits_dataset, partition_iid
 from nvflare_unlearn.evaluation import class_correct_total, train_epochs, u_r_accuracy
-from nvflare_unlearn.evaluation.data import TensorBatches, as_tensors
 from nvflare_unlearn.method.activations import ClassActivationReport, collect_class_activations
 from nvflare_unlearn.method.graph import conv_channels
 from nvflare_unlearn.method.plan import PruningPlan
@@ -68,6 +67,7 @@ from nvflare_unlearn.protect.robust import (
     screen_report,
     size_caps,
 )
+from nvflare_unlearn.runtime.batches import TensorBatches, as_tensors
 
 K = 10
 METHODS = AGGREGATIONS

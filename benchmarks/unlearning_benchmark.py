@@ -52,10 +52,10 @@ from nvflare_unlearn.evaluation import (  # noqa: E402  # noqa: E402
     u_r_accuracy,
 )
 from nvflare_unlearn.evaluation.baselines import METHODS, PruneOptions, prepare_method  # noqa: E402
-from nvflare_unlearn.evaluation.data import TensorBatches  # noqa: E402
 from nvflare_unlearn.evaluation.fedsim import CostMeter, FedConfig, Federation, run_fedavg, state_bytes  # noqa: E402
 from nvflare_unlearn.models import build_model  # noqa: E402
 from nvflare_unlearn.options import PlanOptions, ScoringOptions  # noqa: E402
+from nvflare_unlearn.runtime.batches import TensorBatches  # noqa: E402
 
 T_START = time.perf_counter()
 

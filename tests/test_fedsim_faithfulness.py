@@ -16,8 +16,8 @@ import torch
 
 from nvflare_unlearn.data import digits_dataset
 from nvflare_unlearn.evaluation import TensorBatches, as_tensors
-from nvflare_unlearn.evaluation.data import site_shuffle_seed
 from nvflare_unlearn.evaluation.fedsim import FedConfig
+from nvflare_unlearn.runtime.batches import site_shuffle_seed
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,13 +14,13 @@ from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from nvflare_unlearn.evaluation import train_epochs
-from nvflare_unlearn.evaluation.data import TensorBatches
 from nvflare_unlearn.fl.defs import METRIC_CORRECT, METRIC_TOTAL
 from nvflare_unlearn.fl.fedavg_eval_controller import FedAvgEvalController
 from nvflare_unlearn.fl.model_state import state_to_numpy
 from nvflare_unlearn.models import build_model
 from nvflare_unlearn.options import SecurityOptions
 from nvflare_unlearn.protect.robust import aggregate_updates, robust_evaluation, size_caps
+from nvflare_unlearn.runtime.batches import TensorBatches
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 K = 10

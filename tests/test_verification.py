@@ -1,4 +1,4 @@
-"""The forgetting check (evaluation.verification): exact aggregates, AUCs that match sklearn's, and a check that tells
+"""The forgetting check (runtime.verification): exact aggregates, AUCs that match sklearn's, and a check that tells
 a fine-tuned-only model from a retrained one where the original memorised its training images."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from core_helpers import digits_tensors
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
-from nvflare_unlearn.evaluation.verification import (
+from nvflare_unlearn.models import build_model
+from nvflare_unlearn.runtime.verification import (
     LOG_LOSS_EDGES,
     auc_from_histograms,
     fit_probe,
@@ -22,7 +23,6 @@ from nvflare_unlearn.evaluation.verification import (
     site_stats,
     verification_summary,
 )
-from nvflare_unlearn.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FORGET = [3]
@@ -134,7 +134,7 @@ def test_the_sites_loss_histograms_tell_fine_tuned_only_from_retrained_on_cifar1
     from pathlib import Path
 
     from nvflare_unlearn.evaluation.artifacts import load_arrays
-    from nvflare_unlearn.evaluation.verification import _loss_histogram
+    from nvflare_unlearn.runtime.verification import _loss_histogram
 
     folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "forgetting" / "arrays" / "c100m_f9"
     names = ["original", "finetune_s0", "finetune_s1", "finetune_s2", "retrain_s0", "retrain_s1", "retrain_s2"]

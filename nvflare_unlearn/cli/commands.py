@@ -270,8 +270,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from nvflare_unlearn.data import load_dataset
-    from nvflare_unlearn.evaluation import class_correct_total, u_r_accuracy
     from nvflare_unlearn.method.checkpoint import load_checkpoint
+    from nvflare_unlearn.runtime import class_correct_total, u_r_accuracy
 
     ckpt = existing_file(args.ckpt, "--ckpt")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

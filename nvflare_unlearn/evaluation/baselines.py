@@ -398,8 +398,8 @@ def site_objectives(
 ):
     """``run_fedavg(site_loss=...)`` for an unlearning method: each site's objective on its own data, as the NVFlare
     executor builds it (its forget-class images for the forget term, the original model as teacher)."""
-    from nvflare_unlearn.evaluation.data import TensorBatches
     from nvflare_unlearn.method.objectives import UnlearningObjective
+    from nvflare_unlearn.runtime.batches import TensorBatches
 
     opts = MethodOptions.from_dict(options)
     forget = _forget_list(forget_classes)

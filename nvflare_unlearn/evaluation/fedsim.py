@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from nvflare_unlearn.evaluation.data import TensorBatches, site_shuffle_seed
-from nvflare_unlearn.evaluation.training import train_epochs
 from nvflare_unlearn.method.activations import (
     WIRE_SUMS_DTYPE,
     ClassActivationReport,
     collect_class_activations,
     merge_reports,
 )
+from nvflare_unlearn.runtime.batches import TensorBatches, site_shuffle_seed
+from nvflare_unlearn.runtime.training import train_epochs
 
 __all__ = [
     "FedConfig",

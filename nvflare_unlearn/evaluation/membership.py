@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nvflare_unlearn.evaluation.data import as_tensors
 from nvflare_unlearn.evaluation.stats import auc_ci, tpr_at_fpr
+from nvflare_unlearn.runtime.batches import as_tensors
 
 __all__ = [
     "ATTACKS",

@@ -15,18 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from nvflare_unlearn.evaluation.data import as_tensors
 from nvflare_unlearn.evaluation.stats import auc_ci
+from nvflare_unlearn.models import final_linear_name
+from nvflare_unlearn.runtime.batches import as_tensors
 
 __all__ = ["final_linear_name", "forward_outputs", "linear_probe", "linear_probe_features", "penultimate_features"]
-
-
-def final_linear_name(model: nn.Module) -> str:
-    """Name of the last `nn.Linear` in `named_modules()` order: the classifier whose input we probe."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer; pass feature_layer= explicitly")
-    return names[-1]
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nvflare_unlearn.evaluation.data import TensorBatches, as_tensors
-from nvflare_unlearn.evaluation.training import train_epochs
+from nvflare_unlearn.runtime.batches import TensorBatches, as_tensors
+from nvflare_unlearn.runtime.training import train_epochs
 
 __all__ = ["relearn_steps"]
 

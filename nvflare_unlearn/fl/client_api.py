@@ -249,7 +249,7 @@ def weights_result(model: nn.Module, num_samples: int, objective: Optional[Unlea
 
 def validation_result(model: nn.Module, loader: Iterable, num_classes: int) -> FLModel:
     """Answer the validate task: per-class correct/total counts on local validation data."""
-    from nvflare_unlearn.evaluation import class_correct_total
+    from nvflare_unlearn.runtime import class_correct_total
 
     correct, total = class_correct_total(model, loader, num_classes)
     return FLModel(
@@ -295,8 +295,8 @@ def verification_result(
     model: nn.Module, train_loader: Iterable, test_loader: Iterable, fl_model: FLModel, num_classes: int
 ) -> FLModel:
     """Answer the verify task (the forgetting check): aggregates of this site's data only, see
-    ``nvflare_unlearn.evaluation.verification`` for exactly what leaves the site."""
-    from nvflare_unlearn.evaluation.verification import site_probe_histograms, site_stats
+    ``nvflare_unlearn.runtime.verification`` for exactly what leaves the site."""
+    from nvflare_unlearn.runtime.verification import site_probe_histograms, site_stats
 
     request = (fl_model.meta or {}).get(META_VERIFY) or {}
     forget = forget_classes_of(fl_model)

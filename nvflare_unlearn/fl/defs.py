@@ -9,7 +9,7 @@ from __future__ import annotations
 TASK_ACTIVATIONS = "class_activations"
 TASK_TRAIN = "train"
 TASK_VALIDATE = "validate"
-TASK_VERIFY = "verify"  # the forgetting check at the end of an unlearning job (evaluation.verification)
+TASK_VERIFY = "verify"  # the forgetting check at the end of an unlearning job (runtime.verification)
 
 # FLModel.meta keys. The plan travels with the weights on EVERY task: NVFlare does not keep meta across rounds.
 META_PLAN = "pruning_plan"  # PruningPlan.to_json() text, or absent for an unpruned model

@@ -32,7 +32,6 @@ from nvflare.security.logging import secure_format_exception
 from torch.utils.data import DataLoader
 
 from nvflare_unlearn._validation import check_num_classes, normalize_forget_classes
-from nvflare_unlearn.evaluation.data import EpochPermutation, site_shuffle_seed
 from nvflare_unlearn.fl.defs import (
     META_DP_SIGMA,
     META_FORGET,
@@ -65,6 +64,7 @@ from nvflare_unlearn.options import (
     TrainingOptions,
     fold_legacy,
 )
+from nvflare_unlearn.runtime.batches import EpochPermutation, site_shuffle_seed
 
 _GROUPS = (SiteDataOptions, TrainingOptions, ScoringOptions, PrivacyOptions)
 
@@ -143,7 +143,7 @@ class UnlearningExecutor(Executor):
         if event_type == EventType.START_RUN:
             if self.torch_threads:
                 torch.set_num_threads(int(self.torch_threads))
-            from nvflare_unlearn.evaluation import pick_device
+            from nvflare_unlearn.runtime import pick_device
 
             self._device = pick_device()
             self._site_name = fl_ctx.get_identity_name()
@@ -160,7 +160,7 @@ class UnlearningExecutor(Executor):
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if self._site_name is None:  # START_RUN not seen (e.g. a unit test driving execute directly)
             self._site_name = fl_ctx.get_identity_name()
-            from nvflare_unlearn.evaluation import pick_device
+            from nvflare_unlearn.runtime import pick_device
 
             self._device = pick_device()
         handlers = {
@@ -259,7 +259,7 @@ class UnlearningExecutor(Executor):
 
     def _train(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
         from nvflare_unlearn.data import filter_classes
-        from nvflare_unlearn.evaluation import train_epochs
+        from nvflare_unlearn.runtime import train_epochs
 
         forget = self._forget_set(meta)
         data = self._data("train")
@@ -339,8 +339,8 @@ class UnlearningExecutor(Executor):
                                    seed=zlib.crc32(f"{self._training.seed}:{self._site_name}".encode()))  # fmt: skip
 
     def _verify(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
-        """The forgetting check (``evaluation.verification``): round "stats" or "scores" on this site's data."""
-        from nvflare_unlearn.evaluation.verification import site_probe_histograms, site_stats
+        """The forgetting check (``runtime.verification``): round "stats" or "scores" on this site's data."""
+        from nvflare_unlearn.runtime.verification import site_probe_histograms, site_stats
 
         request = meta.get(META_VERIFY) or {}
         forget = self._forget_set(meta)
@@ -357,7 +357,7 @@ class UnlearningExecutor(Executor):
         return DXO(data_kind=DataKind.COLLECTION, data=data, meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: 1})
 
     def _validate(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
-        from nvflare_unlearn.evaluation import class_correct_total
+        from nvflare_unlearn.runtime import class_correct_total
 
         data = self._data("test")
         correct, total = class_correct_total(

@@ -348,7 +348,7 @@ class FedAvgEvalController(BaseFedAvg):
             entry["malformed"] = malformed
         loader = self._server_test_loader()
         if loader is not None:
-            from nvflare_unlearn.evaluation import class_correct_total, u_r_accuracy
+            from nvflare_unlearn.runtime import class_correct_total, u_r_accuracy
 
             c, t = class_correct_total(self.to_torch(model), loader, self.num_classes)
             entry["server"] = dict(u_r_accuracy(c, t, self.forget_classes))

@@ -386,8 +386,8 @@ class UnlearningController(FedAvgEvalController):
 
     # ------------------------------------------------------------------ verification
     def verify(self, model: FLModel, label: str) -> dict:
-        """The forgetting check (``evaluation.verification``) on ``model``: two rounds at the sites, aggregates only."""
-        from nvflare_unlearn.evaluation.verification import (
+        """The forgetting check (``runtime.verification``) on ``model``: two rounds at the sites, aggregates only."""
+        from nvflare_unlearn.runtime.verification import (
             auc_from_histograms,
             fit_probe,
             membership_auc,
@@ -426,7 +426,7 @@ class UnlearningController(FedAvgEvalController):
         return out
 
     def _verdict(self, after: dict) -> dict:
-        from nvflare_unlearn.evaluation.verification import verification_summary
+        from nvflare_unlearn.runtime.verification import verification_summary
 
         before = self._record.get("verification_original")
         if after.get("status") != "ok":

@@ -16,7 +16,7 @@ data to forget lives) and some distil from the original model (the teacher, sent
   ``forget_weight`` x KL(teacher || student) on forget-class data (at temperature 1, capped like NegGrad+). The
   original alternates max and min epochs; one combined step is what a federated round of local SGD can carry.
 
-``UnlearningObjective.batch_loss(model, x, y)`` is what ``evaluation.training.train_epochs`` calls for every
+``UnlearningObjective.batch_loss(model, x, y)`` is what ``runtime.training.train_epochs`` calls for every
 retained batch; the forget batch, when the method needs one, is drawn from a cycling iterator over the site's
 forget data. Pure torch: the NVFlare executor, the Client API helpers and the benchmark all use this one object.
 

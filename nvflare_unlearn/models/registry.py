@@ -357,3 +357,11 @@ def example_input(name_or_model: str | nn.Module, batch: int = 1) -> torch.Tenso
         shape = input_shape(name_or_model)
     gen = torch.Generator().manual_seed(0)
     return torch.randn((int(batch), *shape), generator=gen)
+
+
+def final_linear_name(model: nn.Module) -> str:
+    """Name of the last `nn.Linear` in `named_modules()` order: the classifier whose input we probe."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer; pass feature_layer= explicitly")
+    return names[-1]

@@ -199,7 +199,7 @@ def build_record(
     the fine-tuning average. ``rejected_sites``: site -> reason for sites whose report was screened out;
     ``capped_sites``: site -> why its weight was capped. ``metrics_*``: ``u_acc`` and ``r_acc`` as fractions,
     ``mia`` when measured. Pruned channels per layer come from the plan itself.
-    ``verification``: the forgetting check the job ran at the sites (``evaluation.verification``), as plain JSON.
+    ``verification``: the forgetting check the job ran at the sites (``runtime.verification``), as plain JSON.
     ``model_name``, ``params_before`` / ``params_after`` (parameter counts of the original and final model) and
     ``steps_before`` (plan steps the original checkpoint already had) let :func:`verify_record` check the record
     against the files.

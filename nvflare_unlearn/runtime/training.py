@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from nvflare_unlearn.evaluation.device import model_device
+from nvflare_unlearn.runtime.device import model_device
 
 __all__ = ["PRECISIONS", "train_epochs"]
 

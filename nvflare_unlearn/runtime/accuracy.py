@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from nvflare_unlearn._validation import check_num_classes
-from nvflare_unlearn.evaluation.data import TensorBatches, as_tensors
-from nvflare_unlearn.evaluation.device import model_device
+from nvflare_unlearn.runtime.batches import TensorBatches, as_tensors
+from nvflare_unlearn.runtime.device import model_device
 
 __all__ = [
     "accuracy_report",

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nvflare_unlearn.evaluation.probe import final_linear_name
+from nvflare_unlearn.models import final_linear_name
 
 __all__ = [
     "LOG_LOSS_EDGES",
