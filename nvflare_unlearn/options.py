@@ -19,7 +19,7 @@ import numbers
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Collection, Mapping, TypeVar
+from typing import Any, ClassVar, Mapping, TypeVar
 
 from nvflare_unlearn._validation import check_choice, check_ratio
 
@@ -32,8 +32,6 @@ MAX_SITES = 10_000
 SCOPES = ("global", "per_layer")
 DIRECTIONS = ("highest", "lowest")
 PRUNE_MODES = ("remove", "mask", "reinit")
-METHODS = ("prune", "finetune", "neggrad", "random_label", "scrub")
-RECOVERIES = ("ce", "kd")
 PARTITIONS = ("iid", "dirichlet", "biased", "none")
 DATASET_NAMES = ("digits", "cifar10", "cifar100")
 EXPORT_FORMATS = ("pt2", "onnx")  # torch.export program, ONNX (needs the onnx extra)
@@ -170,49 +168,6 @@ class PlanOptions(OptionGroup):
         _real("deep_fraction", self.deep_fraction, low=0.0, low_open=True, high=1.0, high_open=False, allow_none=True)
         if self.deep_fraction is not None and self.scope != "global":
             raise ValueError("deep_fraction restricts the global ranking; use scope='global' with it")
-
-
-@dataclass(frozen=True)
-class MethodOptions(OptionGroup):
-    """Which unlearning method runs, and how the model recovers its retained classes (method.objectives)."""
-
-    GROUP: ClassVar[str] = "unlearning"
-    method: str = _opt("prune", "prune (the paper: TF-IDF channel pruning), finetune (retained data only), neggrad, "
-                       "random_label, scrub (these use the sites' forget-class data); unset: the measured best "
-                       "(options.measured_defaults)")  # fmt: skip
-    recovery: str = _opt("ce", "fine-tuning objective on retained data: ce, or kd (distil from the original model)")
-    reset_rows: bool = _opt(False, "also re-initialise the forget classes' classifier rows before fine-tuning")
-    kd_temperature: float = _opt(4.0, "distillation temperature (recovery=kd, scrub)")
-    kd_weight: float = _opt(1.0, "weight of the distillation term (recovery=kd, scrub)")
-    forget_weight: float = _opt(1.0, "weight of the forget-class term (neggrad, random_label, scrub)")
-    verify: bool = _opt(True, "end the job with the forgetting check at the sites (membership AUC, feature probe)")
-
-    def __post_init__(self) -> None:
-        check_choice(self.method, "method", METHODS)
-        check_choice(self.recovery, "recovery", RECOVERIES)
-        for name in ("reset_rows", "verify"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        _real("kd_temperature", self.kd_temperature, low=0.0, low_open=True)
-        _real("kd_weight", self.kd_weight, low=0.0, low_open=False)
-        _real("forget_weight", self.forget_weight, low=0.0, low_open=False)
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.recovery == "kd" or self.method == "scrub"
-
-    @property
-    def needs_forget_data(self) -> bool:
-        return self.method in ("neggrad", "random_label", "scrub")
-
-    @property
-    def site_loss(self) -> str:
-        """The loss a site minimises in a fine-tuning round, by name: ``ce`` or ``kd`` on retained data alone (the
-        paper's fine-tune, with or without distillation), ``<method>+<recovery>`` with a forget term, ``scrub``.
-        Sites report it back (``fl.defs.META_OBJECTIVE_APPLIED``), so it is what the server compares."""
-        if self.method == "scrub":
-            return "scrub"
-        return f"{self.method}+{self.recovery}" if self.needs_forget_data else self.recovery
 
 
 @dataclass(frozen=True)
@@ -430,43 +385,8 @@ class SecurityOptions(OptionGroup):
             raise ValueError(f"signing_key must be a file path or None, got {self.signing_key!r}")
 
 
-#: fields only the paper's pruning reads: a request that sets one asks for pruning
-PRUNING_FIELDS = frozenset(PlanOptions.names() + ScoringOptions.names() + PrivacyOptions.names())
-
-
-@dataclass(frozen=True)
-class MethodDefault:
-    """The options the job sets for a request that left them unset, and why (the CLI prints it, errors name it)."""
-
-    values: dict[str, Any]
-    reason: str
-
-
-def measured_defaults(given: Collection[str]) -> MethodDefault:
-    """The unlearning job's method for the options not in ``given``: the best setting measured so far.
-
-    Evidence (``docs/benchmarks.md``, "Every method against the goal"; ResNet20 / CIFAR-10, 3 seeds, forget cat,
-    truck and 0+5+9): of the methods at U 0 % on all three forget sets, NegGrad+ with distillation loses the least R
-    on average (1.3 points: 1.2, 2.6, 0.2; random-label + KD 1.6, and it relearns about twice as fast). The paper's
-    5 % pruning keeps R but leaves 14 % of truck after its fine-tuning (3 % on the CIFAR-100 subset), and pruning
-    deep enough to remove truck costs 11 points. A request that names its method, or sets any pruning option
-    (``PRUNING_FIELDS``), gets what it asked for: ``method="prune"`` is the paper's method.
-    """
-    if "method" in given:
-        return MethodDefault({}, "")
-    pruning = sorted(PRUNING_FIELDS & set(given))
-    if pruning:
-        return MethodDefault({"method": "prune"}, f"a pruning option is set ({', '.join(pruning)})")
-    values = {k: v for k, v in (("method", "neggrad"), ("recovery", "kd")) if k not in given}
-    return MethodDefault(
-        values,
-        "the default: U 0 % on every CIFAR-10 forget set measured, at the least mean cost in R "
-        "(docs/benchmarks.md); --method prune runs the paper's",
-    )
-
-
+#: the option groups of this module (``unlearning.options.MethodOptions`` joins them in a job)
 GROUPS: tuple[type[OptionGroup], ...] = (
-    MethodOptions,
     ScoringOptions,
     PlanOptions,
     PrivacyOptions,

@@ -29,11 +29,11 @@ def test_render_docs_detects_a_hand_edited_table(tmp_path: Path) -> None:
 
 
 def test_the_jobs_default_method_is_the_one_the_committed_evidence_picks(monkeypatch) -> None:
-    """options.measured_defaults and the rule over the CIFAR-10 goal tables name the same method: a new run that
-    changes the winner fails here until the default follows it (or the rule is argued anew)."""
+    """unlearning.defaults.measured_defaults and the rule over the CIFAR-10 goal tables name the same method: a new
+    run that changes the winner fails here until the default follows it (or the rule is argued anew)."""
     import copy
 
-    from nvflare_unlearn.options import MethodOptions, measured_defaults
+    from nvflare_unlearn.unlearning import MethodOptions, measured_defaults
 
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import forgetting_benchmark as fb

@@ -141,7 +141,8 @@ def test_deprecated_flags_still_work_with_a_warning(tmp_path, capsys):
 
 def test_option_flags_are_the_option_names(capsys):
     """Every option field has a flag of the same name (prune_ratio -> --prune-ratio) with its help text."""
-    from nvflare_unlearn.options import GROUPS, FederationOptions
+    from nvflare_unlearn.options import FederationOptions
+    from nvflare_unlearn.unlearning import JOB_GROUPS as GROUPS
 
     with pytest.raises(SystemExit):
         main(["unlearn", "--help"])

@@ -1,4 +1,4 @@
-"""The unlearning methods of the job API (method.objectives): each objective does what its name says, and the
+"""The unlearning methods of the job API (unlearning.objective): each objective does what its name says, and the
 NVFlare job runs a non-pruning method end to end with the teacher and the sites' forget data, then verifies."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from nvflare_unlearn import save_checkpoint
 from nvflare_unlearn.evaluation import train_epochs
-from nvflare_unlearn.method.objectives import UnlearningObjective
-from nvflare_unlearn.options import MethodOptions
+from nvflare_unlearn.unlearning import MethodOptions
+from nvflare_unlearn.unlearning.objective import UnlearningObjective
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FORGET = [3]
@@ -67,7 +67,7 @@ def test_objectives_refuse_what_they_lack():
 def test_kd_term_vanishes_when_the_student_is_the_teacher():
     model = trained_digits_cnn()
     (xr, yr), _ = _split()
-    kd = UnlearningObjective({"recovery": "kd"}, FORGET, 10, teacher=copy.deepcopy(model))
+    kd = UnlearningObjective({"method": "finetune", "recovery": "kd"}, FORGET, 10, teacher=copy.deepcopy(model))
     ce = torch.nn.functional.cross_entropy(model(xr[:64]), yr[:64])
     assert float(kd.batch_loss(model, xr[:64], yr[:64])) == pytest.approx(float(ce), rel=1e-3)
 
@@ -155,8 +155,8 @@ def test_a_training_method_without_rounds_is_refused(trained_ckpt, method):
     ],
 )
 def test_the_default_method_is_the_measured_best(tmp_path, trained_ckpt, forget, given, method, recovery, ratio):
-    """Issue 13: defaults from the evidence (options.measured_defaults), written into the exported job as concrete
-    values, so the sites, the record and the auditor see the method that ran, not a rule."""
+    """Issue 13: defaults from the evidence (unlearning.defaults.measured_defaults), written into the exported job as
+    concrete values, so the sites, the record and the auditor see the method that ran, not a rule."""
     from nvflare_unlearn.cli.commands import method_summary
     from nvflare_unlearn.fl import UnlearningRecipe
 
@@ -224,7 +224,7 @@ def test_an_objective_reports_the_loss_and_the_batches_it_computed():
     ],
 )
 def test_a_sites_report_is_read_field_by_field(report, seen):
-    from nvflare_unlearn.method.objectives import reported_loss
+    from nvflare_unlearn.unlearning.objective import reported_loss
 
     assert reported_loss(report) == seen
 
@@ -272,7 +272,7 @@ def test_the_controller_records_which_sites_ran_the_requested_loss():
 
 
 def test_a_plain_cross_entropy_request_does_not_flag_scripts_that_do_not_report():
-    from nvflare_unlearn.method.objectives import objective_check
+    from nvflare_unlearn.unlearning.objective import objective_check
 
     rounds = [{"site-1": "not reported", "site-2": "ce"}, {"site-1": "not reported", "site-2": "neggrad+ce"}]
     check = objective_check({"method": "prune"}, rounds)

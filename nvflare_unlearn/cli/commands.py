@@ -77,7 +77,7 @@ def make_env(args: argparse.Namespace, num_clients: int, workspace: str) -> Any:
     if getattr(args, "startup_kit", None):
         raise CLIError("--startup-kit is only used with --env prod")
     if env == "poc":
-        from nvflare_unlearn.fl.results import all_sites_poc_env
+        from nvflare_unlearn.fl.poc import all_sites_poc_env
 
         return all_sites_poc_env(num_clients)
     from nvflare.recipe import SimEnv
@@ -112,7 +112,7 @@ def progress_line(p: dict, started: float) -> str:
 def run_recipe(recipe: Any, args: argparse.Namespace, workspace: str, label: str):
     """Run a recipe where ``--env`` says (results fetched into ``workspace`` before a POC system stops), printing
     its progress; return its checked JobResult (RuntimeError when NVFlare or the job's record says it failed)."""
-    from nvflare_unlearn.fl.results import run_job
+    from nvflare_unlearn.fl.run import run_job
 
     env = make_env(args, recipe.num_clients, workspace)
     where = {"poc": "POC", "prod": "production"}.get(getattr(args, "env", "sim"), "simulated")
@@ -217,9 +217,9 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
 
 def method_summary(recipe: Any) -> str:
-    """The method this request runs, and why when the job chose it (``options.measured_defaults``)."""
+    """The method this request runs, and why when the job chose it (``unlearning.defaults.measured_defaults``)."""
     u = recipe.options["unlearning"]
-    what = u.method + (f" at prune_ratio {recipe.prune_ratio:g}" if u.method == "prune" else "")
+    what = u.method + (f" at prune_ratio {recipe.prune_ratio:g}" if u.spec.prunes else "")
     what += " with recovery kd" if u.recovery == "kd" else ""
     if "method" not in recipe.defaults_applied:
         return f"method: {what}"
@@ -326,7 +326,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_verify_record(args: argparse.Namespace) -> int:
     """Exit 0 when the record's signature (against --public-key) and every consistency check pass, 1 otherwise."""
-    from nvflare_unlearn.protect.audit import verify_record
+    from nvflare_unlearn.protect.verify import verify_record
 
     original = existing_file(args.original, "--original") if args.original else None
     result = verify_record(
@@ -357,6 +357,22 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    """The method registry as a table: name, what it needs, the default (``unlearning.registry``)."""
+    from nvflare_unlearn.unlearning import measured_defaults, methods
+
+    default = measured_defaults(set())
+    rows = [("method", "forget data", "teacher", "prunes", "what it does")]
+    for m in methods().values():
+        teacher = "always" if m.always_distils else "with recovery kd"
+        rows.append((m.name, "yes" if m.uses_forget_data else "no", teacher, "yes" if m.prunes else "no", m.summary))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    print(f"\ndefault: {default.values} ({default.reason})")
+    return EXIT_OK
+
+
 COMMANDS = {
     "demo": cmd_demo,
     "pretrain": cmd_pretrain,
@@ -365,5 +381,6 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "export": cmd_export,
     "verify-record": cmd_verify_record,
+    "methods": cmd_methods,
     "export-model": cmd_export_model,
 }

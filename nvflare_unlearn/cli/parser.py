@@ -12,18 +12,15 @@ from typing import Any
 from nvflare_unlearn.options import (
     EXPORT_FORMATS,
     FederationOptions,
-    MethodOptions,
     OptionGroup,
-    PlanOptions,
-    PrivacyOptions,
-    ScoringOptions,
     SecurityOptions,
     SiteDataOptions,
     TrainingOptions,
 )
+from nvflare_unlearn.unlearning import JOB_GROUPS
 
 TRAINING_GROUPS = (SiteDataOptions, TrainingOptions, FederationOptions, SecurityOptions)
-UNLEARNING_GROUPS = (MethodOptions, ScoringOptions, PlanOptions, PrivacyOptions, *TRAINING_GROUPS)
+UNLEARNING_GROUPS = JOB_GROUPS  # the unlearning job's groups, defined once with its options (unlearning.options)
 
 #: deprecated flag -> its current name (accepted for one release with a warning on stderr)
 DEPRECATED_FLAGS = {
@@ -109,11 +106,16 @@ def _field_type(f: dataclasses.Field) -> Any:
     raise TypeError(f"no CLI type for option {f.name} ({text})")
 
 
-#: what ``--help`` of ``unlearn`` shows as the default of the options ``options.measured_defaults`` sets
-MEASURED_DEFAULTS_HELP = {
-    "method": "neggrad, the measured best; prune when a pruning option is set",
-    "recovery": "kd with the default neggrad, else ce",
-}
+def measured_defaults_help() -> dict[str, str]:
+    """What ``--help`` of ``unlearn`` shows as the default of the options the measured default sets (read from
+    ``unlearning.defaults``, so the help and the job cannot disagree)."""
+    from nvflare_unlearn.unlearning import measured_defaults
+
+    values = measured_defaults(set()).values
+    return {
+        "method": f"{values.get('method')}, the measured best; prune when a pruning option is set",
+        "recovery": f"{values.get('recovery', 'ce')} with the default {values.get('method')}, else ce",
+    }
 
 
 def add_option_groups(p: argparse.ArgumentParser, groups: tuple[type[OptionGroup], ...], defaults: dict) -> None:
@@ -241,7 +243,7 @@ def build_parser(commands: dict[str, Any]) -> argparse.ArgumentParser:
             )
         if name != "pretrain":
             add_forget_arg(s, required=True)
-        add_option_groups(s, groups, PretrainRecipe.DEFAULTS if name != "unlearn" else MEASURED_DEFAULTS_HELP)
+        add_option_groups(s, groups, PretrainRecipe.DEFAULTS if name != "unlearn" else measured_defaults_help())
         s.set_defaults(func=commands[name], groups=groups)
 
     e = sub.add_parser("evaluate", help="U-set / R-set accuracy of a checkpoint on a test set")
@@ -295,4 +297,7 @@ def build_parser(commands: dict[str, Any]) -> argparse.ArgumentParser:
     )
     add_allow_import(v)
     v.set_defaults(func=commands["verify-record"])
+
+    ms = sub.add_parser("methods", help="the registered unlearning methods, what each needs, and the default")
+    ms.set_defaults(func=commands["methods"])
     return p

@@ -8,7 +8,7 @@ from typing import Optional
 from nvflare_unlearn import _io
 from nvflare_unlearn.fl.defs import FINAL_MODEL_FILE, PLAN_FILE, PRUNED_MODEL_FILE, RECORD_FILE, RECORD_PUBLIC_KEY_FILE
 from nvflare_unlearn.fl.results import sites_per_phase
-from nvflare_unlearn.method.objectives import OBJECTIVE_HINT
+from nvflare_unlearn.unlearning.objective import OBJECTIVE_HINT
 
 
 def _acc(entry: Optional[dict]) -> dict:
@@ -44,7 +44,9 @@ def build_report(metrics: dict) -> dict:
 
 def prunes(report: dict) -> bool:
     """Whether the job's method pruned before fine-tuning (the others start from the original model)."""
-    return ((report.get("options") or {}).get("unlearning") or {}).get("method", "prune") == "prune"
+    from nvflare_unlearn.unlearning import get_method
+
+    return get_method(((report.get("options") or {}).get("unlearning") or {}).get("method", "prune")).prunes
 
 
 def plot_u_r_by_round(report: dict, path: str, title: str = "") -> str:

@@ -40,7 +40,8 @@ from nvflare_unlearn.method.plan import PruningPlan
 from nvflare_unlearn.method.prune import apply_pruning_plan
 from nvflare_unlearn.method.reinit import reinitialise_channels, reset_classifier_rows
 from nvflare_unlearn.method.unlearning import unlearning_step
-from nvflare_unlearn.options import MethodOptions, PlanOptions, ScoringOptions
+from nvflare_unlearn.options import PlanOptions, ScoringOptions
+from nvflare_unlearn.unlearning import MethodOptions
 
 __all__ = [
     "METHODS",
@@ -396,30 +397,22 @@ def site_objectives(
     batch_size: int = 64,
     seed: int = 0,
 ):
-    """``run_fedavg(site_loss=...)`` for an unlearning method: each site's objective on its own data, as the NVFlare
-    executor builds it (its forget-class images for the forget term, the original model as teacher)."""
-    from nvflare_unlearn.method.objectives import UnlearningObjective
+    """``run_fedavg(site_objective=...)`` for an unlearning method: each site's objective on its own data through
+    ``unlearning.site_objective``, the function the NVFlare executor calls (its forget-class images for the forget
+    term, the original model as teacher)."""
     from nvflare_unlearn.runtime.batches import TensorBatches
+    from nvflare_unlearn.unlearning import site_objective
 
-    opts = MethodOptions.from_dict(options)
     forget = _forget_list(forget_classes)
-    if not (opts.needs_teacher or opts.needs_forget_data):
-        return None
     keep_out = [c for c in range(fed.num_classes) if c not in set(forget)]
 
-    def site_loss(site: int, round_idx: int):
-        site_opts = opts
-        loader = None
-        if opts.needs_forget_data:
+    def objective(site: int, round_idx: int):
+        def forget_loader():
             xf, yf = fed.site_tensors(site, keep_out)
             if xf.shape[0] == 0:
-                site_opts = MethodOptions.from_dict({**opts.to_dict(), "method": "finetune"})
-            else:
-                loader = TensorBatches(
-                    xf, yf, batch_size, shuffle=True, seed=hash((seed, round_idx, site)) & 0x7FFFFFFF
-                )
-        obj = UnlearningObjective(site_opts, forget, fed.num_classes, teacher=teacher, forget_loader=loader,
-                                  seed=hash((seed, site)) & 0x7FFFFFFF)  # fmt: skip
-        return obj.batch_loss if (site_opts.needs_teacher or site_opts.needs_forget_data) else None
+                return None
+            return TensorBatches(xf, yf, batch_size, shuffle=True, seed=hash((seed, round_idx, site)) & 0x7FFFFFFF)
 
-    return site_loss
+        return site_objective(options, forget, fed.num_classes, teacher, forget_loader, hash((seed, site)) & 0x7FFFFFFF)
+
+    return objective

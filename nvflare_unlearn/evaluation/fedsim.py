@@ -240,7 +240,7 @@ def run_fedavg(
     meter: CostMeter | None = None,
     eval_fn: Callable[[nn.Module, int], dict[str, Any]] | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
-    site_loss: Callable[[int, int], Callable | None] | None = None,
+    site_objective: Callable[[int, int], Any] | None = None,
     on_round: Callable[[int, dict[str, Any]], None] | None = None,
     phase: str = "train",
     stop_fn: Callable[[dict[str, Any]], bool] | None = None,
@@ -250,11 +250,11 @@ def run_fedavg(
 
     Each record holds the round (1-based), lr, sampled sites, cumulative cost and, when `eval_fn` is given,
     its result (evaluation time is not charged to the method). `after_step` runs after every local optimizer
-    step (mask-mode pruning re-zeroes channels there). `site_loss(site, round)` gives that site's training loss
-    (an unlearning method's ``method.objectives.UnlearningObjective.batch_loss``; None = cross-entropy), as the
-    NVFlare executor builds it per task. `stop_fn(record)` returning True ends training after
-    that round (the lr schedule stays the one of `cfg.rounds`): how a benchmark compares models at equal
-    accuracy instead of equal rounds. `start_round` resumes a killed run: `model` and `meter` hold the state after
+    step (mask-mode pruning re-zeroes channels there). `site_objective(site, round)` gives that site's
+    ``unlearning.UnlearningObjective`` (None = cross-entropy), as the NVFlare executor builds it per task
+    (``baselines.site_objectives``: both through ``unlearning.site_objective``). `stop_fn(record)` returning True
+    ends training after that round (the lr schedule stays the one of `cfg.rounds`): how a benchmark compares models at
+    equal accuracy instead of equal rounds. `start_round` resumes a killed run: `model` and `meter` hold the state after
     that many rounds, and since a round depends only on (global model, seed, round), the result is the one an
     uninterrupted run gives; the returned records are those of the rounds run now.
     """
@@ -285,6 +285,7 @@ def run_fedavg(
                 else site_shuffle_seed(cfg.seed, f"site-{s + 1}", r)
             )
             batches = TensorBatches(xs, ys, cfg.batch_size, shuffle=True, seed=order_seed, augment=cfg.augment)
+            objective = site_objective(s, r) if site_objective is not None else None
             train_epochs(
                 local,
                 batches,
@@ -293,7 +294,8 @@ def run_fedavg(
                 momentum=cfg.momentum,
                 weight_decay=cfg.weight_decay,
                 after_step=after_step,
-                loss_fn=site_loss(s, r) if site_loss is not None else None,
+                loss_fn=objective.batch_loss if objective is not None else None,
+                before_step=objective.before_step if objective is not None else None,
                 precision=cfg.precision,
             )
             states.append({k: v.detach().clone() for k, v in local.state_dict().items()})

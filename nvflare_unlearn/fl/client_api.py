@@ -26,7 +26,7 @@ Privacy: ``activation_result`` applies the job's min-count, per-image clipping a
 task's meta) with ``protected_report``, the very function ``UnlearningExecutor`` uses, and tells the server what it
 applied; the audit record lists that per site (a script that answers without these helpers is recorded as having
 applied nothing it can vouch for). Likewise ``weights_result(model, n, objective)`` reports the loss the site
-minimised, and the record lists a site that does not as "not reported" (``method.objectives.objective_check``).
+minimised, and the record lists a site that does not as "not reported" (``unlearning.objective.objective_check``).
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from nvflare_unlearn.fl.defs import (
 from nvflare_unlearn.fl.model_state import (
     load_numpy_state,
     model_key,
+    plan_from_meta,
     rebuild_model,
     split_teacher,
     state_to_numpy,
@@ -67,7 +68,7 @@ from nvflare_unlearn.method.activations import WIRE_SUMS_DTYPE, ClassActivationR
 from nvflare_unlearn.options import PrivacyOptions
 
 if TYPE_CHECKING:
-    from nvflare_unlearn.method.objectives import UnlearningObjective
+    from nvflare_unlearn.unlearning import UnlearningObjective
 
 __all__ = [
     "TASK_ACTIVATIONS",
@@ -95,7 +96,7 @@ def model_from_flmodel(
     if not isinstance(fl_model, FLModel):
         raise ValueError(f"expected the FLModel from flare.receive(), got {type(fl_model).__name__}")
     meta = fl_model.meta or {}
-    model = rebuild_model(model_name, num_classes, meta.get(META_PLAN), prune_mode_of(fl_model), in_channels)
+    model = rebuild_model(model_name, num_classes, plan_from_meta(meta), prune_mode_of(fl_model), in_channels)
     own, _teacher = split_teacher(fl_model.params or {})
     return load_numpy_state(model, own)
 
@@ -266,29 +267,24 @@ def training_objective(
     in_channels: Optional[int] = None,
     seed: int = 0,
 ):
-    """The loss this round's method asks for (``method.objectives``); None for a task without forget classes
+    """The loss this round's method asks for (``unlearning``); None for a task without forget classes
     (pretraining: plain cross-entropy).
 
-    Use it as ``loss = objective.batch_loss(model, x, y)`` in your training loop on retained data, and pass it to
-    ``weights_result``: it counts the batches it computed, and the job records what each site ran. Methods that use
-    the forget classes (neggrad, random_label, scrub) need ``forget_loader`` over this site's forget-class images
-    (without one the site trains on the retained term alone, and says so); a distilling method gets the original
-    model (the teacher) from the task itself.
+    Use it as ``loss = objective.batch_loss(model, x, y)`` in your training loop on retained data, call
+    ``objective.before_step(model)`` between ``loss.backward()`` and ``optimizer.step()``, and pass it to
+    ``weights_result``: it counts the batches it computed, and the job records what each site ran. Methods that
+    use the forget classes (``nvflare-unlearn methods`` lists them) need ``forget_loader`` over this site's
+    forget-class images (without one the site trains on the retained term alone, and says so); a distilling method
+    gets the original model (the teacher) from the task itself.
     """
-    from nvflare_unlearn.method.objectives import UnlearningObjective
-    from nvflare_unlearn.options import MethodOptions
+    from nvflare_unlearn.unlearning import site_objective
 
-    options = MethodOptions.from_dict((fl_model.meta or {}).get(META_METHOD))
-    forget = forget_classes_of(fl_model)
-    if not forget:
-        return None
-    teacher = None
-    if options.needs_teacher:
+    def teacher():
         _own, weights = split_teacher(fl_model.params or {})
-        teacher = teacher_from(fl_model.meta or {}, weights, model_name, num_classes, in_channels)
-    if options.needs_forget_data and forget_loader is None:
-        options = MethodOptions.from_dict({**options.to_dict(), "method": "finetune"})  # no forget data here
-    return UnlearningObjective(options, forget, num_classes, teacher=teacher, forget_loader=forget_loader, seed=seed)
+        return teacher_from(fl_model.meta or {}, weights, model_name, num_classes, in_channels)
+
+    meta = fl_model.meta or {}
+    return site_objective(meta.get(META_METHOD), forget_classes_of(fl_model), num_classes, teacher, forget_loader, seed)
 
 
 def verification_result(
@@ -296,14 +292,9 @@ def verification_result(
 ) -> FLModel:
     """Answer the verify task (the forgetting check): aggregates of this site's data only, see
     ``nvflare_unlearn.runtime.verification`` for exactly what leaves the site."""
-    from nvflare_unlearn.runtime.verification import site_probe_histograms, site_stats
+    from nvflare_unlearn.runtime.verification import site_verification
 
-    request = (fl_model.meta or {}).get(META_VERIFY) or {}
+    meta = fl_model.meta or {}
     forget = forget_classes_of(fl_model)
-    if request.get("round") == "scores":
-        data = site_probe_histograms(model, test_loader, request, forget)
-    elif request.get("round") == "stats":
-        data = site_stats(model, train_loader, test_loader, forget, num_classes)
-    else:
-        raise ValueError(f"verify round must be 'stats' or 'scores', got {request.get('round')!r}")
+    data = site_verification(model, meta.get(META_VERIFY), forget, num_classes, train_loader, test_loader)
     return FLModel(params_type=ParamsType.FULL, params=data, meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: 1})

@@ -50,6 +50,7 @@ from nvflare_unlearn.fl.defs import (
 )
 from nvflare_unlearn.fl.model_state import (
     load_numpy_state,
+    plan_from_meta,
     rebuild_model,
     split_teacher,
     state_to_numpy,
@@ -180,7 +181,7 @@ class UnlearningExecutor(Executor):
             model = rebuild_model(
                 self.model_name,
                 self.num_classes,
-                plan_json=meta.get(META_PLAN),
+                plan=plan_from_meta(meta),
                 mode=meta.get(META_PRUNE_MODE, "remove"),
                 in_channels=self.in_channels,
             )
@@ -291,6 +292,7 @@ class UnlearningExecutor(Executor):
             weight_decay=self._training.weight_decay,
             after_step=after_step,
             loss_fn=objective.batch_loss if objective is not None else None,
+            before_step=objective.before_step if objective is not None else None,
             losses=losses,
         )
         mean_loss = sum(losses) / len(losses) if losses else None
@@ -316,44 +318,34 @@ class UnlearningExecutor(Executor):
         )
 
     def _objective(self, meta: dict, forget: list[int], round_num: Optional[int]):
-        """The method's training objective (``method.objectives``), or None for plain cross-entropy."""
-        from nvflare_unlearn.method.objectives import UnlearningObjective
-        from nvflare_unlearn.options import MethodOptions
+        """This round's objective (``unlearning.site_objective``: the one site path), None without forget classes."""
+        from nvflare_unlearn.data import filter_classes
+        from nvflare_unlearn.unlearning import site_objective
 
-        options = MethodOptions.from_dict(meta.get(META_METHOD))
-        if not forget or not (options.needs_teacher or options.needs_forget_data):
-            return None
-        teacher = None
-        if options.needs_teacher:
-            teacher = teacher_from(meta, self._teacher_params, self.model_name, self.num_classes, self.in_channels)
-            teacher.to(self._device)
-        forget_loader = None
-        if options.needs_forget_data:
-            from nvflare_unlearn.data import filter_classes
+        def teacher():
+            net = teacher_from(meta, self._teacher_params, self.model_name, self.num_classes, self.in_channels)
+            return net.to(self._device)
 
+        def forget_loader():
             held = filter_classes(self._data("train"), keep=forget)
-            forget_loader = self._loader(held, shuffle=True, round_num=round_num) if len(held) else None
-            if forget_loader is None:  # this site holds none of the forget classes: retained term only
-                options = MethodOptions.from_dict({**options.to_dict(), "method": "finetune"})
-        return UnlearningObjective(options, forget, self.num_classes, teacher=teacher, forget_loader=forget_loader,
-                                   seed=zlib.crc32(f"{self._training.seed}:{self._site_name}".encode()))  # fmt: skip
+            return self._loader(held, shuffle=True, round_num=round_num) if len(held) else None
+
+        seed = zlib.crc32(f"{self._training.seed}:{self._site_name}".encode())
+        return site_objective(meta.get(META_METHOD), forget, self.num_classes, teacher, forget_loader, seed)
 
     def _verify(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
         """The forgetting check (``runtime.verification``): round "stats" or "scores" on this site's data."""
-        from nvflare_unlearn.runtime.verification import site_probe_histograms, site_stats
+        from nvflare_unlearn.runtime.verification import site_verification
 
-        request = meta.get(META_VERIFY) or {}
-        forget = self._forget_set(meta)
-        if not forget:
-            raise ValueError("the verify task names no forget class")
-        train = self._loader(self._data("train"), shuffle=False, round_num=None)
-        test = self._loader(self._data("test"), shuffle=False, round_num=None)
-        if request.get("round") == "scores":
-            data = site_probe_histograms(model, test, request, forget, device=self._device)
-        elif request.get("round") == "stats":
-            data = site_stats(model, train, test, forget, self.num_classes, device=self._device)
-        else:
-            raise ValueError(f"verify round must be 'stats' or 'scores', got {request.get('round')!r}")
+        data = site_verification(
+            model,
+            meta.get(META_VERIFY),
+            self._forget_set(meta),
+            self.num_classes,
+            self._loader(self._data("train"), shuffle=False, round_num=None),
+            self._loader(self._data("test"), shuffle=False, round_num=None),
+            device=self._device,
+        )
         return DXO(data_kind=DataKind.COLLECTION, data=data, meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: 1})
 
     def _validate(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:

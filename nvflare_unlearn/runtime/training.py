@@ -28,17 +28,19 @@ def train_epochs(
     weight_decay: float = 5e-4,
     max_steps: int | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
+    before_step: Callable[[nn.Module], None] | None = None,
     precision: str = "fp32",
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     losses: list[float] | None = None,
 ) -> int:
     """SGD + cross-entropy over `loader` for `epochs` epochs (or until `max_steps`); returns optimizer steps.
 
-    `after_step(model)` runs after every optimizer step; `losses`, when given, receives each step's loss (a site
+    `before_step(model)` runs between `backward()` and the optimizer step (a method's gradient hook, e.g. a saliency
+    mask); `after_step(model)` runs after every optimizer step; `losses`, when given, receives each step's loss (a site
     reports their mean through NVFlare's experiment tracking). The model's train/eval mode is restored afterwards.
     `precision="bf16"` runs forward and loss under bfloat16 autocast (weights and optimizer stay float32) with
     channels-last activations: about 2x the images per second on CPUs with AMX/AVX512-BF16, and on GPUs.
-    `loss_fn(model, x, y)` replaces the cross-entropy (an unlearning method's objective, ``method.objectives``).
+    `loss_fn(model, x, y)` replaces the cross-entropy (an unlearning method's objective, ``unlearning``).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
@@ -81,6 +83,8 @@ def train_epochs(
                 if not torch.isfinite(loss):
                     raise ValueError(f"training loss became {loss.item()} at step {steps}; lower the learning rate")
                 loss.backward()
+                if before_step is not None:
+                    before_step(model)
                 optimizer.step()
                 steps += 1
                 if losses is not None:

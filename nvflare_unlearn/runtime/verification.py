@@ -39,6 +39,7 @@ __all__ = [
     "merge_site_stats",
     "site_probe_histograms",
     "site_stats",
+    "site_verification",
     "verification_summary",
 ]
 
@@ -166,6 +167,28 @@ def site_probe_histograms(
         return np.bincount(np.searchsorted(edges, v, side="right"), minlength=len(edges) + 1).astype(np.int64)
 
     return {"score_hist_forget": hist(scores[is_forget]), "score_hist_retained": hist(scores[~is_forget])}
+
+
+def site_verification(
+    model: nn.Module,
+    request: dict[str, Any] | None,
+    forget_classes: Sequence[int],
+    num_classes: int,
+    train_loader: Iterable,
+    test_loader: Iterable,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """A site's answer to one round of the check (``request["round"]``: "stats", then "scores"): the one dispatch
+    the NVFlare executor and a user's Client API script share."""
+    request = request or {}
+    forget = sorted(int(c) for c in forget_classes)
+    if not forget:
+        raise ValueError("the verify task names no forget class")
+    if request.get("round") == "scores":
+        return site_probe_histograms(model, test_loader, request, forget, device=device)
+    if request.get("round") == "stats":
+        return site_stats(model, train_loader, test_loader, forget, num_classes, device=device)
+    raise ValueError(f"verify round must be 'stats' or 'scores', got {request.get('round')!r}")
 
 
 def auc_from_histograms(positive: np.ndarray, negative: np.ndarray) -> dict[str, float | int | None]:

@@ -1,24 +1,12 @@
-"""What a site minimises while it unlearns: the fine-tuning objective of each method, as one batch loss.
+"""What a site minimises while it unlearns: the registered method's terms as one batch loss, and its report.
 
-Every method trains on the site's retained classes; some also use the forget classes the site holds (where the
-data to forget lives) and some distil from the original model (the teacher, sent with the task):
+Every method trains on the site's retained classes; some also use the forget classes the site holds and some
+distil from the original model (the teacher, sent with the task). The terms themselves live with each method
+(``unlearning/methods/``); this object draws the forget batches, holds the teacher and counts what it computed.
 
-- ``recovery="ce"``: cross-entropy on retained data (the paper's fine-tune);
-- ``recovery="kd"``: cross-entropy + distillation from the original model on retained data, the forgotten classes'
-  logits masked out of both softmaxes, so the student keeps the original's behaviour on what stays
-  (Hinton et al. 2015 with a class mask);
-- ``method="neggrad"``: NegGrad+ (Kurmanji et al., NeurIPS 2023): the retained term minus ``forget_weight`` x the
-  cross-entropy on forget-class data, the ascent capped at ``FORGET_LOSS_CAP`` (beyond chance, pushing further only
-  damages the features);
-- ``method="random_label"``: the retained term plus ``forget_weight`` x cross-entropy of forget-class images towards
-  random retained labels (Graves et al., AAAI 2021 "amnesiac" relabelling);
-- ``method="scrub"``: SCRUB (Kurmanji et al. 2023), single-loop form: the retained term (with distillation) minus
-  ``forget_weight`` x KL(teacher || student) on forget-class data (at temperature 1, capped like NegGrad+). The
-  original alternates max and min epochs; one combined step is what a federated round of local SGD can carry.
-
-``UnlearningObjective.batch_loss(model, x, y)`` is what ``runtime.training.train_epochs`` calls for every
-retained batch; the forget batch, when the method needs one, is drawn from a cycling iterator over the site's
-forget data. Pure torch: the NVFlare executor, the Client API helpers and the benchmark all use this one object.
+``UnlearningObjective.batch_loss(model, x, y)`` is what ``runtime.training.train_epochs`` calls for every retained
+batch, and ``before_step(model)`` what it calls between ``backward()`` and the optimizer step. The NVFlare executor,
+the Client API helpers and the in-process federation build it through one function (``unlearning.site``).
 
 A site's training code is its own (a Client API script may ignore the objective), so each site reports the loss it
 minimised (``UnlearningObjective.report``, read by ``reported_loss``) and ``objective_check`` compares the reports
@@ -29,7 +17,6 @@ site that lies about it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -37,26 +24,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nvflare_unlearn.options import MethodOptions
+from nvflare_unlearn.unlearning.base import FORGET_LOSS_CAP
+from nvflare_unlearn.unlearning.options import MethodOptions
+from nvflare_unlearn.unlearning.registry import methods
 
 __all__ = [
     "FORGET_LOSS_CAP",
     "OBJECTIVE_HINT",
-    "SITE_LOSSES",
+    "site_losses",
     "UnlearningObjective",
     "objective_check",
     "reported_loss",
 ]
 
-#: cap (in multiples of ln K, chance-level cross-entropy) beyond which a forget term stops pushing
-FORGET_LOSS_CAP = 2.0
 
-#: every loss a site can report (``MethodOptions.site_loss``); anything else in a report is malformed
-SITE_LOSSES = frozenset(
-    MethodOptions(method=m, recovery=r).site_loss
-    for m in ("prune", "neggrad", "random_label", "scrub")
-    for r in ("ce", "kd")
-)
+def site_losses() -> frozenset[str]:
+    """Every loss a site can report (each registered method's ``site_losses``); anything else is malformed."""
+    return frozenset(loss for m in methods().values() for loss in m.site_losses())
+
+
+def _forget_losses() -> frozenset[str]:
+    """The losses that include a forget-class term: a report of one without a forget-class step is flagged."""
+    return frozenset(loss for m in methods().values() if m.uses_forget_data for loss in m.site_losses())
 
 
 def _cycle(loader: Iterable) -> Iterator:
@@ -70,7 +59,7 @@ def _cycle(loader: Iterable) -> Iterator:
 
 
 class UnlearningObjective:
-    """The batch loss of one method at one site (see the module docstring for each method)."""
+    """The batch loss of one registered method at one site."""
 
     def __init__(
         self,
@@ -81,7 +70,8 @@ class UnlearningObjective:
         forget_loader: Iterable | None = None,
         seed: int = 0,
     ):
-        self.options = MethodOptions.from_dict(options)
+        self.options = MethodOptions.from_dict(options).resolved()
+        self.method = self.options.spec
         self.forget = sorted(int(c) for c in forget_classes)
         self.num_classes = int(num_classes)
         self.retained = [c for c in range(self.num_classes) if c not in set(self.forget)]
@@ -91,63 +81,50 @@ class UnlearningObjective:
             raise ValueError(f"method={self.options.method!r}, recovery={self.options.recovery!r} needs the teacher")
         if self.needs_forget_data and forget_loader is None:
             raise ValueError(f"method={self.options.method!r} needs the site's forget-class data")
-        self.teacher = teacher.eval() if teacher is not None else None
+        self.teacher = teacher.eval() if teacher is not None and self.needs_teacher else None
         self._forget_batches = _cycle(forget_loader) if self.needs_forget_data else None
-        self._gen = torch.Generator().manual_seed(int(seed))
-        self._cap = FORGET_LOSS_CAP * math.log(self.num_classes)
+        self.generator = torch.Generator().manual_seed(int(seed))
         self.steps = 0  # retained batches this objective computed a loss for (what ``report`` vouches for)
         self.forget_steps = 0  # forget-class batches among them
 
     @property
     def needs_teacher(self) -> bool:
-        return self.options.needs_teacher
+        return self.method.uses_teacher(self.options)
 
     @property
     def needs_forget_data(self) -> bool:
-        return self.options.needs_forget_data
+        return self.method.uses_forget_data
 
-    # -- terms -----------------------------------------------------------------------------------------------
-    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+    # -- what the methods' terms share ----------------------------------------------------------------------
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.teacher(x).float()
 
-    def _retained_term(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(logits, y)
-        if self.options.recovery == "kd" or self.options.method == "scrub":
-            t = self.options.kd_temperature
-            keep = torch.as_tensor(self.retained, device=logits.device)
-            student = F.log_softmax(logits.float().index_select(1, keep) / t, dim=1)
-            teacher = F.softmax(self._teacher_logits(x).index_select(1, keep) / t, dim=1)
-            kd = F.kl_div(student, teacher, reduction="batchmean") * (t * t)
-            loss = loss + self.options.kd_weight * kd
-        return loss
-
-    def _forget_term(self, model: nn.Module, device: torch.device) -> torch.Tensor:
-        xf, yf = next(self._forget_batches)
-        self.forget_steps += 1
-        xf = torch.as_tensor(xf).to(device)
-        yf = torch.as_tensor(yf, dtype=torch.int64).to(device)
-        logits = model(xf).float()
-        method = self.options.method
-        if method == "neggrad":
-            ce = F.cross_entropy(logits, yf, reduction="none")
-            return -torch.clamp(ce, max=self._cap).mean()
-        if method == "random_label":
-            pick = torch.randint(0, len(self.retained), (yf.shape[0],), generator=self._gen)
-            target = torch.as_tensor(self.retained)[pick].to(device)
-            return F.cross_entropy(logits, target)
-        # scrub: move away from the teacher on the forget classes, in nats at temperature 1 (capped)
-        kl = F.kl_div(F.log_softmax(logits, dim=1), F.softmax(self._teacher_logits(xf), dim=1), reduction="none")
-        return -torch.clamp(kl.sum(1), max=self._cap).mean()
+    def distillation(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student) over the retained classes only (forget logits masked out of both softmaxes), at
+        ``kd_temperature``: the student keeps the original's behaviour on what stays (Hinton et al. 2015)."""
+        t = self.options.kd_temperature
+        keep = torch.as_tensor(self.retained, device=logits.device)
+        student = F.log_softmax(logits.float().index_select(1, keep) / t, dim=1)
+        teacher = F.softmax(self.teacher_logits(x).index_select(1, keep) / t, dim=1)
+        return F.kl_div(student, teacher, reduction="batchmean") * (t * t)
 
     def batch_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None):
         """The loss of one retained batch (plus the method's forget term), ready for ``backward()``."""
         logits = model(x) if logits is None else logits
         self.steps += 1
-        loss = self._retained_term(logits.float(), y, x)
+        loss = self.method.retained_term(self, logits.float(), y, x)
         if self.needs_forget_data:
-            loss = loss + self.options.forget_weight * self._forget_term(model, x.device)
+            xf, yf = next(self._forget_batches)
+            self.forget_steps += 1
+            xf = torch.as_tensor(xf).to(x.device)
+            yf = torch.as_tensor(yf, dtype=torch.int64).to(x.device)
+            loss = loss + self.options.forget_weight * self.method.forget_term(self, model, xf, yf)
         return loss
+
+    def before_step(self, model: nn.Module) -> None:
+        """The method's hook between ``backward()`` and the optimizer step."""
+        self.method.before_step(self, model)
 
     def describe(self) -> dict[str, Any]:
         return {**self.options.to_dict(), "forget_classes": self.forget}
@@ -169,7 +146,7 @@ def reported_loss(report: Any) -> str:
     from the site, so every field is checked, and only this short name is kept."""
     if report is None:
         return "not reported"
-    if not isinstance(report, dict) or not isinstance(report.get("loss"), str) or report["loss"] not in SITE_LOSSES:
+    if not isinstance(report, dict) or not isinstance(report.get("loss"), str) or report["loss"] not in site_losses():
         return "malformed report"
     counts = [report.get("steps"), report.get("forget_steps")]
     if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in counts) or counts[1] > counts[0]:
@@ -177,7 +154,7 @@ def reported_loss(report: Any) -> str:
     loss = str(report["loss"])
     if counts[0] == 0:
         return f"{loss} (no step)"
-    if (loss == "scrub" or "+" in loss) and counts[1] == 0:
+    if loss in _forget_losses() and counts[1] == 0:
         return f"{loss} (no forget-class step)"
     return loss
 

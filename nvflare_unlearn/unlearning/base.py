@@ -1,0 +1,101 @@
+"""What an unlearning method is: a name, what it needs, and the terms a site adds to its training loss.
+
+A method is one small subclass of ``UnlearningMethod`` in ``unlearning/methods/`` (the way torch-pruning extends
+``Importance`` and NVFlare extends aggregators). The registry finds it by its ``name``; everything else (option
+validation, CLI help, the job's phases, the sites' objective, the docs table, the benchmark's method list) reads
+these declarations, so adding a method touches no other module.
+
+The contract, per training round at a site:
+
+- ``retained_term`` on every retained batch (default: cross-entropy, plus distillation from the original model
+  when the method distils, ``uses_teacher``);
+- ``forget_term`` on a forget-class batch drawn alongside, when ``uses_forget_data`` (added with
+  ``forget_weight``);
+- ``before_step`` between ``backward()`` and the optimizer step (e.g. a saliency mask on the gradients);
+- the server prepares the model first: ``prunes`` runs the activation + TF-IDF phase and applies the plan.
+
+Pure torch: no NVFlare, so the executor, the Client API helpers and the in-process federation share it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from nvflare_unlearn.unlearning.objective import UnlearningObjective
+    from nvflare_unlearn.unlearning.options import MethodOptions
+
+__all__ = ["FORGET_LOSS_CAP", "UnlearningMethod"]
+
+#: cap (in multiples of ln K, chance-level cross-entropy) beyond which an ascent term stops pushing
+FORGET_LOSS_CAP = 2.0
+
+
+class UnlearningMethod:
+    """One unlearning method. Subclasses set the class attributes and override the terms they change."""
+
+    #: the name users write (``method="..."``, ``--method ...``); unique in the registry
+    name: ClassVar[str] = ""
+    #: one line for the CLI's help and the docs' method table
+    summary: ClassVar[str] = ""
+    #: the sites also train on the forget classes they hold (``forget_term``)
+    uses_forget_data: ClassVar[bool] = False
+    #: distils from the original model whatever ``recovery`` says (the teacher travels with the train task)
+    always_distils: ClassVar[bool] = False
+    #: the server scores channels on the sites' activation statistics and applies a pruning plan first
+    prunes: ClassVar[bool] = False
+    #: the loss name a site reports (``objective.report``); "" means ``<name>+<recovery>`` with forget data,
+    #: else the recovery alone
+    loss_name: ClassVar[str] = ""
+
+    # -- declarations the job reads ----------------------------------------------------------------------------
+    def uses_teacher(self, options: MethodOptions) -> bool:
+        """Whether the sites need the original model (the teacher) this round."""
+        return self.always_distils or options.recovery == "kd"
+
+    def site_loss(self, options: MethodOptions) -> str:
+        """The loss a site minimises under ``options``, by name: what it reports and the server compares."""
+        if self.loss_name:
+            return self.loss_name
+        return f"{self.name}+{options.recovery}" if self.uses_forget_data else str(options.recovery)
+
+    def site_losses(self) -> set[str]:
+        """Every loss name this method can make a site report (the server rejects any other)."""
+        from nvflare_unlearn.unlearning.options import RECOVERIES, MethodOptions
+
+        return {self.site_loss(MethodOptions(method=self.name, recovery=r)) for r in RECOVERIES}
+
+    # -- the site's loss terms ------------------------------------------------------------------------------
+    def retained_term(self, obj: UnlearningObjective, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor):
+        """Cross-entropy on a retained batch, plus masked distillation when the method distils."""
+        loss = F.cross_entropy(logits, y)
+        if obj.teacher is not None:
+            loss = loss + obj.options.kd_weight * obj.distillation(logits, x)
+        return loss
+
+    def forget_term(self, obj: UnlearningObjective, model: nn.Module, xf: torch.Tensor, yf: torch.Tensor):
+        """The term on a forget-class batch (only called when ``uses_forget_data``)."""
+        raise NotImplementedError(f"method {self.name!r} declares uses_forget_data but has no forget_term")
+
+    def before_step(self, obj: UnlearningObjective, model: nn.Module) -> None:
+        """Runs after ``backward()`` and before the optimizer step of every batch (default: nothing)."""
+
+    # -- helpers the terms share ----------------------------------------------------------------------------------
+    @staticmethod
+    def capped_ascent(values: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """``-mean(min(values, cap))``: push a per-example loss up, but not past ``FORGET_LOSS_CAP`` x chance."""
+        return -torch.clamp(values, max=FORGET_LOSS_CAP * math.log(num_classes)).mean()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "summary": self.summary,
+            "uses_forget_data": self.uses_forget_data,
+            "always_distils": self.always_distils,
+            "prunes": self.prunes,
+        }

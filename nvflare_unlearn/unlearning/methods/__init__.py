@@ -1,0 +1,1 @@
+"""The built-in unlearning methods, one module each; the registry imports every module here (``registry``)."""
