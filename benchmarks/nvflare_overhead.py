@@ -1,8 +1,8 @@
 """What NVFlare costs on top of the unlearning work: the same job as an NVFlare simulator job and in one process.
 
-    python benchmarks/nvflare_overhead.py                          # CIFAR-10, ResNet20, 2 sites (needs the data)
-    python benchmarks/nvflare_overhead.py --dataset digits --model small_cnn --rounds 1 --repeats 1   # tiny
-    python benchmarks/nvflare_overhead.py --render-only            # rewrite docs/core-benchmark.md from the JSON
+    python -m benchmarks.nvflare_overhead                          # CIFAR-10, ResNet20, 2 sites (needs the data)
+    python -m benchmarks.nvflare_overhead --dataset digits --model small_cnn --rounds 1 --repeats 1   # tiny
+    python -m benchmarks.nvflare_overhead --render-only            # rewrite docs/core-benchmark.md from the JSON
 
 The NVFlare side is ``UnlearningRecipe`` run with ``run_job`` in ``SimEnv`` (one process per site, sites in
 parallel, one torch thread each). The in-process side does the same work with the same code: every site task is
@@ -24,16 +24,16 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-DOC = REPO / "docs" / "core-benchmark.md"
+from benchmarks.harness import REPO_ROOT, RESULTS, add_output_args, command_line, command_now, parser, write_json
+from benchmarks.render import replace_block
+from nvflare_unlearn import _io
+
+DOC = REPO_ROOT / "docs" / "core-benchmark.md"
 BLOCK = "nvflare-overhead"
-sys.path.insert(0, str(REPO))
 
 
 def options(a: argparse.Namespace) -> dict:
@@ -156,7 +156,7 @@ def in_process(a: argparse.Namespace, ckpt: str) -> dict:
             k: sum(w * np.asarray(r.params[k], dtype=np.float64) for w, r in zip(weights, results)) / sum(weights)
             for k in results[0].params
         }
-        params = state_to_numpy(load_numpy_state(rebuild_model(o["model"], 10, plan_json), params))
+        params = state_to_numpy(load_numpy_state(rebuild_model(o["model"], 10, plan), params))
         timings["train"] = timings.get("train", 0.0) + time.time() - t0
         history.append(timed("evaluate", evaluate, params, plan_json))
     return dict(
@@ -203,7 +203,7 @@ def table(rep: dict) -> list[str]:
     first = rep["runs"][0]
     tasks = first["nvflare"]["tasks"]
     lines = [
-        f"Command: `{rep['command']}`  ",
+        f"Command: `{command_now(rep['command'])}`  ",
         f"Machine: {rep['machine']}; load average {rep['load_before']} before, {rep['load_after']} after. "
         f"Date: {rep['date']}.  ",
         f"Work: {a['model']} on {a['dataset']}, {a['num_clients']} sites, "
@@ -242,17 +242,12 @@ def table(rep: dict) -> list[str]:
 
 
 def render_doc(rep: dict, doc: Path = DOC) -> None:
-    text = doc.read_text()
-    start, end = f"<!-- generated:{BLOCK} -->\n", f"<!-- /generated:{BLOCK} -->"
-    if start not in text:
-        raise SystemExit(f"{doc} has no <!-- generated:{BLOCK} --> block")
-    head, rest = text.split(start, 1)
-    _old, tail = rest.split(end, 1)
-    doc.write_text(head + start + "\n".join(table(rep)) + "\n" + end + tail)
+    """Rewrite the page's generated block from the report."""
+    _io.write_text(doc, replace_block(doc.read_text(), BLOCK, table(rep)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__, full_help=False)
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--data", default=None, help="data root (default: $NVFLARE_UNLEARN_DATA or ../shared/data)")
     p.add_argument("--model", default="resnet20")
@@ -269,14 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="torch threads in one process (default 1, the sites' own setting; 2 threads stall on busy cores)",
     )
-    p.add_argument("--out", default=str(HERE / "results"))
+    add_output_args(p, RESULTS, with_threads=False, tag=False)
     p.add_argument("--doc", default=None, help="also rewrite this page's generated block (docs/core-benchmark.md)")
     p.add_argument("--render-only", action="store_true", help="rewrite --doc (default docs) from the JSON in --out")
     a = p.parse_args(argv)
     out = Path(a.out)
     if a.render_only:
         rep = json.loads((out / "nvflare_overhead.json").read_text())
-        (out / "nvflare_overhead.md").write_text("\n".join(table(rep)) + "\n")
+        _io.write_text(out / "nvflare_overhead.md", "\n".join(table(rep)) + "\n")
         render_doc(rep, Path(a.doc) if a.doc else DOC)
         return 0
     import torch
@@ -299,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {i + 1}: NVFlare job {fl['seconds']:.1f} s (workflow {fl['job_seconds']} s)", flush=True)
             runs.append(dict(nvflare=fl, in_process=ip))
         rep = dict(
-            command="python benchmarks/nvflare_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            command=command_line("nvflare_overhead", argv),
             machine=f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
             f"torch {torch.__version__}, Python {platform.python_version()}",
             date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -311,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "nvflare_overhead.json").write_text(json.dumps(rep, indent=2) + "\n")
-    (out / "nvflare_overhead.md").write_text("\n".join(table(rep)) + "\n")
+    write_json(out / "nvflare_overhead.json", rep)
+    _io.write_text(out / "nvflare_overhead.md", "\n".join(table(rep)) + "\n")
     print("\n".join(table(rep)))
     if a.doc:
         render_doc(rep, Path(a.doc))

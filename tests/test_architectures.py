@@ -227,7 +227,7 @@ def test_a_plan_pruning_an_excluded_conv_is_refused_and_changes_nothing():
         state = {k: v.clone() for k, v in model.state_dict().items()}
         widths = conv_channels(model)
         with pytest.raises(ValueError, match="grouped conv 'grouped.0'|breaks the model's forward pass") as info:
-            apply_pruning_plan(model, json.dumps(data), example_inputs=x)
+            apply_pruning_plan(model, PruningPlan.from_json(json.dumps(data)), example_inputs=x)
         print(f"{name}: {info.value}")
         assert conv_channels(model) == widths
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -39,8 +39,8 @@ from nvflare_unlearn.fl import (
     client_api,
     read_job_result,
 )
-from nvflare_unlearn.fl.defs import META_FORGET, META_PLAN, METRICS_FILE
-from nvflare_unlearn.fl.model_state import load_numpy_state, state_to_numpy
+from nvflare_unlearn.fl.defs import META_FORGET, META_PLAN, META_TEACHER_PLAN, METRICS_FILE
+from nvflare_unlearn.fl.model_state import load_numpy_state, plan_from_meta, rebuild_model, state_to_numpy
 from nvflare_unlearn.fl.site_data import load_site_split, site_index
 from nvflare_unlearn.method.graph import conv_channels
 from nvflare_unlearn.method.tfidf import tfidf_scores
@@ -289,6 +289,26 @@ def test_persistor_round_trip_of_a_pruned_model(tmp_path, model, plan):
     assert original.read_bytes() == before
     with pytest.raises(ValueError, match="refusing to overwrite"):
         p.save_to(str(original), learnable)
+    # the plan enters the persistor as text in the model's meta: parsed there once, a bad one is a clear ValueError
+    bad = {**learnable, ModelLearnableKey.META: {**learnable[ModelLearnableKey.META], META_PLAN: "{not json"}}
+    with pytest.raises(ValueError, match="not valid JSON"):
+        p.save_to(str(run_dir / "bad.pt"), bad)
+    assert not (run_dir / "bad.pt").exists()
+
+
+def test_the_plan_is_parsed_once_from_the_meta_and_passed_typed(model, plan):
+    assert plan_from_meta({}) is None and plan_from_meta(None) is None
+    parsed = plan_from_meta({META_PLAN: plan.to_json()})
+    assert parsed.to_dict() == plan.to_dict()
+    assert plan_from_meta({META_TEACHER_PLAN: plan.to_json()}, META_TEACHER_PLAN).to_dict() == plan.to_dict()
+    with pytest.raises(ValueError, match="not valid JSON"):
+        plan_from_meta({META_PLAN: "{not json"})
+    with pytest.raises(ValueError, match="must be JSON text, got dict"):
+        plan_from_meta({META_PLAN: plan.to_dict()})
+    rebuilt = rebuild_model("small_cnn", K, parsed)
+    assert conv_channels(rebuilt) == conv_channels(_pruned(model, plan))
+    with pytest.raises(ValueError, match="takes a PruningPlan or None, got str"):
+        rebuild_model("small_cnn", K, plan.to_json())
 
 
 def test_persistor_loads_plain_state_dicts_fresh_models_and_rejects_wrong_ones(tmp_path, model):

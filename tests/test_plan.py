@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from nvflare_unlearn.method.graph import conv_channels, coupled_groups
-from nvflare_unlearn.method.plan import PruningPlan
+from nvflare_unlearn.method.plan import PruningPlan, parse_plan
 from nvflare_unlearn.method.prune import apply_pruning_plan, plan_summary
 from nvflare_unlearn.method.selection import build_pruning_plan
 from nvflare_unlearn.method.tfidf import tfidf_scores
@@ -201,6 +201,18 @@ def test_from_json_rejects_bad_plans():
     for text, match in cases:
         with pytest.raises(ValueError, match=match):
             PruningPlan.from_json(text)
+        with pytest.raises(ValueError, match=match):  # the boundary parser gives the same messages
+            parse_plan(text)
+
+
+def test_parse_plan_reads_optional_text_once_at_the_boundary():
+    model = build_model("small_cnn", 10)
+    plan = build_pruning_plan(model, _zeros(model), 0.1)
+    assert parse_plan(None) is None and parse_plan("") is None  # no plan: an unpruned model
+    assert parse_plan(plan.to_json()).to_dict() == plan.to_dict()
+    for value in (b"{}", 3, {"format": "nvflare_unlearn.pruning_plan"}, plan):
+        with pytest.raises(ValueError, match="pruning plan must be JSON text, got"):
+            parse_plan(value)
 
 
 def test_resnet56_scoring_plan_and_apply_is_fast():

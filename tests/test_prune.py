@@ -117,12 +117,12 @@ def test_bad_plans_raise_clear_errors():
         ("features.99" if k == "features.3" else k): v for k, v in renamed["steps"][0]["pruned"].items()
     }
     with pytest.raises(ValueError, match=r"names layer\(s\) \['features.99'\]"):
-        apply_pruning_plan(build_model("small_cnn", 10), json.dumps(renamed))
+        apply_pruning_plan(build_model("small_cnn", 10), PruningPlan.from_json(json.dumps(renamed)))
 
     wider = copy.deepcopy(data)
     wider["convs"]["features.0"] = 20
     with pytest.raises(ValueError, match="match neither the plan's original architecture"):
-        apply_pruning_plan(build_model("small_cnn", 10), json.dumps(wider))
+        apply_pruning_plan(build_model("small_cnn", 10), PruningPlan.from_json(json.dumps(wider)))
 
     emptying = copy.deepcopy(data)
     emptying["steps"].append(
@@ -132,12 +132,16 @@ def test_bad_plans_raise_clear_errors():
         }
     )
     with pytest.raises(ValueError, match="would empty layer"):
-        apply_pruning_plan(build_model("small_cnn", 10), json.dumps(emptying))
+        apply_pruning_plan(build_model("small_cnn", 10), PruningPlan.from_json(json.dumps(emptying)))
 
     with pytest.raises(ValueError, match="mode"):
         apply_pruning_plan(build_model("small_cnn", 10), plan, mode="zero")
-    with pytest.raises(ValueError, match="PruningPlan or its JSON"):
+    with pytest.raises(ValueError, match="must be a PruningPlan"):
         apply_pruning_plan(build_model("small_cnn", 10), {"steps": []})
+    with pytest.raises(ValueError, match="must be a PruningPlan, got str"):  # text is parsed where it enters, once
+        apply_pruning_plan(build_model("small_cnn", 10), plan.to_json())
+    with pytest.raises(ValueError, match="must be a PruningPlan"):
+        plan_summary(plan.to_json(), build_model("small_cnn", 10))
     pruned = apply_pruning_plan(build_model("small_cnn", 10), plan)
     with pytest.raises(ValueError, match="mask mode needs the unpruned model"):
         apply_pruning_plan(pruned, plan, mode="mask")
@@ -148,7 +152,7 @@ def test_bad_plans_raise_clear_errors():
     fake["groups"] = [[n] for g in fake["groups"] for n in g]  # claims every conv is independent
     fake["steps"][0]["pruned"] = {"conv1": [0]}
     with pytest.raises(ValueError, match="couples layer 'conv1'"):
-        apply_pruning_plan(build_model("resnet20", 10), json.dumps(fake))
+        apply_pruning_plan(build_model("resnet20", 10), PruningPlan.from_json(json.dumps(fake)))
 
 
 def _masked_setup(name="resnet20", ratio=0.15, seed=7):

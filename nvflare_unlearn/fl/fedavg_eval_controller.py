@@ -50,7 +50,7 @@ from nvflare_unlearn.fl.defs import (
     TASK_VALIDATE,
     TASK_VERIFY,
 )
-from nvflare_unlearn.fl.model_state import count_params, load_numpy_state, rebuild_model
+from nvflare_unlearn.fl.model_state import count_params, load_numpy_state, plan_from_meta, rebuild_model
 from nvflare_unlearn.options import PRUNE_MODES, FederationOptions, SecurityOptions, fold_legacy
 
 _PHASE_OF_TASK = {
@@ -293,7 +293,7 @@ class FedAvgEvalController(BaseFedAvg):
     def to_torch(self, model: FLModel):
         """The global model as a torch module (architecture from the name + the plan in its meta)."""
         net = rebuild_model(
-            self.model_name, self.num_classes, (model.meta or {}).get(META_PLAN), self.prune_mode, self.in_channels
+            self.model_name, self.num_classes, plan_from_meta(model.meta), self.prune_mode, self.in_channels
         )
         return load_numpy_state(net, model.params)
 

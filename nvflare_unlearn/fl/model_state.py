@@ -2,7 +2,7 @@
 
 Weights cross the wire as numpy arrays (NVFlare's NUMPY exchange), never as a pickled module: every site rebuilds
 the architecture itself from the model name (a registry name or a "package.module:factory" import path) and the
-plan JSON in the task's meta, then loads the arrays.
+plan in the task's meta (parsed once, by ``plan_from_meta``, where the task arrives), then loads the arrays.
 """
 
 from __future__ import annotations
@@ -13,39 +13,47 @@ import numpy as np
 import torch
 from torch import nn
 
+from nvflare_unlearn.fl.defs import META_PLAN, META_PRUNE_MODE, META_TEACHER_PLAN, TEACHER_PREFIX
+from nvflare_unlearn.method.plan import PruningPlan, parse_plan
 from nvflare_unlearn.models import build_model
 from nvflare_unlearn.options import PRUNE_MODES
 
+__all__ = [
+    "count_params",
+    "load_numpy_state",
+    "model_key",
+    "parse_plan",
+    "plan_from_meta",
+    "rebuild_model",
+    "split_teacher",
+    "state_to_numpy",
+    "teacher_from",
+]
 
-def parse_plan(plan_json: Optional[str]):
-    """``PruningPlan`` from its JSON text (None stays None); a malformed plan is a ValueError, not a stack trace."""
-    if plan_json is None or plan_json == "":
-        return None
-    from nvflare_unlearn.method.plan import PruningPlan
 
-    if not isinstance(plan_json, str):
-        raise ValueError(f"pruning plan must be JSON text, got {type(plan_json).__name__}")
-    try:
-        return PruningPlan.from_json(plan_json)
-    except ValueError:
-        raise
-    except Exception as e:  # a JSON decode error or a missing field: say what it is, not where it failed
-        raise ValueError(f"invalid pruning plan JSON: {e}") from e
+def plan_from_meta(meta: Mapping[str, object] | None, key: str = META_PLAN) -> Optional[PruningPlan]:
+    """The plan a task's meta carries under ``key`` (the model's own, or ``META_TEACHER_PLAN``), parsed once where
+    it enters the site or the server; None for an unpruned model. Malformed text is a ValueError."""
+    return parse_plan((meta or {}).get(key))
 
 
 def rebuild_model(
     model_name: str,
     num_classes: int,
-    plan_json: Optional[str] = None,
+    plan: Optional[PruningPlan] = None,
     mode: str = "remove",
     in_channels: Optional[int] = None,
 ) -> nn.Module:
     """A fresh model of the named architecture (registry name or import path) with the plan replayed on it
-    (weights to be loaded after)."""
+    (weights to be loaded after). ``plan`` is already parsed (``plan_from_meta``), never JSON text."""
     if mode not in PRUNE_MODES:
         raise ValueError(f"prune mode must be one of {list(PRUNE_MODES)}, got {mode!r}")
+    if plan is not None and not isinstance(plan, PruningPlan):
+        raise ValueError(
+            f"rebuild_model takes a PruningPlan or None, got {type(plan).__name__} (parse the task's meta once with "
+            "plan_from_meta)"
+        )
     model = build_model(model_name, num_classes, in_channels=in_channels)
-    plan = parse_plan(plan_json)
     if plan is not None:
         from nvflare_unlearn.method.prune import apply_pruning_plan
 
@@ -114,8 +122,6 @@ def count_params(model: nn.Module) -> int:
 
 def split_teacher(params: Mapping[str, object]) -> tuple[dict, dict]:
     """(the model's own weights, the teacher's weights) from a task's params (teacher keys carry TEACHER_PREFIX)."""
-    from nvflare_unlearn.fl.defs import TEACHER_PREFIX
-
     own = {k: v for k, v in params.items() if not k.startswith(TEACHER_PREFIX)}
     teacher = {k[len(TEACHER_PREFIX) :]: v for k, v in params.items() if k.startswith(TEACHER_PREFIX)}
     return own, teacher
@@ -125,13 +131,11 @@ def teacher_from(meta: Mapping[str, object], teacher_params: Mapping[str, object
                  in_channels: Optional[int] = None) -> nn.Module:  # fmt: skip
     """The original model a distilling objective learns from: its weights came with the task (``split_teacher``),
     its plan (when the original had been pruned before) in ``META_TEACHER_PLAN``."""
-    from nvflare_unlearn.fl.defs import META_PRUNE_MODE, META_TEACHER_PLAN
-
     if not teacher_params:
         raise ValueError("this method distils from the original model, but the task carries no teacher weights")
     mode = meta.get(META_PRUNE_MODE, "remove")
+    plan = plan_from_meta(meta, META_TEACHER_PLAN)
     teacher = rebuild_model(
-        model_name, num_classes, meta.get(META_TEACHER_PLAN), mode if mode in ("remove", "mask") else "remove",
-        in_channels,
-    )  # fmt: skip
+        model_name, num_classes, plan, mode if mode in ("remove", "mask") else "remove", in_channels
+    )
     return load_numpy_state(teacher, teacher_params)

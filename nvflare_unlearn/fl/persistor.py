@@ -26,6 +26,7 @@ from nvflare.apis.fl_constant import FLContextKey, WorkspaceConstants
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
+from torch import nn
 
 from nvflare_unlearn.fl.defs import (
     FINAL_MODEL_FILE,
@@ -35,13 +36,14 @@ from nvflare_unlearn.fl.defs import (
     META_PRUNE_MODE,
     META_RESUME,
 )
-from nvflare_unlearn.fl.model_state import load_numpy_state, parse_plan, rebuild_model, state_to_numpy
+from nvflare_unlearn.fl.model_state import load_numpy_state, plan_from_meta, rebuild_model, state_to_numpy
+from nvflare_unlearn.method.plan import PruningPlan
 from nvflare_unlearn.options import PRUNE_MODES
 
 
 def load_initial_model(
     path: str, model_name: str, num_classes: int, in_channels: Optional[int] = None, prune_mode: str = "remove"
-):
+) -> tuple[nn.Module, Optional[PruningPlan]]:
     """(model, plan or None) from any supported checkpoint file; a clear ValueError for anything else."""
     from nvflare_unlearn.method.checkpoint import load_checkpoint
 
@@ -123,7 +125,7 @@ class UnlearningModelPersistor(ModelPersistor):
         self._protected: list[str] = []  # files this persistor must never write (the original, the resume source)
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
-        from nvflare_unlearn.protect.audit import sha256_file
+        from nvflare_unlearn.protect.record import sha256_file
 
         plan = None
         meta: dict = {META_PRUNE_MODE: self.prune_mode, META_OUTPUT_FILE: self.output_file}
@@ -172,15 +174,13 @@ class UnlearningModelPersistor(ModelPersistor):
         if any(os.path.abspath(path) == os.path.abspath(p) for p in protected):
             raise ValueError(f"refusing to overwrite the original checkpoint or the resume source {path!r}")
         meta = model_learnable.get(ModelLearnableKey.META) or {}
-        plan_json = meta.get(META_PLAN)
+        plan = plan_from_meta(meta)  # the model's meta is where the plan enters the persistor: parsed once, here
         mode = meta.get(META_PRUNE_MODE, self.prune_mode)
-        model = rebuild_model(self.model_name, self.num_classes, plan_json, mode, self.in_channels)
+        model = rebuild_model(self.model_name, self.num_classes, plan, mode, self.in_channels)
         load_numpy_state(model, model_learnable[ModelLearnableKey.WEIGHTS])
         resume = meta.get(META_RESUME)
         extra = {"resume": resume} if isinstance(resume, dict) else None
-        save_checkpoint(
-            path, model, parse_plan(plan_json), self.model_name, self.num_classes, extra=extra, overwrite=True
-        )
+        save_checkpoint(path, model, plan, self.model_name, self.num_classes, extra=extra, overwrite=True)
         return path
 
 

@@ -297,3 +297,18 @@ class PruningPlan:
         except RecursionError:
             raise ValueError("pruning plan is not valid JSON: nested too deeply") from None
         return cls.from_dict(data)
+
+
+def parse_plan(text: str | None) -> PruningPlan | None:
+    """The plan in JSON text where it enters (a task's meta, a stored record); None or "" is no plan (an unpruned
+    model). Called once at that boundary: everything inside takes the ``PruningPlan``, never the text."""
+    if text is None or text == "":
+        return None
+    if not isinstance(text, str):
+        raise ValueError(f"pruning plan must be JSON text, got {type(text).__name__}")
+    try:
+        return PruningPlan.from_json(text)
+    except ValueError:
+        raise
+    except Exception as exc:  # from_json raises only ValueError; say what it is, not where it failed, if not
+        raise ValueError(f"invalid pruning plan JSON: {_short(str(exc), 160)}") from exc

@@ -33,16 +33,19 @@ from nvflare_unlearn.method.graph import (
 from nvflare_unlearn.method.plan import PruningPlan
 
 APPLY_MODES = ("remove", "mask")  # how a plan is applied; the job's prune_mode adds "reinit" (method.reinit)
-MASK_ATTR = "_nvflare_unlearn_masks"  # on the root model: the plan (JSON) and every masked slice
+MASK_ATTR = "_nvflare_unlearn_masks"  # on the root model: the plan (a PruningPlan copy) and every masked slice
 SLICES_ATTR = "_nvflare_unlearn_mask_slices"  # on each masked module: what its forward pre-hook re-zeroes
 
 
-def _as_plan(plan: PruningPlan | str) -> PruningPlan:
-    if isinstance(plan, PruningPlan):
-        return plan
-    if isinstance(plan, (str, bytes)):
-        return PruningPlan.from_json(plan)
-    raise ValueError(f"plan must be a PruningPlan or its JSON text, got {type(plan).__name__}")
+def _check_plan(plan: PruningPlan) -> PruningPlan:
+    """Plans are parsed once, where their text enters (``PruningPlan.from_json``, ``plan.parse_plan``); text
+    reaching here is a caller that skipped that step, so it is refused rather than parsed again."""
+    if not isinstance(plan, PruningPlan):
+        raise ValueError(
+            f"plan must be a PruningPlan, got {type(plan).__name__} (parse JSON text once where it enters, with "
+            "PruningPlan.from_json)"
+        )
+    return plan
 
 
 def _applied_steps(model: nn.Module, plan: PruningPlan) -> int:
@@ -115,7 +118,7 @@ def _prune_out_fn():
 
 def apply_pruning_plan(
     model: nn.Module,
-    plan: PruningPlan | str,
+    plan: PruningPlan,
     mode: str = "remove",
     *,
     example_inputs: torch.Tensor | None = None,
@@ -127,7 +130,7 @@ def apply_pruning_plan(
     ``mode="mask"`` needs an unpruned model. Raises ValueError for a plan naming a missing layer, widths that do
     not match, a coupling that differs from the plan, or a plan that would empty a layer.
     """
-    plan = _as_plan(plan)
+    plan = _check_plan(plan)
     if mode not in APPLY_MODES:
         raise ValueError(
             f"mode must be one of {list(APPLY_MODES)}, got {mode!r} (prune_mode='reinit' re-initialises the chosen "
@@ -271,7 +274,7 @@ def _apply_masks(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tens
     previous = getattr(model, MASK_ATTR, None)
     old = _merge(previous["entries"]) if previous else {}
     if previous:
-        before = PruningPlan.from_json(previous["plan"]).pruned_channels()
+        before = previous["plan"].pruned_channels()
         now = plan.pruned_channels()
         if any(not set(v).issubset(now.get(k, [])) for k, v in before.items()):
             raise ValueError(
@@ -289,7 +292,9 @@ def _apply_masks(model: nn.Module, plan: PruningPlan, example_inputs: torch.Tens
             entries += _slices_of(dg, _checked_group(dg, plan, key, idxs, convs, names), names)
     merged = _merge(entries)
     setattr(
-        model, MASK_ATTR, {"plan": plan.to_json(), "entries": [(m, p, d, sorted(i)) for (m, p, d), i in merged.items()]}
+        model,
+        MASK_ATTR,
+        {"plan": copy.deepcopy(plan), "entries": [(m, p, d, sorted(i)) for (m, p, d), i in merged.items()]},
     )
     modules = dict(model.named_modules())
     per_module: dict[str, list[_Slice]] = {}
@@ -327,18 +332,16 @@ def enforce_masks(model: nn.Module) -> nn.Module:
 def masked_plan(model: nn.Module) -> PruningPlan | None:
     """The plan a model was masked with (mask mode), or None."""
     record = getattr(model, MASK_ATTR, None)
-    return PruningPlan.from_json(record["plan"]) if record else None
+    return copy.deepcopy(record["plan"]) if record else None
 
 
-def plan_summary(
-    plan: PruningPlan | str, model: nn.Module, example_inputs: torch.Tensor | None = None
-) -> dict[str, Any]:
+def plan_summary(plan: PruningPlan, model: nn.Module, example_inputs: torch.Tensor | None = None) -> dict[str, Any]:
     """Channels pruned per layer, the convs left out (name -> why), and params/FLOPs before and after, for
     ``model`` (pruned by ``plan`` or not).
 
     ``model`` is not modified: the "after" figures come from a copy with the plan's remaining steps applied.
     """
-    plan = _as_plan(plan)
+    plan = _check_plan(plan)
     x = resolve_example_inputs(model, example_inputs, plan)
     after_model = apply_pruning_plan(copy.deepcopy(model), plan, mode="remove", example_inputs=x)
     flops_after, params_after = tp.utils.count_ops_and_params(after_model, x)
