@@ -34,6 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -319,8 +320,8 @@ def lira_offline(
 
 
 def feature_membership_attack(
-    features_in: Any,
-    features_out: Any,
+    features_in: npt.ArrayLike,
+    features_out: npt.ArrayLike,
     folds: int = 5,
     C: float = 1.0,
     n_boot: int = 1000,
