@@ -9,7 +9,7 @@ from nvflare_unlearn.unlearning.base import UnlearningMethod
 
 
 class Scrub(UnlearningMethod):
-    """Retained term with distillation minus ``forget_weight`` x KL(teacher || student) on forget-class data (at
+    """Retained term with distillation minus ``forget_weight`` x KL(teacher ‖ student) on forget-class data (at
     temperature 1, capped like NegGrad+). The original alternates max and min epochs; one combined step is what a
     federated round of local SGD can carry."""
 
