@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from nvflare_unlearn.fl.defs import PROGRESS_FILE
-from nvflare_unlearn.fl.results import poc_processes
+from nvflare_unlearn.fl.processes import poc_processes
 
 
 def poc_workspace() -> str:
@@ -77,20 +77,21 @@ def kill_site_when(
     timeout_s: float = 900.0,
     poll_s: float = 0.1,
     job_only: bool = False,
+    workspace: Optional[str] = None,
 ) -> tuple[threading.Thread, Kill]:
     """Start a thread that SIGKILLs ``site``'s processes (all, or ``job_only``) as soon as the job's progress meets
-    ``condition``."""
+    ``condition``; ``workspace``: the POC system's (default: NVFlare's configured POC workspace)."""
     kill = Kill(site=site, when=when)
 
     def watch() -> None:
         deadline = time.time() + timeout_s
-        workspace = None
+        ws = os.path.realpath(workspace) if workspace else None
         while time.time() < deadline:
-            if workspace is None and os.path.isdir(os.path.dirname(poc_workspace())):
-                workspace = poc_workspace()
-            progress = server_progress(workspace) if workspace else None
+            if ws is None and os.path.isdir(os.path.dirname(poc_workspace())):
+                ws = poc_workspace()
+            progress = server_progress(ws) if ws else None
             if progress and condition(progress):
-                pids = site_processes(workspace, site, job_only=job_only)
+                pids = site_processes(ws, site, job_only=job_only)
                 if pids:
                     for pid in pids:
                         try:

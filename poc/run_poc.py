@@ -9,8 +9,9 @@ Routes (``--routes``, default all):
   (``class_allow_list``) + ``nvflare poc start``; ``nvflare job submit -j job_templates/pretrain_digits``, ``nvflare
   job wait``, ``nvflare job download``; then a copy of ``job_templates/unlearn_digits`` with the pretrained model put
   in its ``app/custom/pretrained_model.pt`` (the templates name the checkpoint, never a path); ``nvflare poc stop``.
-- ``recipe``: the Python user. ``PretrainRecipe`` then ``UnlearningRecipe`` through NVFlare's ``PocEnv`` with
-  ``nvflare_unlearn.fl.run_job`` (each job provisions a fresh POC system; the result is downloaded before it stops).
+- ``recipe``: the Python user. ``PretrainRecipe`` then ``UnlearningRecipe`` through ``PrivatePocEnv`` (NVFlare's
+  ``PocEnv`` in a private workspace on free ports) with ``nvflare_unlearn.fl.run_job`` (each job provisions a fresh
+  POC system; the result is downloaded before it stops).
 - ``cli``: the shell user. ``nvflare-unlearn pretrain --env poc`` then ``nvflare-unlearn unlearn --env poc`` with
   no method flag: the job's default method (NegGrad+ with distillation), where the other routes prune.
 - ``prod``: the production route. A POC system started by hand stands in for a deployment; ``nvflare-unlearn ...
@@ -20,7 +21,9 @@ Routes (``--routes``, default all):
   processes) as soon as the server reports (a) the activation phase, (b) fine-tuning round 2.
 
 Each job's status is NVFlare's own (``FINISHED:COMPLETED`` or not) plus the job's record; a route that fails is
-written down as failed, and the script exits 1. Every POC system started here is stopped, leftovers ended.
+written down as failed, and the script exits 1. Every POC system started here is stopped, and what is left of the
+processes it started is ended by their ids (never by a name). The ``templates`` and ``prod`` routes use ``nvflare
+poc`` as a user would: NVFlare's configured POC workspace and default ports, so no other POC system may run there.
 """
 
 from __future__ import annotations
@@ -120,13 +123,12 @@ def phase_sites(m: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ the routes
 def route_recipe(out: str, num_clients: int = 2) -> dict:
     """PretrainRecipe then UnlearningRecipe through PocEnv (nvflare_unlearn.fl.run_job)."""
-    from nvflare_unlearn.fl import PretrainRecipe, UnlearningRecipe, run_job
-    from nvflare_unlearn.fl.results import all_sites_poc_env as PocEnv
+    from nvflare_unlearn.fl import PretrainRecipe, PrivatePocEnv, UnlearningRecipe, run_job
 
     t0 = time.time()
     pre = PretrainRecipe(name="pretrain_digits", num_clients=num_clients, **DIGITS, **PRETRAIN)
-    say(f"recipe: PretrainRecipe(...).run(PocEnv(num_clients={num_clients})) via run_job")
-    pre_result = run_job(pre, PocEnv(num_clients=num_clients), os.path.join(out, "pretrain"))
+    say(f"recipe: PretrainRecipe(...) via run_job(recipe, PrivatePocEnv(num_clients={num_clients}), dest)")
+    pre_result = run_job(pre, PrivatePocEnv(num_clients=num_clients), os.path.join(out, "pretrain"))
     pre_s = time.time() - t0
     say(f"recipe: pretraining {pre_result.status}, accuracy {pre_result.metrics['final']['acc']:.3f}")
     ckpt = os.path.join(out, "pretrained_model.pt")
@@ -134,8 +136,8 @@ def route_recipe(out: str, num_clients: int = 2) -> dict:
     before = sha256(ckpt)
     t1 = time.time()
     unl = UnlearningRecipe(name="unlearn_digits", initial_ckpt=ckpt, num_clients=num_clients, **DIGITS, **UNLEARN)
-    say("recipe: UnlearningRecipe(...) via run_job(PocEnv)")
-    result = run_job(unl, PocEnv(num_clients=num_clients), os.path.join(out, "unlearn"))
+    say("recipe: UnlearningRecipe(...) via run_job(recipe, PrivatePocEnv(...), dest)")
+    result = run_job(unl, PrivatePocEnv(num_clients=num_clients), os.path.join(out, "unlearn"))
     summary = job_summary(result, time.time() - t1)
     say(f"recipe: unlearning {result.status}: {json.dumps({k: summary[k] for k in ('original', 'unlearned')})}")
     return {
@@ -209,11 +211,13 @@ def route_cli(out: str, env_args: list[str], label: str, num_clients: int = 2) -
     }
 
 
-def start_poc(num_clients: int, allow: bool) -> str:
-    """``nvflare poc prepare`` (+ allow the plugin on every site) + ``nvflare poc start``; returns the admin kit."""
+def start_poc(num_clients: int, allow: bool) -> tuple[str, Any]:
+    """``nvflare poc prepare`` (+ allow the plugin on every site) + ``nvflare poc start``; returns the admin kit and
+    the started system's processes, followed from the ids its supervisors wrote (``daemon_pid.fl``)."""
     from poc_tools import poc_workspace
 
     from nvflare_unlearn.fl import authorize_poc_workspace
+    from nvflare_unlearn.fl.processes import ProcessTracker
 
     cmd("nvflare", "poc", "prepare", "-n", str(num_clients), "--force")
     ws = poc_workspace()
@@ -222,20 +226,22 @@ def start_poc(num_clients: int, allow: bool) -> str:
             if "site-" in path or "server" in path:
                 say(f"allowed nvflare_unlearn.fl in {os.path.relpath(path, ws)}")
     cmd("nvflare", "poc", "start", timeout=300)
+    tracker = ProcessTracker()
+    for pid_file in _glob(ws, "*", "prod_*", "*", "daemon_pid.fl"):
+        with open(pid_file) as f:
+            tracker.add(int(f.read().strip()))
     time.sleep(10)
     kits = [p for p in _glob(ws, "*", "prod_*", "admin@nvidia.com") if os.path.isdir(p)]
     if not kits:
+        tracker.end(0)
         raise RuntimeError(f"no admin startup kit under {ws}")
-    return sorted(kits)[-1]
+    return sorted(kits)[-1], tracker
 
 
-def stop_poc() -> list[int]:
-    from nvflare.recipe import PocEnv
-
-    from nvflare_unlearn.fl.results import stop_poc_system
-
+def stop_poc(tracker: Any) -> list[int]:
+    """``nvflare poc stop``, then end what is left of the processes ``start_poc`` started (ids returned)."""
     cmd("nvflare", "poc", "stop", timeout=300, check=False)
-    return stop_poc_system(PocEnv(num_clients=1))
+    return tracker.end(30.0)
 
 
 def _glob(*parts: str) -> list[str]:
@@ -284,7 +290,7 @@ def _submit_template(job_folder: str, out_dir: str, kit: str, timeout: float) ->
 
 
 def route_templates(out: str, templates: str, timeout: float) -> dict:
-    kit = start_poc(2, allow=True)
+    kit, tracker = start_poc(2, allow=True)
     try:
         pre = _submit_template(os.path.join(templates, "pretrain_digits"), os.path.join(out, "pretrain"), kit, timeout)
         say(f"templates: pretraining {pre['status']}, accuracy {pre['final_acc']:.3f}")
@@ -300,18 +306,18 @@ def route_templates(out: str, templates: str, timeout: float) -> dict:
         unl = _submit_template(job, os.path.join(out, "unlearn"), kit, timeout)
         say(f"templates: unlearning {unl['status']}: original {unl['original']}, unlearned {unl['unlearned']}")
     finally:
-        ended = stop_poc()
+        ended = stop_poc(tracker)
         if ended:
             say(f"templates: ended {len(ended)} leftover POC process(es)")
     return {"pretrain": pre, "unlearn": unl}
 
 
 def route_prod(out: str) -> dict:
-    kit = start_poc(2, allow=True)
+    kit, tracker = start_poc(2, allow=True)
     try:
         return route_cli(out, ["--env", "prod", "--startup-kit", kit], "prod")
     finally:
-        ended = stop_poc()
+        ended = stop_poc(tracker)
         if ended:
             say(f"prod: ended {len(ended)} leftover POC process(es)")
 
@@ -323,10 +329,9 @@ def kill_run(
     job processes, or with ``job_only`` the job process alone) are SIGKILLed at that moment."""
     from poc_tools import KILL_MOMENTS, kill_site_when
 
-    from nvflare_unlearn.fl import UnlearningRecipe, run_job
+    from nvflare_unlearn.fl import PrivatePocEnv, UnlearningRecipe, run_job
     from nvflare_unlearn.fl.defs import METRICS_FILE
-    from nvflare_unlearn.fl.results import _find
-    from nvflare_unlearn.fl.results import all_sites_poc_env as PocEnv
+    from nvflare_unlearn.fl.results import find_files
 
     before = sha256(ckpt)
     label = (when or "none") + ("_job_process" if job_only else "")
@@ -334,9 +339,10 @@ def kill_run(
         name=f"unlearn_kill_{label}", initial_ckpt=ckpt, num_clients=num_clients, **DIGITS, **UNLEARN
     )
     fed = recipe.options["federation"]
+    env = PrivatePocEnv(num_clients=num_clients)
     thread = kill = None
     if when:
-        thread, kill = kill_site_when(victim, when, KILL_MOMENTS[when], job_only=job_only)
+        thread, kill = kill_site_when(victim, when, KILL_MOMENTS[when], job_only=job_only, workspace=env.poc_workspace)
     t0 = time.time()
     entry: dict[str, Any] = {
         "killed": (f"{victim} job process" if job_only else f"{victim} (client + job processes)") if when else None,
@@ -348,12 +354,12 @@ def kill_run(
     }
     dest = os.path.join(out, f"kill_{label}")
     try:
-        result = run_job(recipe, PocEnv(num_clients=num_clients), dest)
+        result = run_job(recipe, env, dest)
         entry.update(outcome="completed", status=result.status, job_id=result.job_id)
         metrics = result.metrics
     except RuntimeError as e:
         entry.update(outcome="failed", message=str(e)[:1500])
-        hits = _find(dest, METRICS_FILE) if os.path.isdir(dest) else []
+        hits = find_files(dest, METRICS_FILE) if os.path.isdir(dest) else []
         metrics = json.load(open(hits[0])) if hits else {}
     entry["wall_seconds"] = round(time.time() - t0, 1)
     if thread is not None:
@@ -543,11 +549,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 summary["routes"][route] = route_prod(folder)
             elif route == "kill":
                 if ckpt is None:
-                    from nvflare_unlearn.fl import PretrainRecipe, run_job
-                    from nvflare_unlearn.fl.results import all_sites_poc_env as PocEnv
+                    from nvflare_unlearn.fl import PretrainRecipe, PrivatePocEnv, run_job
 
                     pre = PretrainRecipe(name="pretrain_digits", num_clients=2, **DIGITS, **PRETRAIN)
-                    res = run_job(pre, PocEnv(num_clients=2), os.path.join(folder, "pretrain"))
+                    res = run_job(pre, PrivatePocEnv(num_clients=2), os.path.join(folder, "pretrain"))
                     ckpt = os.path.join(folder, "pretrained_model.pt")
                     shutil.copy2(res.model_path, ckpt)
                 summary["routes"][route] = route_kill(folder, ckpt)

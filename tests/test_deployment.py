@@ -22,7 +22,7 @@ from nvflare_unlearn.fl import UnlearningRecipe
 from nvflare_unlearn.fl import client_api as ua
 from nvflare_unlearn.fl.defs import META_FORGET, META_PRIVACY, META_PRIVACY_APPLIED
 from nvflare_unlearn.fl.persistor import server_path
-from nvflare_unlearn.fl.results import COMPLETED
+from nvflare_unlearn.fl.run import COMPLETED
 from nvflare_unlearn.method.checkpoint import save_checkpoint
 from nvflare_unlearn.models import build_model
 from nvflare_unlearn.options import FederationOptions, PrivacyOptions
@@ -197,7 +197,7 @@ def test_progress_line_gives_phase_round_accuracy_and_an_estimate():
 
 def test_a_job_nvflare_did_not_complete_is_a_failure(tmp_path, monkeypatch):
     """POC / production: a record that says completed is not enough when NVFlare finished the job otherwise."""
-    from nvflare_unlearn.fl import results
+    from nvflare_unlearn.fl import run as runner
 
     run_dir = tmp_path / "dl" / "workspace"
     run_dir.mkdir(parents=True)
@@ -219,12 +219,12 @@ def test_a_job_nvflare_did_not_complete_is_a_failure(tmp_path, monkeypatch):
 
     recipe = SimpleNamespace(run=lambda env: SimpleNamespace(get_job_id=lambda: "j1"), name="x")
     for status, ok in ((COMPLETED, True), ("FINISHED:ABNORMAL", False), ("FINISHED:EXECUTION_EXCEPTION", False)):
-        monkeypatch.setattr(results, "_admin_session", lambda env, s=status: Sess(s))
+        monkeypatch.setattr(runner, "_admin_session", lambda env, s=status: Sess(s))
         if ok:
-            assert results.run_job(recipe, object(), str(tmp_path / "d"), poll_s=0).status == COMPLETED
+            assert runner.run_job(recipe, object(), str(tmp_path / "d"), poll_s=0).status == COMPLETED
         else:
             with pytest.raises(RuntimeError, match=status):
-                results.run_job(recipe, object(), str(tmp_path / "d"), poll_s=0)
+                runner.run_job(recipe, object(), str(tmp_path / "d"), poll_s=0)
 
 
 def test_per_site_config_overrides_the_recipes_values_for_that_site_only(tmp_path, ckpt):
@@ -251,7 +251,7 @@ def test_per_site_config_overrides_the_recipes_values_for_that_site_only(tmp_pat
 
 def test_report_and_failure_message_say_which_sites_each_phase_used():
     from nvflare_unlearn.cli.report import build_report
-    from nvflare_unlearn.fl.results import _dropped_sites
+    from nvflare_unlearn.fl.results import dropped_sites
 
     metrics = {
         "activation_rounds": [{"forget_class": 3, "sites": ["site-1", "site-2"], "no_result": ["site-3"]}],
@@ -262,6 +262,6 @@ def test_report_and_failure_message_say_which_sites_each_phase_used():
         {"phase": "activation class 3", "used": ["site-1", "site-2"], "no_result": ["site-3"]},
         {"phase": "round 1", "used": ["site-1", "site-2"], "no_result": ["site-3"]},
     ]
-    text = _dropped_sites(metrics)
+    text = dropped_sites(metrics)
     assert "['site-3'] gave no result from activation class 3 on" in text and "round 1: site-1, site-2" in text
-    assert _dropped_sites({"per_round": [{"round": 1, "trained_sites": ["a"], "no_result": []}]}) == ""
+    assert dropped_sites({"per_round": [{"round": 1, "trained_sites": ["a"], "no_result": []}]}) == ""

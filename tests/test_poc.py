@@ -1,12 +1,17 @@
-"""Real local NVFlare POC systems (slow; each job provisions, starts and stops a POC system on this machine's
-default ports, so run these alone): pretrain + unlearn through ``PocEnv`` via the recipe and via the CLI, and the
-unlearning job with a site killed (SIGKILL) during fine-tuning. The same code writes docs/poc.md
-(``poc/run_poc.py``); the fast test at the end checks that page against the committed run."""
+"""Real local NVFlare POC systems (slow): pretrain + unlearn through ``PrivatePocEnv`` via the recipe and via the CLI
+(each job provisions, starts and stops a POC system of its own, in a private workspace on free ports), the
+production route (a POC system on NVFlare's default workspace and ports: run these alone), the unlearning job with a
+site killed (SIGKILL) during fine-tuning, and a POC run beside a process that names its workspace. The same code
+writes docs/poc.md (``poc/run_poc.py``); the fast tests check that page against the committed run and how a POC
+system's processes are followed and ended."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +118,99 @@ def test_docs_poc_page_is_generated_from_the_committed_run():
     assert methods == {"templates": "prune", "recipe": "prune", "cli": "neggrad+kd", "prod": "neggrad+kd"}, methods
     for r in methods:
         assert routes[r]["unlearn"]["objective"]["not_as_requested"] == [], routes[r]["unlearn"]["objective"]
+
+
+# ------------------------------------------------------------------------------------ a POC system beside others
+def _sleeper(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", *args])
+
+
+def test_the_tracker_ends_the_processes_it_follows_and_their_descendants_only(tmp_path):
+    """A supervisor we started, with a child and a grandchild that left its session (as NVFlare's job processes
+    do), is ended whole; a process with the same command line that we did not start is left alive."""
+    from nvflare_unlearn.fl.processes import ProcessTracker
+
+    marker = str(tmp_path / "ws")
+    script = tmp_path / "parent.py"  # a child in a new session, as NVFlare's job processes are
+    script.write_text(
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)', {marker!r}],"
+        " start_new_session=True)\n"
+        "time.sleep(600)\n"
+    )
+    root = subprocess.Popen(["bash", "-c", f"{sys.executable} {script} & sleep 600; wait"], start_new_session=True)
+    other = _sleeper(marker)
+    try:
+        tracker = ProcessTracker(interval=0.2)
+        tracker.add(root.pid)
+        deadline = time.time() + 20
+        while len(tracker.alive()) < 4 and time.time() < deadline:  # bash, python, its child, sleep
+            time.sleep(0.2)
+        followed = tracker.alive()
+        assert root.pid in followed and len(followed) >= 4, followed
+        ended = tracker.end(wait_s=0)
+        assert set(followed) <= set(ended) and other.pid not in ended
+        root.wait(timeout=10)
+        assert other.poll() is None, "a process we did not start was ended"
+        assert not [p for p in followed if os.path.exists(f"/proc/{p}") and _state(p) != "Z"], (
+            "a followed process lives"
+        )
+    finally:
+        other.kill()
+        root.kill()
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_each_private_poc_env_has_its_own_workspace_and_ports(tmp_path):
+    from nvflare_unlearn.fl import PrivatePocEnv
+    from nvflare_unlearn.fl.poc import free_ports
+
+    a, b = PrivatePocEnv(num_clients=2), PrivatePocEnv(num_clients=2)
+    assert a.poc_workspace != b.poc_workspace and a.own_workspace and not os.path.exists(a.poc_workspace)
+    given = PrivatePocEnv(num_clients=3, workspace=str(tmp_path / "ws"), ports=(18002, 18003))
+    assert given.poc_workspace == os.path.realpath(tmp_path / "ws") and not given.own_workspace
+    assert given.ports == (18002, 18003) and given.stop() == []  # nothing started, nothing stopped
+    ports = free_ports(2)
+    assert len(set(ports)) == 2 and all(p > 0 for p in ports)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_poc_run_beside_others_ends_only_its_own_processes(tmp_path):
+    """Issue 25: a process that names the workspace in its command line survives the run; a system that this
+    environment did not start is never stopped (deploy refuses); nothing of the run is left behind."""
+    from nvflare_unlearn.fl import PretrainRecipe, PrivatePocEnv, run_job
+    from nvflare_unlearn.fl.processes import poc_processes
+
+    ws = str(tmp_path / "ws")
+    bystander = _sleeper(ws)
+    try:
+        first = PrivatePocEnv(num_clients=2, workspace=ws)
+        recipe = PretrainRecipe(name="pretrain_beside", num_clients=2, **run_poc.DIGITS, num_rounds=1, lr=0.05)
+        result = run_job(recipe, first, str(tmp_path / "out"))
+        assert result.status == "FINISHED:COMPLETED"
+        assert bystander.poll() is None, "the run ended a process it did not start"
+        assert poc_processes(os.path.realpath(ws)) == [bystander.pid], "the run left processes behind"
+        # a system someone else started in that workspace: a second environment refuses, and leaves it running
+        other = PrivatePocEnv(num_clients=2, workspace=ws)
+        other._provision()
+        other._start_services()
+        try:
+            from nvflare_unlearn.fl.poc import system_running, wait_for_sites
+
+            wait_for_sites(other, 2, 300)
+            with pytest.raises(RuntimeError, match="did not start"):
+                recipe.run(PrivatePocEnv(num_clients=2, workspace=ws))
+            assert system_running(ws) and other.tracker.alive()
+        finally:
+            other.stop()
+        assert poc_processes(os.path.realpath(ws)) == [bystander.pid]
+    finally:
+        bystander.kill()

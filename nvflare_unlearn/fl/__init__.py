@@ -3,8 +3,9 @@
 Client: ``UnlearningExecutor`` (or the ``client_api`` helpers for your own Client API script).
 Server: ``UnlearningController`` / ``FedAvgEvalController`` (one per file), ``ActivationAggregator``,
 ``UnlearningModelPersistor``. Jobs: ``UnlearningRecipe``, ``PretrainRecipe``, ``RetrainRecipe`` (``recipes``) and what
-they need around them (``job_utils``); run anywhere with ``run_job``, outputs via ``read_job_result``. May import
-anything in the package but ``cli``.
+they need around them (``job_utils``); run anywhere with ``run_job`` (``run``), outputs via ``read_job_result``
+(``results``); a local POC system safe beside others: ``PrivatePocEnv`` (``poc``, NVFlare's public API only). May
+import anything in the package but ``cli``.
 """
 
 from nvflare_unlearn.fl.aggregator import ActivationAggregator
@@ -28,8 +29,10 @@ from nvflare_unlearn.fl.job_utils import (
     quiet_log_config,
 )
 from nvflare_unlearn.fl.persistor import UnlearningModelPersistor, UnlearnModelPersistor
+from nvflare_unlearn.fl.poc import PrivatePocEnv
 from nvflare_unlearn.fl.recipes import PretrainRecipe, RetrainRecipe, UnlearningRecipe
-from nvflare_unlearn.fl.results import JobResult, read_job_result, run_job
+from nvflare_unlearn.fl.results import JobResult, read_job_result
+from nvflare_unlearn.fl.run import run_job
 from nvflare_unlearn.fl.unlearning_controller import UnlearningController
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "PLAN_FILE",
     "PRUNED_MODEL_FILE",
     "PretrainRecipe",
+    "PrivatePocEnv",
     "RECORD_FILE",
     "RetrainRecipe",
     "TASK_ACTIVATIONS",
