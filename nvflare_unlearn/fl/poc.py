@@ -220,6 +220,9 @@ class PrivatePocEnv(PocEnv):
                 if p.get("type") == "server":
                     p["fed_learn_port"], p["admin_port"] = int(fl_port), int(admin_port)
             save_project_config(project, conf)
+        # a workspace used before is provisioned afresh: NVFlare numbers a second kit prod_01, but starts prod_00 and
+        # points only prod_00's server at the workspace's job storage
+        shutil.rmtree(os.path.join(self.poc_workspace, load_yaml(conf)["name"]), ignore_errors=True)
         prepare_poc_provision(
             clients=self.clients or [],
             number_of_clients=self.num_clients,
