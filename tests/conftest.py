@@ -29,9 +29,9 @@ def cifar_root() -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def record_key_dir(tmp_path_factory) -> Path:
-    """Jobs sign their audit records with this user's key (protect.audit.default_key_dir): the suite uses a key of
+    """Jobs sign their audit records with this user's key (protect.signing.default_key_dir): the suite uses a key of
     its own in a temporary folder, never the real one in the home directory (inherited by simulator processes)."""
-    from nvflare_unlearn.protect.audit import KEY_DIR_ENV
+    from nvflare_unlearn.protect.signing import KEY_DIR_ENV
 
     path = tmp_path_factory.mktemp("record_keys")
     before = os.environ.get(KEY_DIR_ENV)

@@ -1,5 +1,5 @@
 """The unlearning audit record: build, sign, write, read back, verify, detect tampering and forgery
-(nvflare_unlearn.protect.audit)."""
+(nvflare_unlearn.protect: record, signing, verify)."""
 
 from __future__ import annotations
 
@@ -16,19 +16,17 @@ from nvflare_unlearn.method.checkpoint import save_checkpoint
 from nvflare_unlearn.method.prune import apply_pruning_plan
 from nvflare_unlearn.method.selection import build_pruning_plan
 from nvflare_unlearn.models import build_model
-from nvflare_unlearn.protect.audit import (
+from nvflare_unlearn.protect.record import (
     SCHEMA,
     build_record,
-    load_or_create_signing_key,
     plan_sha256,
-    public_key_pem,
     read_record,
     record_digest,
     sha256_file,
-    sign_record,
-    verify_record,
     write_record,
 )
+from nvflare_unlearn.protect.signing import load_or_create_signing_key, public_key_pem, sign_record
+from nvflare_unlearn.protect.verify import verify_record
 
 K = 10
 START = dt.datetime(2025, 1, 31, 12, 0, tzinfo=dt.timezone.utc)

@@ -178,7 +178,7 @@ def test_a_checkpoint_cannot_choose_a_module_to_import(tmp_path, monkeypatch):
 
 
 def test_verify_record_never_imports_a_module_named_by_the_file(tmp_path, monkeypatch):
-    from nvflare_unlearn.protect.audit import verify_record
+    from nvflare_unlearn.protect.verify import verify_record
 
     evil, marker = _planted_checkpoint(tmp_path, monkeypatch, "planted_two")
     record = tmp_path / "r.json"

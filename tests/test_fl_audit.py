@@ -40,16 +40,9 @@ from nvflare_unlearn.fl.model_state import state_to_numpy
 from nvflare_unlearn.method.activations import ClassActivationReport, collect_class_activations
 from nvflare_unlearn.method.graph import conv_channels
 from nvflare_unlearn.models import build_model
-from nvflare_unlearn.protect.audit import (
-    KEY_DIR_ENV,
-    key_id,
-    load_public_key,
-    plan_sha256,
-    record_digest,
-    sha256_file,
-    signature_problem,
-)
 from nvflare_unlearn.protect.privacy import gaussian_sigma, sensitivity
+from nvflare_unlearn.protect.record import plan_sha256, record_digest, sha256_file
+from nvflare_unlearn.protect.signing import KEY_DIR_ENV, key_id, load_public_key, signature_problem
 
 FORGET, RATIO, ROUNDS, SITES = 3, 0.2, 1, 2
 

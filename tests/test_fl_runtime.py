@@ -21,7 +21,8 @@ from nvflare_unlearn.fl import UnlearningRecipe, authorize_site_config, quiet_lo
 from nvflare_unlearn.fl import recipes as recipes_module
 from nvflare_unlearn.fl.defs import RECORD_PUBLIC_KEY_FILE
 from nvflare_unlearn.method.checkpoint import load_checkpoint
-from nvflare_unlearn.protect.audit import sha256_file, verify_record
+from nvflare_unlearn.protect.record import sha256_file
+from nvflare_unlearn.protect.verify import verify_record
 
 pytestmark = pytest.mark.sim
 

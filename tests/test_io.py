@@ -95,7 +95,7 @@ def test_a_crash_while_saving_a_checkpoint_does_not_block_the_retry(tmp_path, mo
 
 
 def test_a_crash_while_writing_the_record_does_not_block_the_retry(tmp_path, monkeypatch):
-    from nvflare_unlearn.protect import audit
+    from nvflare_unlearn.protect import record as audit
 
     record = {"schema": audit.SCHEMA, "x": 1}
     path = tmp_path / "unlearning_record.json"

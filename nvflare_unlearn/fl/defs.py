@@ -39,7 +39,7 @@ METRICS_FILE = "unlearning_metrics.json"
 FINAL_MODEL_FILE = "unlearned_model.pt"
 PRUNED_MODEL_FILE = "pruned_model.pt"
 PLAN_FILE = "pruning_plan.json"
-RECORD_FILE = "unlearning_record.json"  # audit record (nvflare_unlearn.protect.audit), unlearning jobs only
+RECORD_FILE = "unlearning_record.json"  # audit record (nvflare_unlearn.protect.record), unlearning jobs only
 RECORD_PUBLIC_KEY_FILE = (
     "record_public_key.pem"  # public key of the record's signer (a convenience, not a trust anchor)
 )

@@ -194,7 +194,7 @@ class UnlearningController(FedAvgEvalController):
         return merged.params, merged.meta
 
     def run_workflow(self) -> None:
-        from nvflare_unlearn.protect.audit import sha256_file
+        from nvflare_unlearn.protect.record import sha256_file
 
         started = time.time()
         loaded = self.load_model()
@@ -545,8 +545,8 @@ class UnlearningController(FedAvgEvalController):
     def _signing_key(self):
         """(private key, where it came from): ``security.signing_key``, else the provisioned server identity
         (``startup/server.key`` of a POC or production server), else this user's key outside the run folder
-        (simulator; ``protect.audit.default_key_dir``, created on first use)."""
-        from nvflare_unlearn.protect.audit import load_or_create_signing_key, load_signing_key
+        (simulator; ``protect.signing.default_key_dir``, created on first use)."""
+        from nvflare_unlearn.protect.signing import load_or_create_signing_key, load_signing_key
 
         if self._security.signing_key:
             return load_signing_key(self._security.signing_key), f"configured key {self._security.signing_key}"
@@ -559,9 +559,10 @@ class UnlearningController(FedAvgEvalController):
         return key, f"user key {path}"
 
     def _write_audit_record(self, original_path, final_path, plan, activation_rounds, started) -> str:
-        """``unlearning_record.json`` (``protect.audit.build_record``): what was asked, done and measured; signed."""
-        from nvflare_unlearn.protect.audit import build_record, public_key_pem, sign_record, write_record
+        """``unlearning_record.json`` (``protect.record.build_record``): what was asked, done and measured; signed."""
         from nvflare_unlearn.protect.privacy import gaussian_sigma, sensitivity, split_budget
+        from nvflare_unlearn.protect.record import build_record, write_record
+        from nvflare_unlearn.protect.signing import public_key_pem, sign_record
 
         params: dict[str, Any] = self.options()
         # what each site says it applied to its upload (None: its code did not say, e.g. a script without the
