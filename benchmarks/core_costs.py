@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Core-engine costs on real CIFAR-10 (issue 2 acceptance), measured side by side in one process:
 
 1. ResNet20: one activation pass (`collect_class_activations`) vs one training epoch on the SAME images,
@@ -9,7 +8,7 @@
 Costs do not depend on what the weights have learned, so the models are freshly initialised (seeded):
 this isolates the engine's costs from any training recipe. Writes core_costs.{json,md,png} into --out.
 
-    .venv/bin/python benchmarks/core_costs.py --images 5000
+    .venv/bin/python -m benchmarks.core_costs --images 5000
 """
 
 from __future__ import annotations
@@ -17,11 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import json
 import os
 import pickle
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,13 +27,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_ENV_VAR = "NVFLARE_UNLEARN_DATA"
+from benchmarks.harness import DATA_ENV_VAR, REPO_ROOT, RESULTS, add_output_args, command_line, parser, write_json
+from benchmarks.render import pyplot, save_figure
+from nvflare_unlearn import _io
+
 TARGETS = {"act_vs_epoch_ratio": 0.5, "report_vs_model_bytes": 0.05, "resnet56_prune_total_s": 2.0}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = parser(__doc__, full_help=False)
     p.add_argument(
         "--data",
         default=os.environ.get(DATA_ENV_VAR) or str(REPO_ROOT.parent / "shared" / "data"),
@@ -46,20 +45,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2, help="timed repetitions of each pass; the median is reported")
     p.add_argument("--prune-repeats", type=int, default=5, help="timed repetitions of the ResNet56 scoring + pruning")
-    p.add_argument(
-        "--stats-images",
-        type=int,
-        default=512,
-        help="images behind the ResNet56 activation report that is scored (scoring cost does not depend on it)",
-    )
-    p.add_argument("--prune-ratio", type=float, default=0.1, help="prune ratio R for the ResNet56 plan")
+    # scoring cost does not depend on how many images are behind the report
+    p.add_argument("--stats-images", type=int, default=512, help="images behind the scored ResNet56 report")
+    p.add_argument("--prune-ratio", dest="ratio", type=float, default=0.1, help="prune ratio R for the ResNet56 plan")
     p.add_argument("--forget-class", type=int, default=9, help="class scored for the ResNet56 plan (9 = truck)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda, or auto (CUDA when present); the targets are for CPU")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"), help="output folder")
+    add_output_args(p, RESULTS, threads=2, tag=False)
     args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.command = command_line("core_costs", argv)
     if args.images < 1 or args.batch < 1 or args.repeats < 1 or args.prune_repeats < 1 or args.stats_images < 1:
         p.error("--images, --batch, --repeats, --prune-repeats and --stats-images must be >= 1")
     if not 0.0 < args.ratio < 1.0:
@@ -204,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
     )
 
     results = {
-        "command": "python benchmarks/core_costs.py " + " ".join(shlex.quote(a) for a in args.argv),
+        "command": args.command,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {
             "nproc": os.cpu_count(),
@@ -325,13 +319,8 @@ def to_markdown(r: dict) -> str:
 
 
 def plot(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     a, b, t = r["resnet20"], r["resnet56"], r["targets"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    fig, axes = pyplot().subplots(1, 3, figsize=(13, 4))
     ax = axes[0]
     ax.bar(
         ["activation\npass", "plain\ninference", "training\nepoch"],
@@ -362,9 +351,7 @@ def plot(r: dict, path: Path) -> None:
     ax.set_title("ResNet56 scoring + pruning")
     ax.legend(fontsize=8)
     fig.suptitle(f"core costs ({r['machine']['nproc']} CPU cores, {r['machine']['torch_threads']} torch threads)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,9 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "core_costs.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "core_costs.json", results)
     md = to_markdown(results)
-    (out / "core_costs.md").write_text(md)
+    _io.write_text(out / "core_costs.md", md)
     plot(results, out / "core_costs.png")
     print(md)
     print(f"[core_costs] wrote {out / 'core_costs.json'}, core_costs.md, core_costs.png")

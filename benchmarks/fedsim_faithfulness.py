@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Is the benchmarks' in-process federation (``evaluation/fedsim.py``) faithful to the NVFlare job it stands for?
 
 One FedAvg configuration (small CNN on sklearn digits) is run twice from the same initial weights, site slices and
@@ -9,43 +8,31 @@ averaging arithmetic, a constant lr, every site each round). The same in-process
 run-to-run noise any difference is judged against; a run with fedsim's own seeds and float64 averaging shows what
 emulating the job changes. Written: ``benchmarks/results/fedsim_faithfulness.json`` (tables in ``docs/benchmarks.md``).
 
-    python benchmarks/fedsim_faithfulness.py                 # 3 sites, 5 rounds of 2 local epochs; noise: seeds 1-3
-    python benchmarks/fedsim_faithfulness.py --rounds 2 --noise-seeds 1 --out /tmp/f.json   # smoke size
+    python -m benchmarks.fedsim_faithfulness                 # 3 sites, 5 rounds of 2 local epochs; noise: seeds 1-3
+    python -m benchmarks.fedsim_faithfulness --rounds 2 --noise-seeds 1 --out /tmp/f.json   # smoke size
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import sys
 import tempfile
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from benchmarks import harness
+from benchmarks.render import num
+from nvflare_unlearn import load_checkpoint
+from nvflare_unlearn.data import digits_dataset
+from nvflare_unlearn.evaluation import as_tensors, class_correct_total
+from nvflare_unlearn.evaluation.fedsim import Federation, run_fedavg
+from nvflare_unlearn.models import build_model
+from nvflare_unlearn.runtime.batches import TensorBatches
 
-from nvflare_unlearn import load_checkpoint  # noqa: E402
-from nvflare_unlearn.data import digits_dataset  # noqa: E402
-from nvflare_unlearn.evaluation import as_tensors, class_correct_total  # noqa: E402
-from nvflare_unlearn.evaluation.artifacts import write_json  # noqa: E402
-from nvflare_unlearn.evaluation.fedsim import FedConfig, Federation, run_fedavg  # noqa: E402
-from nvflare_unlearn.models import build_model  # noqa: E402
-from nvflare_unlearn.runtime.batches import TensorBatches  # noqa: E402
-
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "fedsim_faithfulness.json"
+DEFAULT_OUT = harness.RESULTS / "fedsim_faithfulness.json"
 MODEL = "small_cnn"
-
-
-def log(msg: str) -> None:
-    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def site_data_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -58,24 +45,13 @@ def nvflare_run(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
 
     from nvflare_unlearn.fl import PretrainRecipe, quiet_log_config, read_job_result
 
-    recipe = PretrainRecipe(
-        name="faithfulness",
-        model=MODEL,
-        num_classes=10,
-        num_clients=args.sites,
-        num_rounds=args.rounds,
-        local_epochs=args.local_epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        partition=args.partition,
-        q=args.q,
-        test_dataset="digits",
-        tensorboard=False,
-        # fedsim is plain FedAvg: the job's weighted mean, without the robust defaults (median, clipping, outlier
-        # filter; docs/reliability.md measures what they change on honest sites)
-        security={"update_aggregation": "mean", "update_clip": None, "update_outlier": None},
-    )
+    job = dict(name="faithfulness", model=MODEL, num_classes=10, test_dataset="digits", tensorboard=False)
+    job |= {"num_clients": args.sites, "num_rounds": args.rounds}
+    job |= {k: getattr(args, k) for k in ("local_epochs", "lr", "batch_size", "seed", "partition", "q")}
+    # fedsim is plain FedAvg: the job's weighted mean, without the robust defaults (median, clipping, outlier
+    # filter; docs/reliability.md measures what they change on honest sites)
+    job["security"] = {"update_aggregation": "mean", "update_clip": None, "update_outlier": None}
+    recipe = PretrainRecipe(**job)
     env = SimEnv(
         num_clients=args.sites,
         num_threads=args.sites,
@@ -114,16 +90,7 @@ def inprocess_run(args: argparse.Namespace, fed: Federation, seed: int, emulate:
     xt, yt = as_tensors(digits_dataset("test"))
     torch.manual_seed(seed)  # what the job's persistor does before building a fresh model
     model = build_model(MODEL, 10)
-    cfg = FedConfig(
-        rounds=args.rounds,
-        clients_per_round=args.sites,
-        local_epochs=args.local_epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_min=args.lr,
-        seed=seed,
-        emulate=emulate,
-    )
+    cfg = harness.fed_config(args, clients_per_round=args.sites, lr_min=args.lr, seed=seed, emulate=emulate)
 
     def eval_fn(m: torch.nn.Module, _r: int) -> dict[str, Any]:
         c, t = class_correct_total(m, TensorBatches(xt, yt, 256), 10)
@@ -170,7 +137,7 @@ def markdown(report: dict[str, Any], path: str = "benchmarks/results/fedsim_fait
         report["noise"],
     )
     lines = [
-        f"- Command: `{report['command']}`",
+        f"- Command: `{harness.command_now(report['command'])}`",
         f"- Machine: {report['machine']['platform']}, 1 torch thread per site / in-process, torch "
         f"{report['machine']['torch']}; generated {report['generated_utc']}; {report['wall_s']:.0f} s wall.",
         f"- Configuration: {c['model']} on digits, {c['sites']} sites ({c['partition']} partition, q = {c['q']}), all "
@@ -198,8 +165,8 @@ def markdown(report: dict[str, Any], path: str = "benchmarks/results/fedsim_fait
             f"| {x['weights_max_abs']:.2e} | {x['weights_rel_l2']:.2e} |"
         )
     lines += [
-        f"| run-to-run noise: in-process, seeds {noise['seeds']} | {_fmt(noise['max_abs_acc_diff'])} "
-        f"| | | {_fmt(noise['min_weights_rel_l2'], '.2e')} (closest pair) |",
+        f"| run-to-run noise: in-process, seeds {noise['seeds']} | {num(noise['max_abs_acc_diff'], '.4f')} "
+        f"| | | {num(noise['min_weights_rel_l2'], '.2e')} (closest pair) |",
         "",
         f"Emulating the job, the in-process federation agrees within the noise: "
         f"**{'yes' if report['agree_within_noise'] else 'no'}**; with its own seeds and averaging: "
@@ -210,12 +177,8 @@ def markdown(report: dict[str, Any], path: str = "benchmarks/results/fedsim_fait
     return lines
 
 
-def _fmt(v: float | None, spec: str = ".4f") -> str:
-    return "n/a" if v is None else format(v, spec)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__)
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-epochs", type=int, default=2, help="2: the batch order must also carry over epochs")
@@ -225,7 +188,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--q", type=float, default=0.5, help="bias probability of the biased partition")
     p.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed of the compared runs")
     p.add_argument("--noise-seeds", default="1,2,3", help="in-process runs with other seeds: the run-to-run noise")
-    p.add_argument("--out", default=str(DEFAULT_OUT))
+    harness.add_output_args(p, DEFAULT_OUT, with_threads=False, tag=False)
     p.add_argument("--workdir", default=None, help="simulator workspace (default: a temporary folder)")
     return p.parse_args(argv)
 
@@ -236,14 +199,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="faithfulness_") as tmp:
         workdir = args.workdir or tmp
-        log(f"NVFlare simulator: {args.sites} sites, {args.rounds} rounds")
+        harness.log(f"NVFlare simulator: {args.sites} sites, {args.rounds} rounds")
         nv = nvflare_run(args, workdir)
     fed = site_federation(args)
-    log("in-process, emulating the job (batch seeds, averaging arithmetic)")
+    harness.log("in-process, emulating the job (batch seeds, averaging arithmetic)")
     same = inprocess_run(args, fed, args.seed, "nvflare")
     own = inprocess_run(args, fed, args.seed, "none")
     noise_seeds = [int(s) for s in args.noise_seeds.split(",") if s.strip()]
-    log(f"in-process noise runs, seeds {noise_seeds}")
+    harness.log(f"in-process noise runs, seeds {noise_seeds}")
     noise_runs = [inprocess_run(args, fed, s, "nvflare") for s in noise_seeds]
     runs = [same] + noise_runs
     noise_pairs = [compare(x, y) for i, x in enumerate(runs) for y in runs[i + 1 :]]
@@ -260,9 +223,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     floor = noise["max_abs_acc_diff"]  # the largest per-round difference between two seeds: like with like
     report = {
-        "generated_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join([os.path.relpath(__file__, REPO_ROOT)] + (argv or sys.argv[1:])),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1},
+        "generated_utc": harness.utc_now(),
+        "command": harness.command_line("fedsim_faithfulness", argv),
+        "machine": harness.machine(),
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")} | {"model": MODEL},
         "nvflare": {"per_round": nv["per_round"], "wall_s": nv["wall_s"]},
         "inprocess_emulating": {"per_round": same["per_round"], "wall_s": same["wall_s"], "config": same["config"]},
@@ -277,8 +240,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         "wall_s": time.perf_counter() - t_start,
     }
-    write_json(args.out, report)
-    log(
+    harness.write_json(args.out, report)
+    harness.log(
         f"NVFlare vs in-process (emulating): max |acc diff| {c_same['max_abs_acc_diff']:.4f}, "
         f"weights rel L2 {c_same['weights_rel_l2']:.2e}; own seeds: {c_own['max_abs_acc_diff']:.4f}; "
         f"seed-to-seed max |acc diff| {floor}; wrote {args.out}"

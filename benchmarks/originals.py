@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Originals worth forgetting from, and the retrained references every unlearning is compared with.
 
 One command makes every model the evaluation needs, each trained with FedAvg in the in-process federation
@@ -11,84 +10,61 @@ loadable by ``nvflare-unlearn evaluate``) plus a JSON with its accuracy, per-rou
 - setting ``c100m``: ResNet20 on the CIFAR-100 subset (15,000 images), no augmentation, every site every round:
   an original that memorises its training set, so that membership attacks have power (the second setting).
 - setting ``digits``: the small CNN on sklearn's digits, 4 sites: the seconds-sized stand-in the quick (CI) run of
-  ``benchmarks/forgetting_benchmark.py`` builds for itself (not in the default job list).
+  ``benchmarks.forgetting_benchmark`` builds for itself (not in the default job list).
 
 Jobs are independent and skipped when their JSON exists; a job killed part-way resumes from its last finished round
 (``NAME.partial.pt``, removed when the job ends), with the result an uninterrupted run gives. Two workers can
 split the list (``--worker 0/2`` and ``--worker 1/2``, one CPU thread each).
 
-    python benchmarks/originals.py                      # every job, in priority order
-    python benchmarks/originals.py --only c10:original:-:0
+    python -m benchmarks.originals                      # every job, in priority order
+    python -m benchmarks.originals --only c10:original:-:0
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import os
-import platform
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from nvflare_unlearn._io import torch_save  # noqa: E402
-from nvflare_unlearn.data import load_dataset, partition_iid, stratified_subset_indices  # noqa: E402
-from nvflare_unlearn.evaluation import (  # noqa: E402
-    as_tensors,  # noqa: E402
-    class_correct_total,
-    u_r_accuracy,
+from benchmarks.harness import (
+    RESULTS,
+    add_data_root_arg,
+    add_output_args,
+    fed_config,
+    log,
+    machine,
+    parser,
+    utc_now,
+    write_json,
 )
-from nvflare_unlearn.evaluation.fedsim import CostMeter, FedConfig, Federation, run_fedavg  # noqa: E402
-from nvflare_unlearn.method.checkpoint import save_checkpoint  # noqa: E402
-from nvflare_unlearn.models import build_model  # noqa: E402
-from nvflare_unlearn.runtime.batches import TensorBatches  # noqa: E402
+from nvflare_unlearn._io import torch_save
+from nvflare_unlearn.data import load_dataset, partition_iid, stratified_subset_indices
+from nvflare_unlearn.evaluation import as_tensors, class_correct_total, u_r_accuracy
+from nvflare_unlearn.evaluation.fedsim import CostMeter, FedConfig, Federation, run_fedavg
+from nvflare_unlearn.method.checkpoint import save_checkpoint
+from nvflare_unlearn.models import build_model
+from nvflare_unlearn.runtime.batches import TensorBatches
 
+
+def _setting(dataset: str, model: str, sites: int, **fed: Any) -> dict[str, Any]:
+    """A setting: the data, the model, ``sites`` IID sites (partition seed 0) and the FedAvg schedule of its models."""
+    return {"dataset": dataset, "model": model, "train_images": None, "sites": sites, "partition_seed": 0, "fed": fed}
+
+
+# fmt: off
 SETTINGS: dict[str, dict[str, Any]] = {
-    "c10": dict(
-        dataset="cifar10",
-        model="resnet20",
-        train_images=None,
-        sites=10,
-        partition_seed=0,
-        fed=dict(
-            rounds=50,
-            clients_per_round=5,
-            local_epochs=1,
-            batch_size=64,
-            lr=0.05,
-            augment="crop_flip",
-            precision="bf16",
-        ),
-    ),
-    "c100m": dict(
-        dataset="cifar100",
-        model="resnet20",
-        train_images=None,
-        sites=10,
-        partition_seed=0,
-        fed=dict(
-            rounds=40, clients_per_round=10, local_epochs=1, batch_size=64, lr=0.05, augment="none", precision="bf16"
-        ),
-    ),
-    "digits": dict(
-        dataset="digits",
-        model="small_cnn",
-        train_images=None,
-        sites=4,
-        partition_seed=0,
-        fed=dict(rounds=20, clients_per_round=4, local_epochs=1, batch_size=32, lr=0.05, augment="none"),
-    ),
+    "c10": _setting("cifar10", "resnet20", 10, rounds=50, clients_per_round=5, local_epochs=1, batch_size=64,
+                    lr=0.05, augment="crop_flip", precision="bf16"),
+    "c100m": _setting("cifar100", "resnet20", 10, rounds=40, clients_per_round=10, local_epochs=1, batch_size=64,
+                      lr=0.05, augment="none", precision="bf16"),
+    "digits": _setting("digits", "small_cnn", 4, rounds=20, clients_per_round=4, local_epochs=1, batch_size=32,
+                       lr=0.05, augment="none"),
 }
+# fmt: on
 
 # (setting, kind, forget classes, seed), in priority order: what the headline needs first.
 JOBS: list[tuple[str, str, tuple[int, ...], int]] = [
@@ -115,10 +91,6 @@ def job_name(setting: str, kind: str, forget: tuple[int, ...], seed: int) -> str
 def parse_job(spec: str) -> tuple[str, str, tuple[int, ...], int]:
     setting, kind, forget, seed = spec.split(":")
     return setting, kind, tuple(int(c) for c in forget.split("+")) if forget not in ("", "-") else (), int(seed)
-
-
-def log(msg: str) -> None:
-    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def sha256(path: Path) -> str:
@@ -172,7 +144,7 @@ def run_job(
     fed = Federation(x, y, d["parts"], k)
     curve_idx = torch.as_tensor(stratified_subset_indices(yt.numpy(), min(2000, yt.numel()), seed=1))
     xc, yc = xt[curve_idx], yt[curve_idx]
-    fc = FedConfig(seed=seed, **cfg["fed"])
+    fc = fed_config(cfg["fed"], seed=seed)
     torch.manual_seed(seed)
     model = build_model(cfg["model"], k)
     drop = list(forget) if kind == "retrain" else []
@@ -235,16 +207,11 @@ def run_job(
         "checkpoint": {"file": ckpt.name, "sha256": sha256(ckpt), "bytes": ckpt.stat().st_size},
         "wall_s": time.perf_counter() - t_start,
         "resumed_after_round": start_round or None,
-        "command": "python benchmarks/originals.py --only "
-        + f"{setting}:{kind}:"
-        + ("+".join(map(str, forget)) or "-")
-        + f":{seed}",
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": f"python -m benchmarks.originals --only {setting}:{kind}:{'+'.join(map(str, forget)) or '-'}:{seed}",
+        "machine": machine(),
+        "finished_utc": utc_now(),
     }
-    tmp = out / f"{name}.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / f"{name}.json")
+    write_json(out / f"{name}.json", result)
     partial.unlink(missing_ok=True)
     log(
         f"{name}: test acc {result['test']['acc']:.4f}, train-subset acc {result['train_subset']['acc']:.4f}, "
@@ -269,12 +236,11 @@ def load_partial(path: Path, model: torch.nn.Module, fc: FedConfig) -> tuple[Cos
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--only", default=None, help="comma-separated jobs setting:kind:forget:seed (forget '-' or 0+5+9)")
     p.add_argument("--worker", default="0/1", help="i/n: run every n-th job starting at i")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--data-root", default=None, help="folder holding cifar10/ and cifar100/ ($NVFLARE_UNLEARN_DATA)")
-    p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "originals"))
+    add_data_root_arg(p)
+    add_output_args(p, RESULTS / "originals", threads=1, tag=False)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     jobs = [parse_job(s) for s in args.only.split(",")] if args.only else JOBS

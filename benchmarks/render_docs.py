@@ -5,31 +5,30 @@ Every table of measured numbers on that page sits between ``<!-- generated:NAME 
 the blocks is hand-written and quotes these tables. ``--check`` exits 1 when the page is out of date, so a test
 keeps the docs and the JSON in step.
 
-    python benchmarks/render_docs.py           # rewrite the generated blocks in place
-    python benchmarks/render_docs.py --check   # fail if a block differs from what the JSON gives
+    python -m benchmarks.render_docs           # rewrite the generated blocks in place
+    python -m benchmarks.render_docs --check   # fail if a block differs from what the JSON gives
+
+Commands recorded by runs made when the benchmarks were scripts (``python benchmarks/X.py``) are shown in today's
+form (``python -m benchmarks.X``, ``harness.command_now``), the one that runs them again.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent
-RESULTS = HERE / "results"
-DOC = REPO_ROOT / "docs" / "benchmarks.md"
+from benchmarks import fedsim_faithfulness as ff
+from benchmarks import forgetting_goals, forgetting_tables
+from benchmarks import unlearning_tables as ub  # the benchmark's own table writers: one definition of a table
+from benchmarks.harness import REPO_ROOT, RESULTS, parser
+from benchmarks.render import block_names, check_or_write, has_block, pct, replace_block
+from benchmarks.render import provenance as provenance_lines
 
-sys.path.insert(0, str(HERE))
-import fedsim_faithfulness as ff  # noqa: E402
-import forgetting_benchmark as fb  # noqa: E402
-import unlearning_benchmark as ub  # noqa: E402  (the benchmark's own table writers: one definition of a table)
+DOC = REPO_ROOT / "docs" / "benchmarks.md"
 
 FULL_CPU = RESULTS / "unlearning_full_cifar10_resnet20_f9_cpu.json"
 SEED_FILES = [
@@ -62,14 +61,8 @@ def _rel(path: Path) -> str:
 def provenance(report: dict[str, Any], path: Path) -> list[str]:
     """Command, machine, date and wall time of one benchmark report, as bullet points."""
     m = report["machine"]
-    return [
-        f"- Command: `{report['command']}`",
-        f"- Machine: {m['device_name']}, {m['threads']} torch thread(s), torch {m['torch']}; "
-        f"generated {report['generated_utc']}; {'complete' if report.get('complete') else 'INCOMPLETE'} run, "
-        f"{report['wall_s']:.0f} s wall ({report['wall_s'] / 60:.1f} min) inside the script.",
-        f"- Files: `{_rel(path)}` and the `.md` / `.png` beside it.",
-        "",
-    ]
+    machine = f"{m['device_name']}, {m['threads']} torch thread(s), torch {m['torch']}"
+    return provenance_lines(report, machine, f"`{_rel(path)}` and the `.md` / `.png` beside it.", " inside the script")
 
 
 def paper_vs_ours(report: dict[str, Any]) -> list[str]:
@@ -83,9 +76,9 @@ def paper_vs_ours(report: dict[str, Any]) -> list[str]:
         "| | raw U | raw R | after-pruned U | after-pruned R | fine-tuned U | fine-tuned R | retrained U "
         "| retrained R | rounds to quality (speedup) |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        f"| paper, Table 2 / Fig. 3 | {ub._pct(p['raw']['u'])} | {ub._pct(p['raw']['r'])} | "
-        f"{ub._pct(p['after_pruned']['u'])} | {ub._pct(p['after_pruned']['r'])} | {ub._pct(p['fine_tuned']['u'])} | "
-        f"{ub._pct(p['fine_tuned']['r'])} | {ub._pct(p['retrained']['u'])} | {ub._pct(p['retrained']['r'])} | "
+        f"| paper, Table 2 / Fig. 3 | {pct(p['raw']['u'])} | {pct(p['raw']['r'])} | "
+        f"{pct(p['after_pruned']['u'])} | {pct(p['after_pruned']['r'])} | {pct(p['fine_tuned']['u'])} | "
+        f"{pct(p['fine_tuned']['r'])} | {pct(p['retrained']['u'])} | {pct(p['retrained']['r'])} | "
         f"({p['speedup']}x) |",
     ]
     re_rounds = res["retrain"].get("rounds_to_quality")
@@ -98,9 +91,9 @@ def paper_vs_ours(report: dict[str, Any]) -> list[str]:
         ratio = f"{rq} vs {re_rounds} ({r['speedup']}x)" if rq else "not reached"
         label = f"ours, `{name}`" + (f" (R = {prune_ratio(r['options'])})" if "options" in r else " (no pruning)")
         lines.append(
-            f"| {label} | {ub._pct(orig['u_acc'])} | {ub._pct(orig['r_acc'])} | {ub._pct(ap.get('u_acc'))} | "
-            f"{ub._pct(ap.get('r_acc'))} | {ub._pct(a['u_acc'])} | {ub._pct(a['r_acc'])} | {ub._pct(re_['u_acc'])} | "
-            f"{ub._pct(re_['r_acc'])} | {ratio} |"
+            f"| {label} | {pct(orig['u_acc'])} | {pct(orig['r_acc'])} | {pct(ap.get('u_acc'))} | "
+            f"{pct(ap.get('r_acc'))} | {pct(a['u_acc'])} | {pct(a['r_acc'])} | {pct(re_['u_acc'])} | "
+            f"{pct(re_['r_acc'])} | {ratio} |"
         )
     return lines + [""]
 
@@ -310,7 +303,7 @@ DEFAULT_RULE_SETS = {"cat": "c10_f3", "truck": "c10_f9", "0+5+9": "c10_f0+5+9"}
 
 def default_rule_block() -> list[str]:
     """Which method the rule of ``options.measured_defaults`` picks from the CIFAR-10 runs, and why."""
-    return fb.default_rule({label: finished_runs(key) for label, key in DEFAULT_RULE_SETS.items()})[0]
+    return forgetting_goals.default_rule({label: finished_runs(key) for label, key in DEFAULT_RULE_SETS.items()})[0]
 
 
 BLOCKS: dict[str, tuple[Callable[[], list[str]], list[Path]]] = {
@@ -329,57 +322,46 @@ BLOCKS: dict[str, tuple[Callable[[], list[str]], list[Path]]] = {
 def forgetting_block(stem: str) -> list[str]:
     """Every table of one forgetting_benchmark.py run (``<!-- generated:forgetting:<stem> -->``)."""
     path = FORGETTING / f"{stem}.json"
-    return fb.markdown(_load(path), _rel(path), level=4)
+    return forgetting_tables.markdown(_load(path), _rel(path), level=4)
 
 
 def forgetting_blocks(text: str) -> dict[str, tuple[Callable[[], list[str]], list[Path]]]:
     """A block per ``generated:forgetting:<stem>`` marker on the page: a new run's tables need only its marker."""
-    stems = re.findall(r"<!-- generated:forgetting:([A-Za-z0-9_+.-]+) -->", text)
+    stems = [n.split(":", 1)[1] for n in block_names(text) if n.startswith("forgetting:")]
     return {f"forgetting:{s}": (lambda s=s: forgetting_block(s), [FORGETTING / f"{s}.json"]) for s in stems}
 
 
 def goal_block(key: str) -> list[str]:
     """Every method of the finished runs on one forget set against the goal."""
-    return fb.goal_table(finished_runs(key))
+    return forgetting_goals.goal_table(finished_runs(key))
 
 
 def goal_blocks(text: str) -> dict[str, tuple[Callable[[], list[str]], list[Path]]]:
     """A block per ``generated:goal:<setting>_f<forget>`` marker: every method run on that forget set, one table."""
-    keys = re.findall(r"<!-- generated:goal:([A-Za-z0-9_+.-]+) -->", text)
+    keys = [n.split(":", 1)[1] for n in block_names(text) if n.startswith("goal:")]
     return {f"goal:{k}": (lambda k=k: goal_block(k), goal_sources(k) or [FORGETTING / f"{k}.json"]) for k in keys}
 
 
 def render(text: str) -> str:
     """`text` with every generated block present in it rebuilt from its JSON."""
     for name, (fn, sources) in {**BLOCKS, **forgetting_blocks(text), **goal_blocks(text)}.items():
-        pat = re.compile(rf"(<!-- generated:{re.escape(name)} -->\n)(.*?)(<!-- /generated:{re.escape(name)} -->)", re.S)
-        if not pat.search(text):
+        if not has_block(text, name):
             continue
         missing = [_rel(p) for p in sources if not p.is_file()]
         if missing and name != "seeds":
             raise SystemExit(f"docs block {name!r} needs {missing}; run the benchmark that writes it first")
-        body = "\n".join(fn()).rstrip("\n") + "\n"
-        text = pat.sub(lambda m, body=body: m.group(1) + body + m.group(3), text)
+        text = replace_block(text, name, fn())
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__, full_help=False)
     ap.add_argument("--check", action="store_true", help="exit 1 if docs/benchmarks.md is out of date")
     ap.add_argument("--doc", default=str(DOC))
     args = ap.parse_args(argv)
     doc = Path(args.doc)
     old = doc.read_text()
-    new = render(old)
-    if args.check:
-        if new != old:
-            print(f"{doc} is out of date with benchmarks/results/: run python benchmarks/render_docs.py")
-            return 1
-        print(f"{doc}: generated blocks match the JSON")
-        return 0
-    doc.write_text(new)
-    print(f"rewrote the generated blocks of {doc}")
-    return 0
+    return check_or_write(doc, old, render(old), args.check, "python -m benchmarks.render_docs")
 
 
 if __name__ == "__main__":

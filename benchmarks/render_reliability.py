@@ -5,27 +5,24 @@ Every table of measured numbers on that page sits between ``<!-- generated:NAME 
 benchmark's own table writers (one definition of a table); the prose around the blocks is hand-written. ``--check``
 exits 1 when the page is out of date, so a test keeps the docs and the JSON in step.
 
-    python benchmarks/render_reliability.py           # rewrite the generated blocks in place
-    python benchmarks/render_reliability.py --check   # fail if a block differs from what the JSON gives
+    python -m benchmarks.render_reliability           # rewrite the generated blocks in place
+    python -m benchmarks.render_reliability --check   # fail if a block differs from what the JSON gives
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO_ROOT = HERE.parent
-RESULTS = HERE / "results" / "robustness_privacy.json"
-DOC = REPO_ROOT / "docs" / "reliability.md"
+from benchmarks import robustness_tables as rp  # the benchmark's own table writers
+from benchmarks.harness import REPO_ROOT, RESULTS, parser
+from benchmarks.render import block_names, check_or_write, replace_block
 
-sys.path.insert(0, str(HERE))
-import robustness_privacy as rp  # noqa: E402  (the benchmark's own table writers)
+RESULT = RESULTS / "robustness_privacy.json"
+DOC = REPO_ROOT / "docs" / "reliability.md"
 
 
 def _row(rows: list[dict], **match: Any) -> dict:
@@ -96,42 +93,25 @@ BLOCKS: dict[str, Callable[[dict], list[str]]] = {
 
 def render(text: str, result: dict) -> str:
     """``text`` with every generated block rebuilt; unknown or unterminated blocks are an error."""
-    names = re.findall(r"<!-- generated:(\w+) -->", text)
+    names = block_names(text, r"\w+")
     unknown = sorted(set(names) - set(BLOCKS))
     if unknown:
         raise ValueError(f"unknown generated block(s) {unknown}; known: {sorted(BLOCKS)}")
     for name in names:
-        pattern = re.compile(rf"(<!-- generated:{name} -->\n)(.*?)(<!-- /generated:{name} -->)", re.S)
-        if not pattern.search(text):
-            raise ValueError(f"block {name!r} has no closing <!-- /generated:{name} --> marker")
-        body = "\n".join(BLOCKS[name](result)).rstrip("\n") + "\n"
-        text = pattern.sub(lambda m, b=body: m.group(1) + b + m.group(3), text)
+        text = replace_block(text, name, BLOCKS[name](result))
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = parser(__doc__, full_help=False)
     p.add_argument("--check", action="store_true", help="exit 1 if the page is out of date (writes nothing)")
     p.add_argument("--doc", default=str(DOC))
-    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--results", default=str(RESULT))
     args = p.parse_args(argv)
     doc = Path(args.doc)
-    result = json.loads(Path(args.results).read_text())
     old = doc.read_text()
-    new = render(old, result)
-    if args.check:
-        if new != old:
-            print(f"{doc} is out of date: run python benchmarks/render_reliability.py")
-            return 1
-        print(f"{doc} matches {args.results}")
-        return 0
-    if new != old:
-        sys.path.insert(0, str(REPO_ROOT))
-        from nvflare_unlearn import _io
-
-        _io.write_text(doc, new)
-        print(f"rewrote the generated blocks of {doc}")
-    return 0
+    new = render(old, json.loads(Path(args.results).read_text()))
+    return check_or_write(doc, old, new, args.check, "python -m benchmarks.render_reliability")
 
 
 if __name__ == "__main__":

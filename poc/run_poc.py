@@ -51,9 +51,6 @@ DIGITS = dict(model="small_cnn", num_classes=10, in_channels=1, dataset="digits"
 PRETRAIN = dict(num_rounds=5, lr=0.05)
 UNLEARN = dict(forget_classes=[3], prune_ratio=0.3, num_rounds=3, lr=0.01)
 
-sys.path.insert(0, REPO)
-sys.path.insert(0, HERE)
-
 _LOG: list[str] = []
 
 

@@ -112,10 +112,8 @@ class MultiHeadNet(nn.Module):
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        self.stem = _cbr(3, 16)
-        self.res = _cbr(16, 16)
-        self.left = _cbr(16, 8)
-        self.right = _cbr(16, 12)
+        self.stem, self.res = _cbr(3, 16), _cbr(16, 16)  # the trunk, then its two branches
+        self.left, self.right = _cbr(16, 8), _cbr(16, 12)
         self.head_left = nn.Linear(8, num_classes)
         self.head_right = nn.Linear(12, num_classes)
         self.head_both = nn.Linear(20, num_classes)

@@ -192,17 +192,16 @@ def test_prune_removes_channels_with_federated_statistics(setup):
     assert acc["u_acc"] < accuracy_report(model, test, 10, [FORGET])["u_acc"]
 
 
+def _prepare_pruning(setup, method: str, ratio: float):
+    """``method``'s preparation of the shared model at prune ratio ``ratio``, statistics from sites 0-2."""
+    fed, model, _ = setup
+    opts = PruneOptions(plan=PlanOptions(prune_ratio=ratio))
+    return prepare_method(method, model, fed, [FORGET], [0, 1, 2], CostMeter(), prune_opts=opts)
+
+
 def test_prune_reinit_keeps_shapes_and_redraws_the_chosen_filters(setup):
     fed, model, _ = setup
-    prep = prepare_method(
-        "prune_reinit",
-        model,
-        fed,
-        [FORGET],
-        [0, 1, 2],
-        CostMeter(),
-        prune_opts=PruneOptions(plan=PlanOptions(prune_ratio=0.1)),
-    )
+    prep = _prepare_pruning(setup, "prune_reinit", 0.1)
     a, b = _state(model), _state(prep.model)
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     pruned = {}
@@ -219,15 +218,7 @@ def test_prune_reinit_keeps_shapes_and_redraws_the_chosen_filters(setup):
 
 def test_prune_deep_only_touches_deep_layers(setup):
     fed, model, _ = setup
-    prep = prepare_method(
-        "prune_deep",
-        model,
-        fed,
-        [FORGET],
-        [0, 1, 2],
-        CostMeter(),
-        prune_opts=PruneOptions(plan=PlanOptions(prune_ratio=0.05)),
-    )
+    prep = _prepare_pruning(setup, "prune_deep", 0.05)
     deep = set(deep_layers(model, 1.0 / 3.0))
     touched = set(prep.info["plan"]["steps"][0]["pruned"])
     assert touched and touched <= deep

@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from bench_helpers import run_benchmark
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # two subprocess runs of up to 1100 s each; pytest's limit stays above them
 def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        str(REPO / "benchmarks" / "unlearning_benchmark.py"),
-        "--mode",
-        "quick",
-        "--pretrain-rounds",
-        "6",
-        "--retrain-rounds",
-        "6",
-        "--ft-rounds",
-        "2",
-        "--threads",
-        "1",
-        "--out",
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1100)
+    args = ["--mode", "quick", "--pretrain-rounds", "6", "--retrain-rounds", "6", "--ft-rounds", "2", "--threads", "1"]
+    args += ["--out", str(tmp_path)]
+    proc = run_benchmark("unlearning_benchmark", *args, timeout=1100)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "unlearning_quick_digits_small_cnn_f9.json"
     report = json.loads(out.read_text())
@@ -58,5 +41,5 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     assert "| prune |" in md and "probe AUC" in md
     assert (tmp_path / "unlearning_quick_digits_small_cnn_f9_q0.1_s0.png").stat().st_size > 0
     # second run reuses the cached pretrained model
-    proc2 = subprocess.run(cmd + ["--methods", "finetune"], capture_output=True, text=True, timeout=1100)
+    proc2 = run_benchmark("unlearning_benchmark", *args, "--methods", "finetune", timeout=1100)
     assert proc2.returncode == 0 and "loaded from cache" in proc2.stdout

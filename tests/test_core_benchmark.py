@@ -1,38 +1,20 @@
-"""benchmarks/core_costs.py in a tiny mode on the real CIFAR-10 data (slow: end-to-end)."""
+"""benchmarks.core_costs in a tiny mode on the real CIFAR-10 data (slow: end-to-end)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from bench_helpers import run_benchmark
 
 
 @pytest.mark.slow
 @pytest.mark.data
 def test_core_costs_tiny_run_writes_consistent_outputs(cifar_root, tmp_path):
     out = tmp_path / "results"
-    cmd = [
-        sys.executable,
-        str(REPO_ROOT / "benchmarks" / "core_costs.py"),
-        "--data",
-        str(cifar_root),
-        "--images",
-        "256",
-        "--repeats",
-        "1",
-        "--prune-repeats",
-        "1",
-        "--stats-images",
-        "128",
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540, cwd=REPO_ROOT)  # below pytest's 600 s
+    args = ["--data", str(cifar_root), "--images", "256", "--repeats", "1", "--prune-repeats", "1"]
+    args += ["--stats-images", "128", "--out", str(out)]
+    proc = run_benchmark("core_costs", *args, timeout=540)  # below pytest's 600 s
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads((out / "core_costs.json").read_text())
     a, b = r["resnet20"], r["resnet56"]

@@ -24,10 +24,9 @@ from nvflare_unlearn.evaluation import (
 from nvflare_unlearn.evaluation.baselines import reset_classifier_rows
 from nvflare_unlearn.models import build_model
 
-FORGET = 9
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+FORGET = 9
 
 
 @pytest.fixture(scope="module")
@@ -177,13 +176,20 @@ def test_relearn_zero_steps_when_class_is_known(trained, digits):
     assert res["steps"] == 0 and res["reached"]
 
 
-def test_relearn_counts_steps_on_a_copy(trained, digits):
+def _hidden(trained, digits, bias: float):
+    """A copy of the model with the forget class's row reset and its bias at ``bias`` (far from predicted), and the
+    forget-class training images, the retained ones and the forget-class test images."""
     train, test = digits
     u_tr, r_tr = split_forget_retain(train, [FORGET])
     u_te, _ = split_forget_retain(test, [FORGET])
     hidden = reset_classifier_rows(copy.deepcopy(trained), [FORGET], seed=1)
     with torch.no_grad():
-        hidden.fc.bias[FORGET] = -20.0  # make sure the class starts far from predicted
+        hidden.fc.bias[FORGET] = bias
+    return hidden, u_tr, r_tr, u_te
+
+
+def test_relearn_counts_steps_on_a_copy(trained, digits):
+    hidden, u_tr, r_tr, u_te = _hidden(trained, digits, -20.0)  # the class starts far from predicted
     before = _params(hidden)
     res = relearn_steps(
         hidden,
@@ -202,12 +208,7 @@ def test_relearn_counts_steps_on_a_copy(trained, digits):
 
 
 def test_relearn_reports_censored_count(trained, digits):
-    train, test = digits
-    u_tr, r_tr = split_forget_retain(train, [FORGET])
-    u_te, _ = split_forget_retain(test, [FORGET])
-    hidden = reset_classifier_rows(copy.deepcopy(trained), [FORGET], seed=1)
-    with torch.no_grad():
-        hidden.fc.bias[FORGET] = -50.0
+    hidden, u_tr, r_tr, u_te = _hidden(trained, digits, -50.0)
     res = relearn_steps(
         hidden, u_tr.subset(range(10)), r_tr.subset(range(50)), 0.9, lr=1e-6, max_steps=10, eval_ds=u_te
     )

@@ -1,13 +1,12 @@
 """The in-process federation (evaluation.fedsim) against the NVFlare job it stands for: same batch order, same model.
 
 The fast tests pin what the two must share to train identically (each site's batch order, across epochs too); the
-simulator test runs ``benchmarks/fedsim_faithfulness.py`` at a small size (3 sites, 3 rounds of 2 local epochs) and
+simulator test runs ``benchmarks.fedsim_faithfulness`` at a small size (3 sites, 3 rounds of 2 local epochs) and
 requires the two federations to produce the same model, far below the run-to-run noise between seeds.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +48,7 @@ def test_emulate_option_is_validated():
 @pytest.mark.sim
 @pytest.mark.timeout(900)
 def test_nvflare_job_and_in_process_federation_train_the_same_model(tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import fedsim_faithfulness
+    from benchmarks import fedsim_faithfulness
 
     report = fedsim_faithfulness.main(
         ["--sites", "3", "--rounds", "3", "--noise-seeds", "1", "--out", str(tmp_path / "f.json")]

@@ -1,10 +1,9 @@
-"""benchmarks/forgetting_benchmark.py: the committed results keep the evaluation's contract, the saved arrays reproduce
+"""benchmarks.forgetting_benchmark: the committed results keep the evaluation's contract, the saved arrays reproduce
 the JSON's numbers offline, and (slow) the quick digits run works end to end from nothing."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +70,7 @@ def test_the_results_cover_the_issues_forget_sets(setting: str) -> None:
 def test_every_cifar10_forget_set_has_the_issue_13_methods(forget: str) -> None:
     """Issue 13 compares every method on each forget set: fine-tune only, the paper's pruning, pruning 20 % with
     distillation, NegGrad+, SCRUB and random-label fine-tuning with distillation."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import render_docs
+    from benchmarks import render_docs
 
     have = {m for p in render_docs.goal_sources(f"c10_f{forget}") for m in json.loads(p.read_text())["summary"]}
     assert {"finetune", "prune", "prune@0.2+kd", "neggrad+kd", "scrub", "random_label+kd"} <= have, sorted(have)
@@ -85,8 +83,7 @@ def _goal_rows(lines: list[str]) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def c10_f3_runs() -> tuple[Any, dict[str, dict]]:
     """The goal-table module and two CIFAR-10 forget-3 runs that share the original, references and budget."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import forgetting_benchmark as fb
+    from benchmarks import forgetting_goals as fb
 
     runs = {p.stem: json.loads(p.read_text()) for p in COMMITTED if p.stem in ("c10_f3", "c10_f3_kd")}
     if len(runs) < 2:
@@ -171,8 +168,7 @@ def test_faithfulness_result_says_the_federations_agree() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_quick_run_end_to_end(tmp_path: Path) -> None:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import forgetting_benchmark as fb
+    from benchmarks import forgetting_benchmark as fb
 
     methods = ("finetune", "row_reset", "fisher")
     args = ["--setting", "digits", "--seeds", "0,1", "--methods", ",".join(methods), "--ft-rounds", "2"]
@@ -202,8 +198,7 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
 
 def test_resume_keeps_runs_across_method_lists_and_refuses_another_configuration(tmp_path: Path) -> None:
     """A resumed run may list other methods (each method x seed run is seeded on its own), nothing else may differ."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import forgetting_benchmark as fb
+    from benchmarks import forgetting_benchmark as fb
 
     config = vars(fb.parse_args(["--setting", "digits", "--methods", "finetune,prune", "--out", str(tmp_path)]))
     runs = {"finetune_s0": {"method": "finetune"}}

@@ -352,16 +352,8 @@ def test_a_users_model_module_ships_to_the_server_and_sites_with_the_plugins_exe
     monkeypatch.syspath_prepend(str(code))
     monkeypatch.delitem(sys.modules, "shipped_user_net", raising=False)
     ws = tmp_path / "ws"
-    recipe = PretrainRecipe(
-        name="shipped",
-        model="shipped_user_net:build_net",
-        num_classes=10,
-        num_clients=2,
-        num_rounds=1,
-        local_epochs=2,
-        lr=0.05,
-        dataset="digits",
-    )
+    job = dict(num_classes=10, num_clients=2, num_rounds=1, local_epochs=2, lr=0.05, dataset="digits")
+    recipe = PretrainRecipe(name="shipped", model="shipped_user_net:build_net", **job)
     env = SimEnv(num_clients=2, num_threads=2, workspace_root=str(ws), log_config=quiet_log_config(str(ws)))
     result = read_job_result(recipe.execute(env).get_result())
     assert result.metrics["final"]["acc"] > 0.5

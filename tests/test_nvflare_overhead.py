@@ -1,20 +1,14 @@
-"""benchmarks/nvflare_overhead.py: the docs table comes from the committed JSON, and the script runs end to end
+"""benchmarks.nvflare_overhead: the docs table comes from the committed JSON, and the script runs end to end
 (tiny digits mode, slow)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from bench_helpers import REPO, run_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "nvflare_overhead.py"
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import nvflare_overhead  # noqa: E402
+from benchmarks import nvflare_overhead
 
 
 def test_core_benchmark_doc_block_is_generated_from_the_committed_json():
@@ -22,7 +16,7 @@ def test_core_benchmark_doc_block_is_generated_from_the_committed_json():
     text = (REPO / "docs" / "core-benchmark.md").read_text()
     block = text.split(f"<!-- generated:{nvflare_overhead.BLOCK} -->\n", 1)[1].split("<!-- /generated:", 1)[0]
     assert block == "\n".join(nvflare_overhead.table(rep)) + "\n", (
-        "docs/core-benchmark.md differs from the JSON: python benchmarks/nvflare_overhead.py --render-only"
+        "docs/core-benchmark.md differs from the JSON: python -m benchmarks.nvflare_overhead --render-only"
     )
     for run in rep["runs"]:
         assert run["nvflare"]["seconds"] > 0 and run["in_process"]["seconds"] > 0
@@ -39,12 +33,7 @@ def test_the_benchmark_runs_both_sides_and_writes_json_and_markdown(tmp_path):
         f"x\n<!-- generated:{nvflare_overhead.BLOCK} -->\nold\n<!-- /generated:{nvflare_overhead.BLOCK} -->\n"
     )
     args = ["--dataset", "digits", "--model", "small_cnn", "--train-subset", "400", "--rounds", "1", "--repeats", "1"]
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--out", str(tmp_path), "--doc", str(doc)],
-        capture_output=True,
-        text=True,
-        timeout=1100,
-    )
+    proc = run_benchmark("nvflare_overhead", *args, "--out", str(tmp_path), "--doc", str(doc), timeout=1100)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rep = json.loads((tmp_path / "nvflare_overhead.json").read_text())
     (run,) = rep["runs"]

@@ -1,17 +1,17 @@
-"""The originals worth forgetting from (benchmarks/originals.py): committed records, fixture checkpoints that load and
+"""The originals worth forgetting from (benchmarks.originals): committed records, fixture checkpoints that load and
 match their SHA-256, and a headline original that really reaches 80 % on CIFAR-10's test set."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks.harness import command_now
 from nvflare_unlearn import load_checkpoint
 
 ORIGINALS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "originals"
@@ -27,7 +27,10 @@ def test_records_name_their_command_seed_and_checkpoint_digest():
         pytest.skip(f"no originals recorded in {ORIGINALS} yet")
     for path in RECORDS:
         rec = json.loads(path.read_text())
-        assert rec["name"] == path.stem and rec["command"].startswith("python benchmarks/originals.py --only ")
+        # runs made when the benchmarks were scripts recorded "python benchmarks/originals.py": the same command
+        assert rec["name"] == path.stem and command_now(rec["command"]).startswith(
+            "python -m benchmarks.originals --only "
+        )
         assert len(rec["checkpoint"]["sha256"]) == 64 and rec["history"], path.name
         if rec["kind"] == "retrain":
             assert rec["test"]["u_acc"] == 0.0, f"{path.name}: a model retrained without the class predicts it"
@@ -77,8 +80,7 @@ def test_the_headline_original_scores_its_recorded_accuracy(cifar_root):
 def test_a_killed_job_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     """Hours-long retrains survive a killed process: the job restarts from its last finished round and ends with
     the weights an uninterrupted run gives; a saved state from another configuration is refused, not continued."""
-    sys.path.insert(0, str(ORIGINALS.parents[1]))
-    import originals
+    from benchmarks import originals
 
     monkeypatch.setitem(originals.SETTINGS["digits"], "fed", {**originals.SETTINGS["digits"]["fed"], "rounds": 3})
     job = ("digits", "retrain", (9,), 0)

@@ -15,11 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+import run_poc  # poc/run_poc.py (poc/ is on pytest's pythonpath): the routes docs/poc.md is generated from
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "poc"))
-
-import run_poc  # noqa: E402  (poc/run_poc.py: the routes docs/poc.md is generated from)
 
 slow_poc = [pytest.mark.slow, pytest.mark.timeout(1800)]
 

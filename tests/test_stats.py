@@ -8,15 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from nvflare_unlearn.evaluation.stats import (
-    auc,
-    auc_ci,
-    bootstrap_ci,
-    noise_floor,
-    paired_difference,
-    t_interval,
-    tpr_at_fpr,
-)
+from nvflare_unlearn.evaluation import noise_floor, paired_difference, t_interval
+from nvflare_unlearn.evaluation.stats import auc, auc_ci, bootstrap_ci, tpr_at_fpr
 
 
 def test_auc_matches_sklearn_with_and_without_ties():
