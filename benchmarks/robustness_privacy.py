@@ -282,9 +282,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_output_args(p, RESULTS, threads=1, tag=False)
     p.add_argument("--num-clients", type=int, default=10)
     p.add_argument("--bad-site", type=int, default=0)
-    p.add_argument(
-        "--prune-ratio", type=float, default=0.3, help="prune ratio (tests/test_fl_simenv.py's for small_cnn)"
-    )
+    p.add_argument("--prune-ratio", type=float, default=0.3, help="0.3: tests/test_fl_simenv.py's for small_cnn")
     p.add_argument("--trim", type=float, default=0.1, help="trimmed_mean: fraction dropped at each end")
     p.add_argument("--clip", type=float, default=2.0, help="per-image activation bound B")
     p.add_argument("--delta", type=float, default=1e-5)
@@ -295,10 +293,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ft-epochs", type=int, default=3)
     p.add_argument("--ft-seeds", type=int, default=1, help="noise seeds that are also fine-tuned (cost)")
     p.add_argument("--ft-lr", type=float, default=0.01)
-    p.add_argument("--size-cap-factor", type=float, default=SecurityOptions.size_cap_factor)
-    p.add_argument("--update-clip", type=float, default=SecurityOptions.update_clip)
-    p.add_argument("--update-outlier", type=float, default=SecurityOptions.update_outlier)
-    p.add_argument("--eval-outlier-tol", type=float, default=SecurityOptions.eval_outlier_tol)
+    for name in ("size_cap_factor", "update_clip", "update_outlier", "eval_outlier_tol"):  # the job's defaults
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(SecurityOptions, name))
     p.add_argument(
         "--ft-classes",
         type=lambda s: [int(v) for v in s.split(",")],
