@@ -27,8 +27,10 @@ from benchmarks import unlearning_tables as ub  # the benchmark's own table writ
 from benchmarks.harness import REPO_ROOT, RESULTS, parser
 from benchmarks.render import block_names, check_or_write, has_block, pct, replace_block
 from benchmarks.render import provenance as provenance_lines
+from nvflare_unlearn.unlearning import defaults, methods
 
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
+METHOD_DOC = REPO_ROOT / "docs" / "method.md"  # its table of methods comes from the registry
 
 FULL_CPU = RESULTS / "unlearning_full_cifar10_resnet20_f9_cpu.json"
 SEED_FILES = [
@@ -297,12 +299,39 @@ def finished_runs(key: str) -> dict[str, dict[str, Any]]:
     return {p.stem: report for p in goal_sources(key) if (report := _load(p)).get("complete")}
 
 
-#: the forget sets the job's default method is chosen on (``options.measured_defaults``): CIFAR-10, every set
+#: the forget sets the job's default method is chosen on (``unlearning.defaults``): CIFAR-10, every set
 DEFAULT_RULE_SETS = {"cat": "c10_f3", "truck": "c10_f9", "0+5+9": "c10_f0+5+9"}
 
 
+def evidence_text() -> str:
+    """The job's default-method evidence (``unlearning.defaults.EVIDENCE_PATH``) from the CIFAR-10 runs: what the
+    package's rule reads at run time, regenerated with the docs so the two cannot disagree."""
+    sets = {label: finished_runs(key) for label, key in DEFAULT_RULE_SETS.items()}
+    doc = {
+        "generated_by": "python -m benchmarks.render_docs",
+        "sources": {label: sorted(f"{_rel(FORGETTING)}/{name}.json" for name in runs) for label, runs in sets.items()},
+        "sets": defaults.evidence_from_runs(sets),
+    }
+    return json.dumps(doc, indent=1, sort_keys=True) + "\n"
+
+
+def methods_block() -> list[str]:
+    """docs/method.md's table of the registered methods, from their declarations (``unlearning.methods()``)."""
+    lines = [
+        "| `method` | before fine-tuning | needs at the site | what a site minimises |",
+        "|---|---|---|---|",
+    ]
+    for m in methods().values():
+        needs = ["retained data"] + (["its forget-class images"] if m.uses_forget_data else [])
+        needs.append("the teacher" if m.always_distils else 'the teacher with `recovery="kd"`')
+        before = "the TF-IDF pruning plan from the sites' activation statistics" if m.prunes else "nothing"
+        minimises = " ".join((type(m).__doc__ or m.summary).split())
+        lines.append(f"| `{m.name}` | {before} | {', '.join(needs)} | {minimises} |")
+    return lines + [""]
+
+
 def default_rule_block() -> list[str]:
-    """Which method the rule of ``options.measured_defaults`` picks from the CIFAR-10 runs, and why."""
+    """Which method the rule of ``unlearning.defaults.measured_defaults`` picks from the CIFAR-10 runs, and why."""
     return forgetting_goals.default_rule({label: finished_runs(key) for label, key in DEFAULT_RULE_SETS.items()})[0]
 
 
@@ -361,7 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     doc = Path(args.doc)
     old = doc.read_text()
-    return check_or_write(doc, old, render(old), args.check, "python -m benchmarks.render_docs")
+    command = "python -m benchmarks.render_docs"
+    evidence = defaults.EVIDENCE_PATH
+    rc = check_or_write(evidence, evidence.read_text(), evidence_text(), args.check, command)
+    page = METHOD_DOC.read_text()
+    rc |= check_or_write(METHOD_DOC, page, replace_block(page, "methods", methods_block()), args.check, command)
+    return check_or_write(doc, old, render(old), args.check, command) or rc
 
 
 if __name__ == "__main__":

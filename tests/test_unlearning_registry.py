@@ -75,8 +75,14 @@ def test_register_refuses_a_taken_or_malformed_name(own_method):
 
     with pytest.raises(ValueError, match="is taken by"):
         register(Clash)
+    class Greedy(UnlearningMethod):
+        name = "greedy_test_method"
+        needs = frozenset({"the_server_sees_images"})
+
     with pytest.raises(ValueError, match="lower-case identifier"):
         register(Bad)
+    with pytest.raises(ValueError, match="may need"):
+        register(Greedy)
 
 
 @pytest.mark.parametrize(

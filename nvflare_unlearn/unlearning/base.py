@@ -8,11 +8,11 @@ these declarations, so adding a method touches no other module.
 The contract, per training round at a site:
 
 - ``retained_term`` on every retained batch (default: cross-entropy, plus distillation from the original model
-  when the method distils, ``uses_teacher``);
-- ``forget_term`` on a forget-class batch drawn alongside, when ``uses_forget_data`` (added with
+  when the method distils: it ``needs`` the ``teacher``, or ``recovery="kd"``);
+- ``forget_term`` on a forget-class batch drawn alongside, when it ``needs`` ``forget_data`` (added with
   ``forget_weight``);
 - ``before_step`` between ``backward()`` and the optimizer step (e.g. a saliency mask on the gradients);
-- the server prepares the model first: ``prunes`` runs the activation + TF-IDF phase and applies the plan.
+- the server prepares the model first: a method that ``needs`` a ``plan`` gets the activation + TF-IDF phase.
 
 Pure torch: no NVFlare, so the executor, the Client API helpers and the in-process federation share it.
 """
@@ -20,7 +20,7 @@ Pure torch: no NVFlare, so the executor, the Client API helpers and the in-proce
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,11 @@ if TYPE_CHECKING:
     from nvflare_unlearn.unlearning.objective import UnlearningObjective
     from nvflare_unlearn.unlearning.options import MethodOptions
 
-__all__ = ["FORGET_LOSS_CAP", "UnlearningMethod"]
+__all__ = ["FORGET_LOSS_CAP", "NEEDS", "UnlearningMethod"]
+
+#: what a method may need beyond the retained data: forget-class images at the sites, the original model as
+#: teacher (whatever ``recovery`` says), a pruning plan from the sites' activation statistics
+NEEDS = frozenset({"forget_data", "teacher", "plan"})
 
 #: cap (in multiples of ln K, chance-level cross-entropy) beyond which an ascent term stops pushing
 FORGET_LOSS_CAP = 2.0
@@ -43,26 +47,36 @@ class UnlearningMethod:
     name: ClassVar[str] = ""
     #: one line for the CLI's help and the docs' method table
     summary: ClassVar[str] = ""
-    #: the sites also train on the forget classes they hold (``forget_term``)
-    uses_forget_data: ClassVar[bool] = False
-    #: distils from the original model whatever ``recovery`` says (the teacher travels with the train task)
-    always_distils: ClassVar[bool] = False
-    #: the server scores channels on the sites' activation statistics and applies a pruning plan first
-    prunes: ClassVar[bool] = False
-    #: the loss name a site reports (``objective.report``); "" means ``<name>+<recovery>`` with forget data,
-    #: else the recovery alone
-    loss_name: ClassVar[str] = ""
+    #: what the method needs beyond the sites' retained data (``NEEDS``); the job provides exactly these
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     # -- declarations the job reads ----------------------------------------------------------------------------
+    @property
+    def uses_forget_data(self) -> bool:
+        """The sites also train on the forget classes they hold (``forget_term``)."""
+        return "forget_data" in self.needs
+
+    @property
+    def always_distils(self) -> bool:
+        """Distils from the original model whatever ``recovery`` says (the teacher travels with the train task)."""
+        return "teacher" in self.needs
+
+    @property
+    def prunes(self) -> bool:
+        """The server scores channels on the sites' activation statistics and applies a pruning plan first."""
+        return "plan" in self.needs
+
     def uses_teacher(self, options: MethodOptions) -> bool:
         """Whether the sites need the original model (the teacher) this round."""
         return self.always_distils or options.recovery == "kd"
 
     def site_loss(self, options: MethodOptions) -> str:
-        """The loss a site minimises under ``options``, by name: what it reports and the server compares."""
-        if self.loss_name:
-            return self.loss_name
-        return f"{self.name}+{options.recovery}" if self.uses_forget_data else str(options.recovery)
+        """The loss a site minimises under ``options``, by name: what it reports and the server compares. A method
+        with a forget term is ``<name>+<recovery>``, or its name alone when it always distils (its recovery is
+        fixed); one without is its recovery (``ce``, ``kd``): it trains like fine-tuning."""
+        if not self.uses_forget_data:
+            return str(options.recovery)
+        return self.name if self.always_distils else f"{self.name}+{options.recovery}"
 
     def site_losses(self) -> set[str]:
         """Every loss name this method can make a site report (the server rejects any other)."""
@@ -90,12 +104,3 @@ class UnlearningMethod:
     def capped_ascent(values: torch.Tensor, num_classes: int) -> torch.Tensor:
         """``-mean(min(values, cap))``: push a per-example loss up, but not past ``FORGET_LOSS_CAP`` x chance."""
         return -torch.clamp(values, max=FORGET_LOSS_CAP * math.log(num_classes)).mean()
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "summary": self.summary,
-            "uses_forget_data": self.uses_forget_data,
-            "always_distils": self.always_distils,
-            "prunes": self.prunes,
-        }

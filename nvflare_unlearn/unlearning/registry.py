@@ -16,7 +16,7 @@ import pkgutil
 import re
 from typing import Any
 
-from nvflare_unlearn.unlearning.base import UnlearningMethod
+from nvflare_unlearn.unlearning.base import NEEDS, UnlearningMethod
 
 __all__ = ["get_method", "method_names", "methods", "parse_variant", "register", "variant_label"]
 
@@ -29,6 +29,9 @@ def register(cls: type[UnlearningMethod]) -> type[UnlearningMethod]:
     name = getattr(cls, "name", "")
     if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ValueError(f"{cls.__name__}.name must be a lower-case identifier, got {name!r}")
+    unknown = set(cls.needs) - NEEDS
+    if unknown:
+        raise ValueError(f"{cls.__name__}.needs names {sorted(unknown)}; a method may need {sorted(NEEDS)}")
     other = _REGISTRY.get(name)
     if other is not None and type(other) is not cls:
         raise ValueError(f"method name {name!r} is taken by {type(other).__module__}.{type(other).__name__}")

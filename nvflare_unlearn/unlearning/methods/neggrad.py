@@ -13,7 +13,7 @@ class NegGrad(UnlearningMethod):
 
     name = "neggrad"
     summary = "NegGrad+: ascent on the sites' forget-class images (capped), descent on the rest"
-    uses_forget_data = True
+    needs = frozenset({"forget_data"})
 
     def forget_term(self, obj, model, xf, yf):
         ce = F.cross_entropy(model(xf).float(), yf, reduction="none")

@@ -11,4 +11,4 @@ class Prune(UnlearningMethod):
 
     name = "prune"
     summary = "the paper's: TF-IDF channel pruning from the sites' activation statistics, then fine-tune"
-    prunes = True
+    needs = frozenset({"plan"})

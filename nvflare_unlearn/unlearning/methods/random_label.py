@@ -15,7 +15,7 @@ class RandomLabel(UnlearningMethod):
 
     name = "random_label"
     summary = "forget-class images trained toward random retained labels"
-    uses_forget_data = True
+    needs = frozenset({"forget_data"})
 
     def forget_term(self, obj, model, xf, yf):
         pick = torch.randint(0, len(obj.retained), (yf.shape[0],), generator=obj.generator)

@@ -21,9 +21,7 @@ class Retarget(UnlearningMethod):
 
     name = "retarget"
     summary = "forget-class images distilled toward the original's choice among the retained classes"
-    uses_forget_data = True
-    always_distils = True
-    loss_name = "retarget"
+    needs = frozenset({"forget_data", "teacher"})
 
     def forget_term(self, obj, model, xf, yf):
         t = obj.options.kd_temperature

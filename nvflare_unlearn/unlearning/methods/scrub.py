@@ -15,9 +15,7 @@ class Scrub(UnlearningMethod):
 
     name = "scrub"
     summary = "SCRUB: distil on retained data, move away from the original on forget-class data"
-    uses_forget_data = True
-    always_distils = True
-    loss_name = "scrub"
+    needs = frozenset({"forget_data", "teacher"})
 
     def forget_term(self, obj, model, xf, yf):
         logits = model(xf).float()
