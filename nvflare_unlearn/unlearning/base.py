@@ -20,24 +20,38 @@ Pure torch: no NVFlare, so the executor, the Client API helpers and the in-proce
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from nvflare_unlearn.unlearning.objective import UnlearningObjective
-    from nvflare_unlearn.unlearning.options import MethodOptions
-
-__all__ = ["FORGET_LOSS_CAP", "NEEDS", "UnlearningMethod"]
+__all__ = ["FORGET_LOSS_CAP", "NEEDS", "RECOVERIES", "ObjectiveView", "UnlearningMethod"]
 
 #: what a method may need beyond the retained data: forget-class images at the sites, the original model as
 #: teacher (whatever ``recovery`` says), a pruning plan from the sites' activation statistics
 NEEDS = frozenset({"forget_data", "teacher", "plan"})
 
+#: what a site's retained term can be: cross-entropy, or cross-entropy + distillation from the original model
+RECOVERIES = ("ce", "kd")
+
 #: cap (in multiples of ln K, chance-level cross-entropy) beyond which an ascent term stops pushing
 FORGET_LOSS_CAP = 2.0
+
+
+class ObjectiveView(Protocol):
+    """What a method's terms may read of the site's objective (``objective.UnlearningObjective``) this round."""
+
+    options: Any  # the round's resolved MethodOptions: kd_temperature, kd_weight, forget_weight
+    teacher: nn.Module | None
+    forget: list[int]
+    retained: list[int]
+    num_classes: int
+    generator: torch.Generator  # the site's seeded generator (reproducible draws)
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def distillation(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class UnlearningMethod:
@@ -66,37 +80,35 @@ class UnlearningMethod:
         """The server scores channels on the sites' activation statistics and applies a pruning plan first."""
         return "plan" in self.needs
 
-    def uses_teacher(self, options: MethodOptions) -> bool:
+    def uses_teacher(self, recovery: str) -> bool:
         """Whether the sites need the original model (the teacher) this round."""
-        return self.always_distils or options.recovery == "kd"
+        return self.always_distils or recovery == "kd"
 
-    def site_loss(self, options: MethodOptions) -> str:
-        """The loss a site minimises under ``options``, by name: what it reports and the server compares. A method
+    def site_loss(self, recovery: str) -> str:
+        """The loss a site minimises with ``recovery``, by name: what it reports and the server compares. A method
         with a forget term is ``<name>+<recovery>``, or its name alone when it always distils (its recovery is
         fixed); one without is its recovery (``ce``, ``kd``): it trains like fine-tuning."""
         if not self.uses_forget_data:
-            return str(options.recovery)
-        return self.name if self.always_distils else f"{self.name}+{options.recovery}"
+            return str(recovery)
+        return self.name if self.always_distils else f"{self.name}+{recovery}"
 
     def site_losses(self) -> set[str]:
         """Every loss name this method can make a site report (the server rejects any other)."""
-        from nvflare_unlearn.unlearning.options import RECOVERIES, MethodOptions
-
-        return {self.site_loss(MethodOptions(method=self.name, recovery=r)) for r in RECOVERIES}
+        return {self.site_loss(r) for r in RECOVERIES}
 
     # -- the site's loss terms ------------------------------------------------------------------------------
-    def retained_term(self, obj: UnlearningObjective, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor):
+    def retained_term(self, obj: ObjectiveView, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor):
         """Cross-entropy on a retained batch, plus masked distillation when the method distils."""
         loss = F.cross_entropy(logits, y)
         if obj.teacher is not None:
             loss = loss + obj.options.kd_weight * obj.distillation(logits, x)
         return loss
 
-    def forget_term(self, obj: UnlearningObjective, model: nn.Module, xf: torch.Tensor, yf: torch.Tensor):
+    def forget_term(self, obj: ObjectiveView, model: nn.Module, xf: torch.Tensor, yf: torch.Tensor):
         """The term on a forget-class batch (only called when ``uses_forget_data``)."""
         raise NotImplementedError(f"method {self.name!r} declares uses_forget_data but has no forget_term")
 
-    def before_step(self, obj: UnlearningObjective, model: nn.Module) -> None:
+    def before_step(self, obj: ObjectiveView, model: nn.Module) -> None:
         """Runs after ``backward()`` and before the optimizer step of every batch (default: nothing)."""
 
     # -- helpers the terms share ----------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ class UnlearningObjective:
 
     @property
     def needs_teacher(self) -> bool:
-        return self.method.uses_teacher(self.options)
+        return self.method.uses_teacher(self.options.recovery)
 
     @property
     def needs_forget_data(self) -> bool:

@@ -12,12 +12,10 @@ from typing import Any, ClassVar
 
 from nvflare_unlearn._validation import check_choice
 from nvflare_unlearn.options import GROUPS, OptionGroup, _opt, _real
-from nvflare_unlearn.unlearning.base import UnlearningMethod
+from nvflare_unlearn.unlearning.base import RECOVERIES, UnlearningMethod
 from nvflare_unlearn.unlearning.registry import get_method, method_names
 
 __all__ = ["JOB_GROUPS", "RECOVERIES", "MethodOptions"]
-
-RECOVERIES = ("ce", "kd")
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ class MethodOptions(OptionGroup):
 
     @property
     def needs_teacher(self) -> bool:
-        return self.spec.uses_teacher(self.resolved())
+        return self.spec.uses_teacher(self.resolved().recovery)
 
     @property
     def needs_forget_data(self) -> bool:
@@ -74,7 +72,7 @@ class MethodOptions(OptionGroup):
     @property
     def site_loss(self) -> str:
         """The loss a site minimises in a fine-tuning round, by name (sites report it back; the server compares)."""
-        return self.spec.site_loss(self.resolved())
+        return self.spec.site_loss(self.resolved().recovery)
 
     def without_forget_data(self) -> MethodOptions:
         """What a site that holds no forget-class image runs: the retained term of the same recovery."""
