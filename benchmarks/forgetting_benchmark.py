@@ -251,7 +251,7 @@ def run_method(run: Run, spec: MethodSpec, seed: int, original: torch.nn.Module,
     teacher = original if spec.objective.needs_teacher else None
     site_loss = site_objectives(spec.objective, fed, forget, teacher, batch_size=ft.batch_size, seed=seed)
     hist = run_fedavg(
-        model, fed, ft, drop_classes=forget, meter=meter, eval_fn=curve, phase="finetune", site_loss=site_loss
+        model, fed, ft, drop_classes=forget, meter=meter, eval_fn=curve, phase="finetune", site_objective=site_loss
     )
     rq = next((h["round"] for h in hist if h["r_acc"] >= r_target and (h["u_acc"] or 0.0) <= 0.01), None)
     cpu_train = time.process_time() - c0  # prepare + fine-tune + the per-round full-test curve
