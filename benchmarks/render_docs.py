@@ -27,7 +27,7 @@ from benchmarks import unlearning_tables as ub  # the benchmark's own table writ
 from benchmarks.harness import REPO_ROOT, RESULTS, parser
 from benchmarks.render import block_names, check_or_write, has_block, pct, replace_block
 from benchmarks.render import provenance as provenance_lines
-from nvflare_unlearn.unlearning import defaults, methods
+from nvflare_unlearn.unlearning import all_methods, defaults
 
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
 METHOD_DOC = REPO_ROOT / "docs" / "method.md"  # its table of methods comes from the registry
@@ -316,12 +316,12 @@ def evidence_text() -> str:
 
 
 def methods_block() -> list[str]:
-    """docs/method.md's table of the registered methods, from their declarations (``unlearning.methods()``)."""
+    """docs/method.md's table of the registered methods, from their declarations (``unlearning.all_methods()``)."""
     lines = [
         "| `method` | before fine-tuning | needs at the site | what a site minimises |",
         "|---|---|---|---|",
     ]
-    for m in methods().values():
+    for m in all_methods().values():
         needs = ["retained data"] + (["its forget-class images"] if m.uses_forget_data else [])
         needs.append("the teacher" if m.always_distils else 'the teacher with `recovery="kd"`')
         before = "the TF-IDF pruning plan from the sites' activation statistics" if m.prunes else "nothing"

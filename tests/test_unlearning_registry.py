@@ -13,10 +13,10 @@ from nvflare_unlearn.runtime import train_epochs
 from nvflare_unlearn.unlearning import (
     MethodOptions,
     UnlearningMethod,
+    all_methods,
     get_method,
     measured_defaults,
     method_names,
-    methods,
     parse_variant,
     register,
     reported_loss,
@@ -48,7 +48,10 @@ def own_method():
 
 
 def test_every_builtin_is_found_in_its_own_module_and_declares_itself():
-    found = methods()
+    import nvflare_unlearn.unlearning as package
+
+    found = all_methods()
+    assert package.all_methods is all_methods, "the registry's function is not shadowed by the methods/ subpackage"
     assert BUILTIN <= set(found)
     for name, m in found.items():
         assert m.name == name and m.summary, name
@@ -61,7 +64,7 @@ def test_every_builtin_is_found_in_its_own_module_and_declares_itself():
 def test_options_validate_against_the_registry(own_method):
     with pytest.raises(ValueError, match="method must be one of"):
         MethodOptions(method="gradient_ascent")
-    assert MethodOptions(method=own_method.name).spec is methods()[own_method.name]
+    assert MethodOptions(method=own_method.name).spec is all_methods()[own_method.name]
     with pytest.raises(ValueError, match="unknown unlearning method 'nope'"):
         get_method("nope")
 
@@ -75,6 +78,7 @@ def test_register_refuses_a_taken_or_malformed_name(own_method):
 
     with pytest.raises(ValueError, match="is taken by"):
         register(Clash)
+
     class Greedy(UnlearningMethod):
         name = "greedy_test_method"
         needs = frozenset({"the_server_sees_images"})

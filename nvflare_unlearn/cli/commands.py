@@ -359,11 +359,11 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     """The method registry as a table: name, what it needs, the default (``unlearning.registry``)."""
-    from nvflare_unlearn.unlearning import measured_defaults, methods
+    from nvflare_unlearn.unlearning import all_methods, measured_defaults
 
     default = measured_defaults(set())
     rows = [("method", "forget data", "teacher", "prunes", "what it does")]
-    for m in methods().values():
+    for m in all_methods().values():
         teacher = "always" if m.always_distils else "with recovery kd"
         rows.append((m.name, "yes" if m.uses_forget_data else "no", teacher, "yes" if m.prunes else "no", m.summary))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

@@ -33,38 +33,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, Optional
 
-from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from torch import nn
 
 from nvflare_unlearn.fl.defs import (
-    META_DP_SIGMA,
     META_FORGET,
-    META_HOOK_POINT,
     META_METHOD,
-    META_OBJECTIVE_APPLIED,
-    META_PLAN,
-    META_PRIVACY,
-    META_PRIVACY_APPLIED,
     META_PRUNE_MODE,
-    META_VERIFY,
-    METRIC_CORRECT,
-    METRIC_TOTAL,
     TASK_ACTIVATIONS,
     TASK_TRAIN,
     TASK_VALIDATE,
     TASK_VERIFY,
 )
-from nvflare_unlearn.fl.model_state import (
-    load_numpy_state,
-    model_key,
-    plan_from_meta,
-    rebuild_model,
-    split_teacher,
-    state_to_numpy,
-    teacher_from,
+from nvflare_unlearn.fl.model_state import load_numpy_state, plan_from_meta, rebuild_model, split_teacher, teacher_from
+from nvflare_unlearn.fl.site_answers import (
+    activation_answer,
+    effective_privacy,
+    protected_report,
+    validation_answer,
+    verification_answer,
+    weights_answer,
 )
-from nvflare_unlearn.method.activations import WIRE_SUMS_DTYPE, ClassActivationReport
 from nvflare_unlearn.options import PrivacyOptions
 
 if TYPE_CHECKING:
@@ -119,82 +108,6 @@ def retained(dataset, fl_model: FLModel):
     return filter_classes(dataset, drop=forget) if forget else dataset
 
 
-def effective_privacy(own: Optional[PrivacyOptions | dict] = None, requested: Optional[dict] = None) -> PrivacyOptions:
-    """The stricter of this site's own settings and the job's request: the larger min-count, the smaller clipping
-    bound, the smaller DP epsilon, delta and budget, the wider DP unit (``add_remove_image`` over
-    ``swap_within_class``). A site can tighten what the server asks for, never loosen it. The ledger file is only ever
-    the site's own."""
-    a, b = PrivacyOptions.from_dict(own), PrivacyOptions.from_dict(requested)
-
-    def smaller(x, y):
-        return y if x is None else x if y is None else min(x, y)
-
-    wide = "add_remove_image"
-    return PrivacyOptions(
-        min_count=max(a.min_count, b.min_count),
-        clip_bound=smaller(a.clip_bound, b.clip_bound),
-        dp_epsilon=smaller(a.dp_epsilon, b.dp_epsilon),
-        dp_delta=smaller(a.dp_delta, b.dp_delta),
-        dp_unit=wide if wide in (a.dp_unit, b.dp_unit) else a.dp_unit,
-        dp_budget_epsilon=smaller(a.dp_budget_epsilon, b.dp_budget_epsilon),
-        dp_budget_delta=smaller(a.dp_budget_delta, b.dp_budget_delta),
-        dp_ledger=a.dp_ledger,  # never the request's: a server naming a fresh file would reset the budget
-    )
-
-
-def protected_report(
-    model: nn.Module,
-    loader: Iterable,
-    num_classes: int,
-    meta: Optional[dict] = None,
-    own_privacy: Optional[PrivacyOptions | dict] = None,
-    hook_point: str = "conv",
-    max_batches: Optional[int] = None,
-    device=None,
-    ledger_path: Optional[str] = None,
-) -> tuple[ClassActivationReport, dict]:
-    """A site's activation report with its privacy applied, and what was applied (the one code path of the
-    executor and of your own script).
-
-    Order (``protect.privacy.privatize_report``): per-image clipping to ``[0, clip_bound]`` while collecting, then
-    min-count, then one Gaussian release per forget class of the request (an equal share of epsilon and delta, at
-    the sensitivity of ``dp_unit``; noise from fresh OS entropy, so the server cannot reproduce and subtract it),
-    charged to the site's privacy ledger (``ledger_path``, else ``dp_ledger``) before it leaves.
-    """
-    import numpy as np
-
-    from nvflare_unlearn.method.activations import collect_class_activations
-    from nvflare_unlearn.protect.privacy import privatize_report, site_ledger
-
-    meta = meta or {}
-    privacy = effective_privacy(own_privacy, meta.get(META_PRIVACY))
-    ledger = None
-    if privacy.dp:
-        ledger_path = ledger_path or privacy.dp_ledger
-        if not ledger_path:
-            raise ValueError(
-                "DP needs the site's privacy ledger (ledger_path= or privacy dp_ledger): it refuses releases "
-                "beyond the site's budget"
-            )
-        ledger = site_ledger(privacy, ledger_path)
-    report = collect_class_activations(
-        model,
-        loader,
-        num_classes,
-        hook_point=meta.get(META_HOOK_POINT, hook_point),
-        device=device,
-        max_batches=max_batches,
-        clip=privacy.clip_bound,
-    )
-    passes = max(1, len(meta.get(META_FORGET) or []))
-    # the ledger names the model the release was computed on (weights + plan); hashed only when charged
-    model_id = model_key(state_to_numpy(model), meta.get(META_PLAN)) if ledger is not None else ""
-    report, sigma = privatize_report(report, privacy, passes, np.random.default_rng(), ledger=ledger, model=model_id)
-    applied = {**privacy.to_dict(), "dp_sigma": float(sigma), "passes": passes if privacy.dp else None}
-    applied.pop("dp_ledger", None)  # a site-local path: not the server's business
-    return report, applied
-
-
 def activation_result(
     model: nn.Module,
     loader: Iterable,
@@ -212,25 +125,10 @@ def activation_result(
     is required, so a release beyond the site's budget is refused before anything leaves.
     """
     meta = (fl_model.meta or {}) if fl_model is not None else {}
-    report, applied = protected_report(
-        model,
-        loader,
-        num_classes,
-        meta,
-        own_privacy=privacy,
-        hook_point=hook_point,
-        max_batches=max_batches,
-        ledger_path=ledger_path,
+    params, out = activation_answer(
+        model, loader, num_classes, meta, privacy, hook_point, max_batches, ledger_path=ledger_path
     )
-    return FLModel(
-        params_type=ParamsType.FULL,
-        params=report.to_dict(sums_dtype=WIRE_SUMS_DTYPE),
-        meta={
-            FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(report.counts.sum()),
-            META_DP_SIGMA: applied["dp_sigma"],
-            META_PRIVACY_APPLIED: applied,
-        },
-    )
+    return FLModel(params_type=ParamsType.FULL, params=params, meta=out)
 
 
 def weights_result(model: nn.Module, num_samples: int, objective: Optional[UnlearningObjective] = None) -> FLModel:
@@ -240,23 +138,14 @@ def weights_result(model: nn.Module, num_samples: int, objective: Optional[Unlea
     many batches used it) goes back with the weights, so the job's record shows that this site ran the method. A
     job whose method needs more than plain cross-entropy lists a site that sends no report as "not reported".
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
-        raise ValueError(f"num_samples must be an integer >= 0 (0 = nothing trained), got {num_samples!r}")
-    meta: dict = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: num_samples}
-    if objective is not None:
-        meta[META_OBJECTIVE_APPLIED] = objective.report()
-    return FLModel(params_type=ParamsType.FULL, params=state_to_numpy(model), meta=meta)
+    params, meta = weights_answer(model, num_samples, objective.report() if objective is not None else None)
+    return FLModel(params_type=ParamsType.FULL, params=params, meta=meta)
 
 
 def validation_result(model: nn.Module, loader: Iterable, num_classes: int) -> FLModel:
     """Answer the validate task: per-class correct/total counts on local validation data."""
-    from nvflare_unlearn.runtime import class_correct_total
-
-    correct, total = class_correct_total(model, loader, num_classes)
-    return FLModel(
-        metrics={METRIC_CORRECT: [int(c) for c in correct], METRIC_TOTAL: [int(t) for t in total]},
-        meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(total.sum())},
-    )
+    metrics, meta = validation_answer(model, loader, num_classes)
+    return FLModel(metrics=metrics, meta=meta)
 
 
 def training_objective(
@@ -292,9 +181,7 @@ def verification_result(
 ) -> FLModel:
     """Answer the verify task (the forgetting check): aggregates of this site's data only, see
     ``nvflare_unlearn.runtime.verification`` for exactly what leaves the site."""
-    from nvflare_unlearn.runtime.verification import site_verification
-
-    meta = fl_model.meta or {}
-    forget = forget_classes_of(fl_model)
-    data = site_verification(model, meta.get(META_VERIFY), forget, num_classes, train_loader, test_loader)
-    return FLModel(params_type=ParamsType.FULL, params=data, meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: 1})
+    data, meta = verification_answer(
+        model, fl_model.meta, forget_classes_of(fl_model), num_classes, train_loader, test_loader
+    )
+    return FLModel(params_type=ParamsType.FULL, params=data, meta=meta)

@@ -22,7 +22,7 @@ from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import FLMetaKey, ReturnCode
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
@@ -33,31 +33,19 @@ from torch.utils.data import DataLoader
 
 from nvflare_unlearn._validation import check_num_classes, normalize_forget_classes
 from nvflare_unlearn.fl.defs import (
-    META_DP_SIGMA,
     META_FORGET,
     META_METHOD,
-    META_OBJECTIVE_APPLIED,
     META_PLAN,
     META_PRIVACY_APPLIED,
     META_PRUNE_MODE,
-    META_VERIFY,
-    METRIC_CORRECT,
-    METRIC_TOTAL,
     TASK_ACTIVATIONS,
     TASK_TRAIN,
     TASK_VALIDATE,
     TASK_VERIFY,
 )
-from nvflare_unlearn.fl.model_state import (
-    load_numpy_state,
-    plan_from_meta,
-    rebuild_model,
-    split_teacher,
-    state_to_numpy,
-    teacher_from,
-)
+from nvflare_unlearn.fl.model_state import load_numpy_state, plan_from_meta, rebuild_model, split_teacher, teacher_from
+from nvflare_unlearn.fl.site_answers import activation_answer, validation_answer, verification_answer, weights_answer
 from nvflare_unlearn.fl.site_data import load_site_split
-from nvflare_unlearn.method.activations import WIRE_SUMS_DTYPE
 from nvflare_unlearn.options import (
     PrivacyOptions,
     ScoringOptions,
@@ -212,9 +200,7 @@ class UnlearningExecutor(Executor):
         return DataLoader(data, batch_size=self._training.batch_size, sampler=sampler, num_workers=0)
 
     def _class_activations(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
-        from nvflare_unlearn.fl.client_api import protected_report
-
-        report, applied = protected_report(  # the same code path as a user's Client API script
+        data, out = activation_answer(  # the same code path as a user's Client API script
             model,
             self._loader(self._data("train"), shuffle=False, round_num=None),
             self.num_classes,
@@ -225,21 +211,14 @@ class UnlearningExecutor(Executor):
             device=self._device,
             ledger_path=self._ledger_path(fl_ctx),
         )
-        counts = [int(c) for c in report.counts]
+        counts = [int(c) for c in data["counts"]]
+        nbytes = sum(a.nbytes for a in data["sums"].values()) + data["counts"].nbytes
         self.log_info(
             fl_ctx,
-            f"activation report: {sum(counts)} samples, per class {counts}, {report.nbytes} bytes, "
-            f"privacy applied {applied}",
+            f"activation report: {sum(counts)} samples, per class {counts}, {nbytes} bytes on the wire, "
+            f"privacy applied {out[META_PRIVACY_APPLIED]}",
         )
-        return DXO(
-            data_kind=DataKind.COLLECTION,
-            data=report.to_dict(sums_dtype=WIRE_SUMS_DTYPE),
-            meta={
-                FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(sum(counts)),
-                META_DP_SIGMA: float(applied["dp_sigma"]),
-                META_PRIVACY_APPLIED: applied,
-            },
-        )
+        return DXO(data_kind=DataKind.COLLECTION, data=data, meta=out)
 
     def _ledger_path(self, fl_ctx: FLContext) -> Optional[str]:
         """This site's privacy ledger file: ``dp_ledger`` (``{site_name}`` filled in), else ``privacy_ledger.json`` in
@@ -270,11 +249,7 @@ class UnlearningExecutor(Executor):
         if n == 0 or self._training.local_epochs == 0:
             # Nothing to learn from: hand the global weights back with zero weight so aggregation skips this site.
             self.log_info(fl_ctx, f"no retained training data (forget classes {forget}): zero-weight result")
-            return DXO(
-                data_kind=DataKind.WEIGHTS,
-                data=state_to_numpy(model),
-                meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: 0},
-            )
+            return DXO(DataKind.WEIGHTS, *weights_answer(model, 0))
         after_step = None
         if meta.get(META_PLAN) and meta.get(META_PRUNE_MODE) == "mask":
             from nvflare_unlearn.method.prune import enforce_masks
@@ -311,11 +286,7 @@ class UnlearningExecutor(Executor):
             )
             send_analytic_dxo(self, dxo, fl_ctx)
         applied = objective.report() if objective is not None else {"loss": "ce", "steps": steps, "forget_steps": 0}
-        return DXO(
-            data_kind=DataKind.WEIGHTS,
-            data=state_to_numpy(model),
-            meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: n, META_OBJECTIVE_APPLIED: applied},
-        )
+        return DXO(DataKind.WEIGHTS, *weights_answer(model, n, applied))
 
     def _objective(self, meta: dict, forget: list[int], round_num: Optional[int]):
         """This round's objective (``unlearning.site_objective``: the one site path), None without forget classes."""
@@ -335,28 +306,11 @@ class UnlearningExecutor(Executor):
 
     def _verify(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
         """The forgetting check (``runtime.verification``): round "stats" or "scores" on this site's data."""
-        from nvflare_unlearn.runtime.verification import site_verification
-
-        data = site_verification(
-            model,
-            meta.get(META_VERIFY),
-            self._forget_set(meta),
-            self.num_classes,
-            self._loader(self._data("train"), shuffle=False, round_num=None),
-            self._loader(self._data("test"), shuffle=False, round_num=None),
-            device=self._device,
-        )
-        return DXO(data_kind=DataKind.COLLECTION, data=data, meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: 1})
+        train = self._loader(self._data("train"), shuffle=False, round_num=None)
+        test = self._loader(self._data("test"), shuffle=False, round_num=None)
+        answer = verification_answer(model, meta, self._forget_set(meta), self.num_classes, train, test, self._device)
+        return DXO(DataKind.COLLECTION, *answer)
 
     def _validate(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
-        from nvflare_unlearn.runtime import class_correct_total
-
-        data = self._data("test")
-        correct, total = class_correct_total(
-            model, self._loader(data, shuffle=False, round_num=None), self.num_classes, device=self._device
-        )
-        return DXO(
-            data_kind=DataKind.METRICS,
-            data={METRIC_CORRECT: [int(c) for c in correct], METRIC_TOTAL: [int(t) for t in total]},
-            meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(sum(total))},
-        )
+        test = self._loader(self._data("test"), shuffle=False, round_num=None)
+        return DXO(DataKind.METRICS, *validation_answer(model, test, self.num_classes, device=self._device))

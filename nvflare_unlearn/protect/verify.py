@@ -143,6 +143,15 @@ def _check_plan(out: VerificationResult, record: Mapping[str, Any], record_path:
     return plan_obj, problem
 
 
+def _method_prunes(name: Any) -> bool:
+    """Whether the record's method pruned (the registry's declaration; a name this install does not know is
+    checked as a pruning method, the strictest reading)."""
+    from nvflare_unlearn.unlearning import all_methods
+
+    found = all_methods().get(name) if isinstance(name, str) else None
+    return True if found is None else found.prunes
+
+
 def _check_steps(out: VerificationResult, record: Mapping[str, Any], plan_obj: Any, problem: str | None) -> None:
     """Forget classes = the plan's new steps (none for a method that does not prune), and each new step removed
     the units its ratio gives, at the ratio the request names."""
@@ -152,8 +161,9 @@ def _check_steps(out: VerificationResult, record: Mapping[str, Any], plan_obj: A
     new_steps = plan_obj.steps[before:] if plan_obj is not None else []
     planned = sorted(int(st["forget_class"]) for st in new_steps if st.get("forget_class") is not None)
     method = (parameters.get("unlearning") or {}).get("method", "prune")
-    expected = sorted(request.get("forget_classes") or []) if method == "prune" else []
-    if plan_obj is None and method == "prune" and record["plan"].get("num_pruned", 0) > 0:
+    prunes = _method_prunes(method)
+    expected = sorted(request.get("forget_classes") or []) if prunes else []
+    if plan_obj is None and prunes and record["plan"].get("num_pruned", 0) > 0:
         out.skipped.append(f"forget classes = plan steps: {problem or 'no plan to read the steps from'}")
         return
     out.check(

@@ -20,9 +20,9 @@ from nvflare_unlearn.unlearning.objective import (
 )
 from nvflare_unlearn.unlearning.options import JOB_GROUPS, RECOVERIES, MethodOptions
 from nvflare_unlearn.unlearning.registry import (
+    all_methods,
     get_method,
     method_names,
-    methods,
     parse_variant,
     register,
     variant_label,
@@ -38,10 +38,10 @@ __all__ = [
     "MethodOptions",
     "UnlearningMethod",
     "UnlearningObjective",
+    "all_methods",
     "get_method",
     "measured_defaults",
     "method_names",
-    "methods",
     "objective_check",
     "parse_variant",
     "register",

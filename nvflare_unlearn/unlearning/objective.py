@@ -26,7 +26,7 @@ from torch import nn
 
 from nvflare_unlearn.unlearning.base import FORGET_LOSS_CAP
 from nvflare_unlearn.unlearning.options import MethodOptions
-from nvflare_unlearn.unlearning.registry import methods
+from nvflare_unlearn.unlearning.registry import all_methods
 
 __all__ = [
     "FORGET_LOSS_CAP",
@@ -40,12 +40,12 @@ __all__ = [
 
 def site_losses() -> frozenset[str]:
     """Every loss a site can report (each registered method's ``site_losses``); anything else is malformed."""
-    return frozenset(loss for m in methods().values() for loss in m.site_losses())
+    return frozenset(loss for m in all_methods().values() for loss in m.site_losses())
 
 
 def _forget_losses() -> frozenset[str]:
     """The losses that include a forget-class term: a report of one without a forget-class step is flagged."""
-    return frozenset(loss for m in methods().values() if m.uses_forget_data for loss in m.site_losses())
+    return frozenset(loss for m in all_methods().values() if m.uses_forget_data for loss in m.site_losses())
 
 
 def _cycle(loader: Iterable) -> Iterator:

@@ -5,6 +5,9 @@ defines with a ``name`` is registered: a new method is one new module there (and
 ``register`` adds a method from elsewhere (a user's own, before the job is built: the sites must import the
 same module, e.g. through the job's custom code).
 
+(The function is ``all_methods``, not ``methods``: importing the subpackage ``unlearning.methods`` binds that name on
+the package.)
+
 A *variant* is a method plus options, written ``<method>[@<prune_ratio>][+kd]`` in benchmark tables (e.g.
 ``prune@0.2+kd``): ``variant_label`` and ``parse_variant`` are the one spelling, both ways.
 """
@@ -18,7 +21,7 @@ from typing import Any
 
 from nvflare_unlearn.unlearning.base import NEEDS, UnlearningMethod
 
-__all__ = ["get_method", "method_names", "methods", "parse_variant", "register", "variant_label"]
+__all__ = ["all_methods", "get_method", "method_names", "parse_variant", "register", "variant_label"]
 
 _REGISTRY: dict[str, UnlearningMethod] = {}
 _LOADED = False
@@ -53,19 +56,19 @@ def _load_builtins() -> None:
                     register(obj)
 
 
-def methods() -> dict[str, UnlearningMethod]:
+def all_methods() -> dict[str, UnlearningMethod]:
     """Every registered method by name, in registration order (built-ins alphabetically by module)."""
     _load_builtins()
     return dict(_REGISTRY)
 
 
 def method_names() -> tuple[str, ...]:
-    return tuple(methods())
+    return tuple(all_methods())
 
 
 def get_method(name: str) -> UnlearningMethod:
     """The method called ``name``; an unknown name raises ValueError listing the registered ones."""
-    found = methods().get(name)
+    found = all_methods().get(name)
     if found is None:
         raise ValueError(f"unknown unlearning method {name!r}; registered: {', '.join(method_names())}")
     return found
