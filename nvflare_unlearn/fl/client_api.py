@@ -125,9 +125,9 @@ def activation_result(
     is required, so a release beyond the site's budget is refused before anything leaves.
     """
     meta = (fl_model.meta or {}) if fl_model is not None else {}
-    params, out = activation_answer(
-        model, loader, num_classes, meta, privacy, hook_point, max_batches, ledger_path=ledger_path
-    )
+    report, applied = protected_report(model, loader, num_classes, meta, privacy, hook_point, max_batches,
+                                       ledger_path=ledger_path)  # fmt: skip
+    params, out = activation_answer(report, applied)
     return FLModel(params_type=ParamsType.FULL, params=params, meta=out)
 
 

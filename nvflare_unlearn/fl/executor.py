@@ -36,7 +36,6 @@ from nvflare_unlearn.fl.defs import (
     META_FORGET,
     META_METHOD,
     META_PLAN,
-    META_PRIVACY_APPLIED,
     META_PRUNE_MODE,
     TASK_ACTIVATIONS,
     TASK_TRAIN,
@@ -44,7 +43,13 @@ from nvflare_unlearn.fl.defs import (
     TASK_VERIFY,
 )
 from nvflare_unlearn.fl.model_state import load_numpy_state, plan_from_meta, rebuild_model, split_teacher, teacher_from
-from nvflare_unlearn.fl.site_answers import activation_answer, validation_answer, verification_answer, weights_answer
+from nvflare_unlearn.fl.site_answers import (
+    activation_answer,
+    protected_report,
+    validation_answer,
+    verification_answer,
+    weights_answer,
+)
 from nvflare_unlearn.fl.site_data import load_site_split
 from nvflare_unlearn.options import (
     PrivacyOptions,
@@ -200,7 +205,7 @@ class UnlearningExecutor(Executor):
         return DataLoader(data, batch_size=self._training.batch_size, sampler=sampler, num_workers=0)
 
     def _class_activations(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
-        data, out = activation_answer(  # the same code path as a user's Client API script
+        report, applied = protected_report(  # the same code path as a user's Client API script
             model,
             self._loader(self._data("train"), shuffle=False, round_num=None),
             self.num_classes,
@@ -211,14 +216,13 @@ class UnlearningExecutor(Executor):
             device=self._device,
             ledger_path=self._ledger_path(fl_ctx),
         )
-        counts = [int(c) for c in data["counts"]]
-        nbytes = sum(a.nbytes for a in data["sums"].values()) + data["counts"].nbytes
+        counts = [int(c) for c in report.counts]
         self.log_info(
             fl_ctx,
-            f"activation report: {sum(counts)} samples, per class {counts}, {nbytes} bytes on the wire, "
-            f"privacy applied {out[META_PRIVACY_APPLIED]}",
+            f"activation report: {sum(counts)} samples, per class {counts}, {report.nbytes} bytes, "
+            f"privacy applied {applied}",
         )
-        return DXO(data_kind=DataKind.COLLECTION, data=data, meta=out)
+        return DXO(DataKind.COLLECTION, *activation_answer(report, applied))
 
     def _ledger_path(self, fl_ctx: FLContext) -> Optional[str]:
         """This site's privacy ledger file: ``dp_ledger`` (``{site_name}`` filled in), else ``privacy_ledger.json`` in

@@ -114,22 +114,9 @@ def protected_report(
     return report, applied
 
 
-def activation_answer(
-    model: nn.Module,
-    loader: Iterable,
-    num_classes: int,
-    meta: Optional[dict] = None,
-    own_privacy: Optional[PrivacyOptions | dict] = None,
-    hook_point: str = "conv",
-    max_batches: Optional[int] = None,
-    device=None,
-    ledger_path: Optional[str] = None,
-) -> Answer:
-    """The activation task's answer: this site's per-class sums and counts with its privacy applied
-    (``protected_report``), and what was applied, for the server's record."""
-    report, applied = protected_report(
-        model, loader, num_classes, meta, own_privacy, hook_point, max_batches, device, ledger_path
-    )
+def activation_answer(report: ClassActivationReport, applied: dict[str, Any]) -> Answer:
+    """The activation task's answer from ``protected_report``'s output: the sums (``WIRE_SUMS_DTYPE``) and counts,
+    and what privacy was applied, for the server's record."""
     return report.to_dict(sums_dtype=WIRE_SUMS_DTYPE), {
         FLMetaKey.NUM_STEPS_CURRENT_ROUND: int(report.counts.sum()),
         META_DP_SIGMA: float(applied["dp_sigma"]),
