@@ -16,14 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from nvflare_unlearn.fl.defs import (
-    FINAL_MODEL_FILE,
-    GLOBAL_MODEL_FILE,
-    METRICS_FILE,
-    PLAN_FILE,
-    PRUNED_MODEL_FILE,
-    RECORD_FILE,
-)
+from nvflare_unlearn.fl import defs  # the file names a finished job leaves
 
 #: what ``log_hint`` says when the logs hold no error
 NO_ERROR = "no error found in the logs"
@@ -87,27 +80,27 @@ def read_job_result(result_dir: Optional[str]) -> JobResult:
     """Locate and check a finished job's outputs; raises RuntimeError when the job did not complete."""
     if not result_dir or not os.path.isdir(result_dir):
         raise RuntimeError(f"job result folder {result_dir!r} does not exist: the job did not run or was not fetched")
-    hits = find_files(result_dir, METRICS_FILE)
+    hits = find_files(result_dir, defs.METRICS_FILE)
     if not hits:
         hint = log_hint(result_dir)
-        raise RuntimeError(f"the job wrote no {METRICS_FILE} under {result_dir}: it did not finish; {hint}")
+        raise RuntimeError(f"the job wrote no {defs.METRICS_FILE} under {result_dir}: it did not finish; {hint}")
     metrics_path = hits[0]
     run_dir = os.path.dirname(metrics_path)
     with open(metrics_path) as f:
         metrics = json.load(f)
     if metrics.get("status") != "completed":
         raise RuntimeError(f"the job failed: {metrics.get('error', 'no reason recorded')} (record: {metrics_path})")
-    model_file = FINAL_MODEL_FILE if metrics.get("job_kind") == "unlearn" else GLOBAL_MODEL_FILE
+    model_file = defs.FINAL_MODEL_FILE if metrics.get("job_kind") == "unlearn" else defs.GLOBAL_MODEL_FILE
     candidates = [os.path.join(run_dir, model_file)] + find_files(result_dir, model_file)
     model_path = next((p for p in candidates if os.path.isfile(p)), None)
     if model_path is None:
         raise RuntimeError(f"the job completed but its model file {model_file} is missing under {result_dir}")
-    pruned = os.path.join(run_dir, PRUNED_MODEL_FILE)
-    plan = os.path.join(run_dir, PLAN_FILE)
+    pruned = os.path.join(run_dir, defs.PRUNED_MODEL_FILE)
+    plan = os.path.join(run_dir, defs.PLAN_FILE)
     tb = os.path.join(run_dir, "tb_events")
-    record = os.path.join(run_dir, RECORD_FILE)
+    record = os.path.join(run_dir, defs.RECORD_FILE)
     if metrics.get("job_kind") == "unlearn" and not os.path.isfile(record):
-        raise RuntimeError(f"the unlearning job completed but wrote no audit record {RECORD_FILE} in {run_dir}")
+        raise RuntimeError(f"the unlearning job completed but wrote no audit record {defs.RECORD_FILE} in {run_dir}")
     return JobResult(
         result_dir=result_dir,
         run_dir=run_dir,
