@@ -53,6 +53,7 @@ def parse_method(spec: str, default_ratio: float) -> MethodSpec:
         raise SystemExit(f"{e}; choose from {known} (retraining is the references)") from None
     method = get_method(flat["method"])
     opts = MethodOptions(method=method.name, recovery=flat["recovery"])
-    prepare = base if base in METHODS else "finetune"  # the baselines' preparation; a site-side method fine-tunes
+    # the baselines' preparation: pruning for a method that needs a plan, else the model as it is
+    prepare = base if base in METHODS else ("prune" if method.prunes else "finetune")
     ratio = flat.get("prune_ratio", default_ratio) if method.prunes else None
     return MethodSpec(spec, prepare, opts, ratio)
