@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
-from nvflare_unlearn.cli.templates import TEMPLATE_CKPT, TEMPLATES, export_templates
+import pytest
+
+from nvflare_unlearn.cli.templates import CIFAR_DATA_ROOT, TEMPLATE_CKPT, TEMPLATES, export_templates
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED = os.path.join(REPO, "job_templates")
@@ -66,3 +71,70 @@ def test_job_folders_name_no_path_of_any_machine():
             found += [(name, v) for v in _strings(json.loads(text)) if v.startswith(("/", "~")) or ":\\" in v]
     assert not found, f"machine-specific paths in job_templates/: {found}"
     assert not os.path.isabs(TEMPLATE_CKPT)
+
+
+def test_each_template_carries_the_card_nvflare_reads():
+    """info.conf is what NVFlare's template index reads (``get_template_info_config``); info.md is the human card."""
+    from nvflare.tool.job.job_cli import get_template_info_config
+
+    for name, template in TEMPLATES.items():
+        assert len(name) <= 20, f"list_templates cuts names at 20 characters: {name!r}"
+        info = get_template_info_config(os.path.join(COMMITTED, name))
+        assert info is not None, f"{name}: no info.conf"
+        assert info.get("description") == template.description and len(template.description) <= 60
+        assert info.get("controller_type") == "server"
+        assert info.get("execution_api_type") == template.execution_api_type
+        with open(os.path.join(COMMITTED, name, "info.md")) as f:
+            assert template.description in f.read()
+
+
+def _nvflare_cli() -> str:
+    beside = os.path.join(os.path.dirname(sys.executable), "nvflare")
+    found = beside if os.path.isfile(beside) else shutil.which("nvflare")
+    if not found:
+        pytest.skip("the nvflare command is not installed beside this Python")
+    return found
+
+
+def test_nvflare_list_templates_prints_each_description(tmp_path):
+    """The real ``nvflare job list_templates -d job_templates`` (it writes ~/.nvflare/config.conf: HOME is a tmp)."""
+    env = {**os.environ, "HOME": str(tmp_path)}
+    run = subprocess.run(
+        [_nvflare_cli(), "job", "list_templates", "-d", COMMITTED],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = {line.split()[0]: line for line in run.stdout.splitlines() if line.strip() and line.split()[0] in TEMPLATES}
+    assert set(rows) == set(TEMPLATES), run.stdout
+    for name, template in TEMPLATES.items():
+        assert template.description in rows[name], rows[name]
+        assert " NA " not in rows[name] + " ", rows[name]
+
+
+def _config(name: str, side: str) -> dict:
+    with open(os.path.join(COMMITTED, name, "app", "config", f"config_fed_{side}.json")) as f:
+        return json.load(f)
+
+
+def test_cifar_template_is_resnet20_with_a_data_root_to_set():
+    executor = _config("unlearn_cifar10", "client")["executors"][0]["executor"]["args"]
+    assert executor["model_name"] == "resnet20"
+    assert executor["site_data"]["dataset"] == "cifar10"
+    assert executor["site_data"]["data_root"] == CIFAR_DATA_ROOT and not os.path.exists(CIFAR_DATA_ROOT)
+    persistor = next(c for c in _config("unlearn_cifar10", "server")["components"] if c["id"] == "persistor")
+    assert persistor["args"]["initial_ckpt"] == TEMPLATE_CKPT
+
+
+def test_own_model_template_runs_the_users_script_and_model():
+    """The user's model by import path and their Client API script, carried in app/custom/ for every machine."""
+    executor = _config("unlearn_own_model", "client")["executors"][0]["executor"]
+    assert executor["path"].endswith("ClientAPIExecutor")
+    assert executor["args"]["task_script_path"] == "train_client.py"
+    controller = next(w for w in _config("unlearn_own_model", "server")["workflows"] if w["id"] == "controller")
+    assert controller["args"]["model_name"] == "my_net:build_net"
+    custom = os.listdir(os.path.join(COMMITTED, "unlearn_own_model", "app", "custom"))
+    assert {"my_net.py", "train_client.py"} <= set(custom)
