@@ -16,6 +16,8 @@ from nvflare_unlearn.evaluation.membership import feature_membership_attack, mem
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "forgetting"
 COMMITTED = sorted(RESULTS.glob("*.json"))
+#: the per-example arrays are not committed (docs/benchmarks.md); this run writes the quick digits run's again
+REGENERATE_DIGITS = "regenerate them with: python -m benchmarks.forgetting_benchmark --setting digits --forget 9"
 
 
 def _check_contract(report: dict) -> None:
@@ -145,6 +147,8 @@ def test_saved_arrays_reproduce_the_reported_attacks() -> None:
     path = RESULTS / "digits_f9.json"
     report = json.loads(path.read_text())
     folder = RESULTS / "arrays" / "digits_f9"
+    if not all((folder / f"{n}.npz").is_file() for n in ("original", "retrain_s0", "finetune_s1")):
+        pytest.skip(f"no per-example arrays in {folder} (not committed): {REGENERATE_DIGITS}")
     for name in ("original", "retrain_s0", "finetune_s1"):
         tests = (report["models"].get(name) or report["runs"][name])["tests"]
         arr = load_arrays(folder / f"{name}.npz")

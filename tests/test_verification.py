@@ -139,7 +139,11 @@ def test_the_sites_loss_histograms_tell_fine_tuned_only_from_retrained_on_cifar1
     folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "forgetting" / "arrays" / "c100m_f9"
     names = ["original", "finetune_s0", "finetune_s1", "finetune_s2", "retrain_s0", "retrain_s1", "retrain_s2"]
     if not all((folder / f"{n}.npz").is_file() for n in names):
-        pytest.skip(f"the CIFAR-100 benchmark arrays are not in {folder}")
+        pytest.skip(
+            f"the CIFAR-100 benchmark's per-example arrays are not in {folder} (not committed, docs/benchmarks.md): "
+            "regenerate them with: python -m benchmarks.forgetting_benchmark --setting c100m --forget 9 "
+            "--methods finetune,prune,scrub (needs CIFAR-100 and benchmarks/results/originals)"
+        )
     rng = np.random.default_rng(0)
     auc = {}
     for name in names:
