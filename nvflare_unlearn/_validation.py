@@ -67,3 +67,49 @@ def normalize_forget_classes(forget_classes: Any, num_classes: int, *, required:
     if len(out) >= num_classes:
         raise ValueError(f"cannot forget all {num_classes} classes: at least one must be retained")
     return out
+
+
+#: ``normalize`` keywords: the dataset's published channel statistics, or pixels scaled to [0, 1] only
+NORMALIZE_KEYWORDS = ("dataset", "none")
+
+
+def parse_normalize(value: Any) -> str | tuple[tuple[float, ...], tuple[float, ...]]:
+    """A ``normalize`` setting as ``"dataset"``, ``"none"`` or ``(mean, std)``: a keyword, or the statistics as a
+    mapping or JSON text ``{"mean": [...], "std": [...]}`` (one value, or one per channel; std > 0)."""
+    import json
+    import math
+
+    if isinstance(value, str):
+        text = value.strip()
+        if text in NORMALIZE_KEYWORDS:
+            return text
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+    if not isinstance(value, dict) or set(value) != {"mean", "std"}:
+        raise ValueError(
+            f"normalize must be 'dataset', 'none' or {{\"mean\": [...], \"std\": [...]}}, got {str(value)[:80]!r}"
+        )
+    stats = []
+    for key in ("mean", "std"):
+        items = value[key] if isinstance(value[key], (list, tuple)) else [value[key]]
+        ok = 0 < len(items) <= 16 and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in items
+        )
+        if not ok or (key == "std" and any(v <= 0 for v in items)):
+            raise ValueError(f"normalize {key} must be 1 to 16 finite numbers{' > 0' if key == 'std' else ''}")
+        stats.append(tuple(float(v) for v in items))
+    if len(stats[0]) != len(stats[1]):
+        raise ValueError(f"normalize mean has {len(stats[0])} value(s) but std has {len(stats[1])}")
+    return stats[0], stats[1]
+
+
+def normalize_text(value: Any) -> str:
+    """``value`` checked and written the one way a job config stores it (a keyword, or compact JSON)."""
+    import json
+
+    parsed = parse_normalize(value)
+    if isinstance(parsed, str):
+        return parsed
+    return json.dumps({"mean": list(parsed[0]), "std": list(parsed[1])}, separators=(",", ":"))

@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, TypeVar
 
-from nvflare_unlearn._validation import check_choice, check_ratio
+from nvflare_unlearn._validation import check_choice, check_ratio, normalize_text
 
 IDF_VARIANTS = ("paper", "reference")
 TF_NORMS = ("share", "width", "balance")
@@ -228,8 +228,14 @@ class SiteDataOptions(OptionGroup):
     q: float = _opt(0.5, "bias probability (partition=biased)")
     data_seed: int = _opt(0, "seed of the partition")
     train_subset: int | None = _opt(None, "use only this many training images (class-balanced)")
+    normalize: str = _opt(
+        "dataset",
+        "input normalisation: dataset (CIFAR's published channel mean/std; digits none), none (pixels in [0, 1]), "
+        'or JSON {"mean": [...], "std": [...]} as torchvision\'s Normalize after ToTensor: match your own script\'s',
+    )
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "normalize", normalize_text(self.normalize))  # one spelling in the job config
         check_choice(self.dataset, "dataset", DATASET_NAMES)
         check_choice(self.partition, "partition", PARTITIONS)
         _int("num_clients", self.num_clients, 1)

@@ -92,6 +92,42 @@ def test_npz_loader_concatenates_shards_and_normalises(tmp_path):
     assert len(test) == 10
 
 
+def test_normalisation_is_stated_and_the_default_is_unchanged(tmp_path):
+    """normalize="dataset" (the default) keeps CIFAR's published statistics; "none" and explicit mean/std match a
+    user's own transform (ToTensor, then Normalize(mean, std)); the same setting reaches each site's loader."""
+    from nvflare_unlearn.fl.site_data import load_site_split
+    from nvflare_unlearn.options import SiteDataOptions
+
+    x, _ = _fake_cifar(tmp_path / "cifar10")
+    default = load_dataset("cifar10", root=tmp_path, split="train")
+    same = load_dataset("cifar10", root=tmp_path, split="train", normalize="dataset")
+    assert torch.equal(default[7][0], same[7][0]) and torch.equal(
+        default[7][0], npz_dataset(tmp_path / "cifar10")[7][0]
+    )
+    raw = load_dataset("cifar10", root=tmp_path, split="train", normalize="none")[7][0]
+    assert raw[1, 3, 5].item() == pytest.approx(x[7, 3, 5, 1] / 255.0, abs=1e-6) and 0 <= raw.min() <= raw.max() <= 1
+    half = '{"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}'  # torchvision hello-pt style, as JSON text
+    mine = load_dataset("cifar10", root=tmp_path, split="train", normalize=half)[7][0]
+    assert torch.allclose(mine, (raw - 0.5) / 0.5, atol=1e-5)
+    one = load_dataset("cifar10", root=tmp_path, split="train", normalize={"mean": 0.5, "std": 0.5})[7][0]
+    assert torch.allclose(one, mine, atol=1e-6)  # one value broadcasts over the channels
+    # digits: no normalisation by default (as before), explicit statistics on request
+    digits = load_dataset("digits", split="test")
+    assert digits.transform is None
+    scaled = load_dataset("digits", split="test", normalize={"mean": [0.25], "std": [0.5]})
+    assert torch.allclose(scaled[0][0], (torch.from_numpy(digits.x[0]) - 0.25) / 0.5)
+    # the option: one spelling in the job config, checked where it is given
+    opts = SiteDataOptions.from_dict({"normalize": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    assert opts.normalize == '{"mean":[0.5,0.5,0.5],"std":[0.5,0.5,0.5]}' and SiteDataOptions().normalize == "dataset"
+    site = load_site_split("site-1", "train", {"num_clients": 1, "normalize": '{"mean": [0.25], "std": [0.5]}'})
+    assert torch.allclose(site[0][0], (torch.from_numpy(site.x[0]) - 0.25) / 0.5)
+    for bad in ("cifar", '{"mean": [0.5]}', {"mean": [0.5], "std": [0.0]}, {"mean": [0.5, 0.5], "std": [1.0]}):
+        with pytest.raises(ValueError, match="normalize"):
+            SiteDataOptions(normalize=bad)
+    with pytest.raises(ValueError, match="channel"):
+        load_dataset("cifar10", root=tmp_path, normalize={"mean": [0.5, 0.5], "std": [0.5, 0.5]})
+
+
 def test_npz_single_file_and_load_dataset_dispatch(tmp_path):
     _fake_cifar(tmp_path / "cifar100", n_per_class=2, k=100, sharded=False)
     ds = load_dataset("cifar100", root=tmp_path, split="train")  # root holding cifar100/

@@ -14,7 +14,15 @@ from nvflare_unlearn.data.sources import (
     stratified_subset_indices,
     torchvision_cifar,
 )
-from nvflare_unlearn.data.transforms import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, CifarTransform
+from nvflare_unlearn.data.transforms import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    CifarTransform,
+    Normalize,
+    dataset_stats,
+)
 
 __all__ = [
     "LabelledDataset",
@@ -34,6 +42,8 @@ __all__ = [
     "partition_biased",
     "site_class_counts",
     "CifarTransform",
+    "Normalize",
+    "dataset_stats",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "CIFAR100_MEAN",

@@ -9,11 +9,12 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from nvflare_unlearn.data.dataset import LabelledDataset
-from nvflare_unlearn.data.transforms import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, CifarTransform
+from nvflare_unlearn.data.transforms import CifarTransform, Normalize, dataset_stats
 from nvflare_unlearn.options import DATASET_NAMES
 
 __all__ = [
@@ -72,11 +73,21 @@ def _npz_files(root: Path, split: str) -> list[str]:
     )
 
 
-def npz_dataset(root: str | os.PathLike, split: str = "train", augment: bool = False) -> LabelledDataset:
+def _cifar_transform(normalize: Any, name: str, augment: bool) -> CifarTransform:
+    """uint8 -> float in [0, 1] -> the ``normalize`` statistics (``dataset_stats``), with crop + flip if ``augment``."""
+    stats = dataset_stats(normalize, name, 3)
+    mean, std = stats if stats is not None else ((0.0,), (1.0,))
+    return CifarTransform(mean, std, augment=augment)
+
+
+def npz_dataset(
+    root: str | os.PathLike, split: str = "train", augment: bool = False, normalize: Any = "dataset"
+) -> LabelledDataset:
     """A CIFAR folder of `.npz` archives (`x` uint8 [N,32,32,3], `y` int [N]; `train_*.npz` shards or
     `train.npz`, and `classes.txt`), as normalised float CHW images; `augment` adds crop + flip.
 
-    Images are stored as uint8 CHW (a quarter of the float size) and normalised per item.
+    Images are stored as uint8 CHW (a quarter of the float size) and normalised per item: by default with the
+    published CIFAR-10 (or, for 100 classes, CIFAR-100) channel statistics; ``normalize`` as in ``load_dataset``.
     """
     _check_split(split)
     root = Path(root)
@@ -102,15 +113,21 @@ def npz_dataset(root: str | os.PathLike, split: str = "train", augment: bool = F
         classes = classes_file.read_text().split()
     else:
         classes = [str(i) for i in range(int(y.max()) + 1 if y.size else 0)]
-    mean, std = (CIFAR100_MEAN, CIFAR100_STD) if len(classes) == 100 else (CIFAR10_MEAN, CIFAR10_STD)
     x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    return LabelledDataset(x, y, classes, CifarTransform(mean, std, augment=augment))
+    name = "cifar100" if len(classes) == 100 else "cifar10"
+    return LabelledDataset(x, y, classes, _cifar_transform(normalize, name, augment))
 
 
 def torchvision_cifar(
-    root: str | os.PathLike, name: str = "cifar10", split: str = "train", download: bool = False, augment: bool = False
+    root: str | os.PathLike,
+    name: str = "cifar10",
+    split: str = "train",
+    download: bool = False,
+    augment: bool = False,
+    normalize: Any = "dataset",
 ) -> LabelledDataset:
-    """CIFAR-10/100 in torchvision's layout (`cifar-10-batches-py/` ...), downloading when asked."""
+    """CIFAR-10/100 in torchvision's layout (`cifar-10-batches-py/` ...), downloading when asked; ``normalize`` as
+    in ``load_dataset``."""
     _check_split(split)
     from torchvision import datasets
 
@@ -124,10 +141,9 @@ def torchvision_cifar(
             f"{name} not found in torchvision layout under {root} ({exc}); pass download=True (needs internet) "
             f"or set ${DATA_ENV_VAR} to a folder of .npz archives"
         ) from None
-    mean, std = (CIFAR100_MEAN, CIFAR100_STD) if name == "cifar100" else (CIFAR10_MEAN, CIFAR10_STD)
     x = np.ascontiguousarray(np.asarray(tv.data).transpose(0, 3, 1, 2))
     return LabelledDataset(
-        x, np.asarray(tv.targets, dtype=np.int64), list(tv.classes), CifarTransform(mean, std, augment=augment)
+        x, np.asarray(tv.targets, dtype=np.int64), list(tv.classes), _cifar_transform(normalize, name, augment)
     )
 
 
@@ -153,11 +169,11 @@ def stratified_subset_indices(labels: np.ndarray, n: int, seed: int = 0) -> np.n
     return np.sort(perm[order[:n]])
 
 
-def _resolve_cifar(name: str, root: Path, split: str, download: bool, augment: bool) -> LabelledDataset:
+def _resolve_cifar(name: str, root: Path, split: str, download: bool, augment: bool, normalize: Any) -> LabelledDataset:
     for folder in (root / name, root):
         if _npz_files(folder, split):
-            return npz_dataset(folder, split, augment=augment)
-    return torchvision_cifar(root, name, split, download=download, augment=augment)
+            return npz_dataset(folder, split, augment=augment, normalize=normalize)
+    return torchvision_cifar(root, name, split, download=download, augment=augment, normalize=normalize)
 
 
 def load_dataset(
@@ -168,17 +184,26 @@ def load_dataset(
     subset: int | None = None,
     seed: int = 0,
     augment: bool = False,
+    normalize: Any = "dataset",
 ) -> LabelledDataset:
     """Load `digits`, `cifar10` or `cifar100` by name; `subset` keeps a class-balanced random sample.
 
     For CIFAR, `root` (default `$NVFLARE_UNLEARN_DATA`, then `../shared/data` of a checkout) may be the
     folder holding `cifar10/`, the dataset folder itself (`.npz` archives) or a torchvision root.
+
+    `normalize` states the input normalisation (``SiteDataOptions.normalize``): ``"dataset"`` (default: CIFAR's
+    published channel mean/std, digits left in [0, 1]), ``"none"`` (pixels in [0, 1], like torchvision's
+    ToTensor alone) or ``{"mean": [...], "std": [...]}`` (as ToTensor then Normalize(mean, std)); match the
+    transform of the script the model was trained with.
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}: use one of {list(DATASET_NAMES)}")
     _check_split(split)
     if name == "digits":
         ds = digits_dataset(split)
+        stats = dataset_stats(normalize, name, 1)
+        if stats is not None:
+            ds.transform = Normalize(*stats)
     else:
         if root is None:
             root = default_data_root()
@@ -195,7 +220,7 @@ def load_dataset(
                 f"data root {root} does not exist; set ${DATA_ENV_VAR} or pass root= pointing at the folder "
                 f"holding {name}/ (.npz archives), or pass download=True"
             )
-        ds = _resolve_cifar(name, root, split, download, augment)
+        ds = _resolve_cifar(name, root, split, download, augment, normalize)
     if subset is not None:
         ds = ds.subset(stratified_subset_indices(ds.targets, subset, seed))
     return ds

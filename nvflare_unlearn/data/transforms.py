@@ -1,22 +1,75 @@
-"""CIFAR input transforms done directly in torch on one uint8 CHW image.
+"""Input transforms done directly in torch on one CHW image.
 
 Picklable classes (not lambdas) so datasets can cross process boundaries (DataLoader workers, NVFlare
-client processes). Normalisation uses the standard published CIFAR channel statistics, which match the
-shared data to 4 decimals (see ../shared/data/README.md).
+client processes). By default (``normalize="dataset"``) CIFAR is normalised with the standard published channel
+statistics, which match the shared data to 4 decimals (see ../shared/data/README.md), and digits are not
+normalised; ``normalize="none"`` or explicit ``{"mean": [...], "std": [...]}`` match a user's own script, since a
+model trained on one normalisation and evaluated on another is silently wrong (``dataset_stats``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "CifarTransform"]
+from nvflare_unlearn._validation import parse_normalize
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "CifarTransform",
+    "Normalize",
+    "dataset_stats",
+]
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+#: the published channel statistics ``normalize="dataset"`` uses (digits: none, pixels stay in [0, 1])
+_DATASET_STATS = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
+
+
+def dataset_stats(normalize: Any, dataset: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The (mean, std) a loader of ``dataset`` applies to images in [0, 1] for a ``normalize`` setting (see
+    ``SiteDataOptions.normalize``); None: no normalisation. Explicit statistics must give one value or one per
+    channel."""
+    parsed = parse_normalize(normalize)
+    if parsed == "none":
+        return None
+    if parsed == "dataset":
+        return _DATASET_STATS.get(dataset)
+    mean, std = parsed
+    if len(mean) not in (1, channels):
+        raise ValueError(
+            f"normalize gives {len(mean)} mean/std values but {dataset} images have {channels} channel(s): give one "
+            "value or one per channel"
+        )
+    return mean, std
+
+
+class Normalize:
+    """float [C, H, W] in [0, 1] -> (x - mean) / std per channel, as torchvision's Normalize after ToTensor."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ValueError("mean and std must have the same length, std values positive")
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self._mean = torch.tensor(self.mean).view(-1, 1, 1)
+        self._std = torch.tensor(self.std).view(-1, 1, 1)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return (img.to(torch.float32) - self._mean) / self._std
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean}, std={self.std})"
 
 
 class CifarTransform:

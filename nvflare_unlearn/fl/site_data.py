@@ -44,7 +44,9 @@ def load_site_split(site_name: str, split: str, data: SiteDataOptions | dict | N
     opts = SiteDataOptions.from_dict(data)
     root = opts.data_root.replace("{site_name}", site_name) if opts.data_root else None
     subset = opts.train_subset if split == "train" else None
-    full = load_dataset(opts.dataset, root=root, split=split, subset=subset, seed=opts.data_seed)
+    full = load_dataset(
+        opts.dataset, root=root, split=split, subset=subset, seed=opts.data_seed, normalize=opts.normalize
+    )
     if opts.partition == "none" or opts.num_clients == 1:
         return full
     index = site_index(site_name, opts.num_clients)
