@@ -1,5 +1,25 @@
 """Helpers for sites that run their OWN NVFlare Client API script (``flare.receive()`` / ``flare.send()``) instead of
-``UnlearningExecutor``. Pass ``train_script=`` to a recipe; the script then handles three tasks::
+``UnlearningExecutor``. Pass ``train_script=`` to a recipe; the script then sees four tasks: ``class_activations``,
+``train``, ``validate`` and ``verify`` (``fl.defs``).
+
+The few-line way: ``SiteLoop`` (``fl.site_loop``) owns the plugin's side of the loop. It answers
+``class_activations``, ``validate`` and ``verify`` itself, so the script's own branches see only ``train`` (an
+``is_evaluate()`` branch cannot catch the plugin's ``validate``), and hands back the rebuilt model with a fresh
+optimizer from the script's factory::
+
+    site = ua.SiteLoop(build_net, 10, train_loader, test_loader, optimizer=lambda net: SGD(net.parameters(), lr=0.01))
+    while site.is_running():                      # instead of flare.is_running()
+        input_model = flare.receive()             # a train task
+        model, optimizer = site.model, site.optimizer
+        for images, labels in site.retained(train_loader):  # forget classes dropped
+            optimizer.zero_grad()
+            cost = site.loss(model(images), labels)         # the method's objective
+            cost.backward()
+            optimizer.step()                               # the method's before_step hook rides on it
+        flare.send(site.result(model))             # weights + the objective's report
+
+docs/examples/hello_pt/ shows it as a patch to a hello-pt-shaped script. The functions below are the same answers
+for a script that dispatches every task itself::
 
     import nvflare.client as flare
     from nvflare_unlearn.fl import client_api as ua
@@ -18,6 +38,8 @@
             flare.send(ua.weights_result(model, n, objective))  # n = 0: left out; objective: what ran, recorded
         elif task == ua.TASK_VALIDATE:
             flare.send(ua.validation_result(model, DataLoader(val_set, batch_size=256), 10))
+        elif task == ua.TASK_VERIFY:
+            flare.send(ua.verification_result(model, train_loader, test_loader, received, 10))
 
 Everything crosses the wire as numpy (the recipe sets NVFlare's NUMPY exchange format): the PyTorch exchange would
 reshape received weights to the shapes of the previous round, which breaks after pruning.
@@ -57,9 +79,11 @@ from nvflare_unlearn.fl.site_answers import (
 from nvflare_unlearn.options import PrivacyOptions
 
 if TYPE_CHECKING:
+    from nvflare_unlearn.fl.site_loop import SiteLoop  # exported lazily (__getattr__ below): it imports this module
     from nvflare_unlearn.unlearning import UnlearningObjective
 
 __all__ = [
+    "SiteLoop",
     "TASK_ACTIVATIONS",
     "TASK_TRAIN",
     "TASK_VALIDATE",
@@ -185,3 +209,12 @@ def verification_result(
         model, fl_model.meta, forget_classes_of(fl_model), num_classes, train_loader, test_loader
     )
     return FLModel(params_type=ParamsType.FULL, params=data, meta=meta)
+
+
+def __getattr__(name: str) -> type:
+    """``SiteLoop`` lives in ``fl.site_loop``, which builds on the helpers above: loaded on first use, no cycle."""
+    if name == "SiteLoop":
+        from nvflare_unlearn.fl.site_loop import SiteLoop
+
+        return SiteLoop
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
