@@ -151,3 +151,149 @@ def test_option_flags_are_the_option_names(capsys):
         for name in group.names():
             assert "--" + name.replace("_", "-") in help_text, name
     assert FederationOptions.help("stop_cond").split(",")[0] in " ".join(help_text.split())
+
+
+# ------------------------------------------------------------------------------------ the user's own code (issue 25)
+_USER_NET = """import torch.nn as nn
+
+
+def build_net(num_classes=10):
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, num_classes))
+
+
+build_net.input_shape = (1, 8, 8)
+"""
+
+
+@pytest.fixture
+def user_folder(tmp_path, monkeypatch):
+    """A user's project folder as the working directory: a model module (a fresh name per test) and a script; the
+    interpreter's import state is restored afterwards."""
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    name = f"user_net_{abs(hash(str(tmp_path))) % 10**8}"
+    (tmp_path / f"{name}.py").write_text(_USER_NET)
+    (tmp_path / "client.py").write_text("print('my Client API script')\n")
+    yield tmp_path, name
+    sys.modules.pop(name, None)
+
+
+def test_unlearn_help_shows_the_script_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--train-script", "--train-args", "--path", "-v, --verbose"):
+        assert flag in help_text, flag
+
+
+def test_train_script_and_model_from_the_working_directory_go_into_the_job(user_folder):
+    """`--model mod:factory` imports from the working directory (no PYTHONPATH=.), `--train-script` / `--train-args`
+    reach the recipe, and the exported job carries the script and the model module."""
+    folder, name = user_folder
+    code = main(
+        ["export", "--job", "unlearn", "--ckpt", "m.pt", "--forget-classes", "3", "--model", f"{name}:build_net"]
+        + ["--train-script", "client.py", "--train-args", "--epochs 2 --lr 0.1", "--out", "job"]
+    )
+    assert code == 0
+    app = folder / "job" / "unlearn" / "app"
+    client = json.loads((app / "config" / "config_fed_client.json").read_text())
+    args = client["executors"][0]["executor"]["args"]
+    assert client["executors"][0]["executor"]["path"].endswith("ClientAPIExecutor")
+    assert args["task_script_path"] == "client.py" and args["task_script_args"] == "--epochs 2 --lr 0.1"
+    assert (app / "custom" / "client.py").is_file() and (app / "custom" / f"{name}.py").is_file()
+
+
+def test_path_flag_finds_a_model_module_elsewhere(user_folder, capsys):
+    folder, name = user_folder
+    (folder / "src").mkdir()
+    (folder / f"{name}.py").rename(folder / "src" / f"{name}.py")
+    argv = ["export", "--job", "pretrain", "--model", f"{name}:build_net", "--out"]
+    assert main(argv + ["job_a"]) == 2
+    err = _err(capsys)
+    assert f"cannot import module {name!r}" in err and "--path" in err
+    assert main(argv + ["job_b", "--path", "src"]) == 0
+
+
+def test_errors_name_the_cli_flags_not_python_arguments(user_folder, capsys):
+    import sys
+
+    folder, name = user_folder
+    sys.path.insert(0, str(folder))  # the user's own script made the checkpoint, importing its module
+    save_checkpoint(str(folder / "m.pt"), build_model(f"{name}:build_net", 10), None, f"{name}:build_net", 10)
+    sys.path.remove(str(folder))
+    assert main(["evaluate", "--ckpt", "m.pt"]) == 2
+    err = _err(capsys)
+    assert f"--model {name}:build_net" in err and f"--allow-import {name}" in err
+    assert "model_name=" not in err and "allow_import=" not in err
+    assert main(["evaluate", "--ckpt", "m.pt", "--allow-import", name]) == 0
+    capsys.readouterr()
+    out = ["--forget-classes", "3", "--out", "o"]
+    assert main(["unlearn", "--ckpt", "m.pt", "--train-script", "missing.py"] + out) == 2
+    assert "--train-script 'missing.py' does not exist" in _err(capsys)
+    assert main(["export", "--job", "pretrain", "--train-args=--fast", "--out", "j"]) == 2
+    assert "--train-args is for --train-script" in _err(capsys)
+
+
+def test_cli_words_rewrite_the_library_suggestions():
+    from nvflare_unlearn.cli.messages import cli_words
+
+    text = "pass model_name='a.b:f' if that is the model you expect, or allow_import=['a.b'] if you trust it"
+    assert (
+        cli_words(text) == "pass --model a.b:f if that is the model you expect, or --allow-import a.b if you trust it"
+    )
+    shape = "set `f.input_shape = (C, H, W)` in 'm', or pass input_shape=(C, H, W) to the recipe (or name the model "
+    assert "--model 'm:f@CxHxW'" in cli_words(shape + "'m:f@CxHxW')")
+    assert cli_words("x.pt is a plain state_dict: pass model_name and num_classes to rebuild it").endswith(
+        "pass --model and --num-classes to rebuild it"
+    )
+
+
+# ------------------------------------------------------------------------------------------------- a quiet console
+def _updates(rounds: int = 2) -> list[dict]:
+    """What a fine-tuning job's controller writes, in order: three updates per round (start, evaluation, done)."""
+    out = [{"phase": "start", "num_rounds": rounds, "started": 0.0, "updated": 1.0}]
+    out.append({**out[-1], "evaluated": "original", "u_acc": 0.9, "r_acc": 0.9, "updated": 2.0})
+    for r in range(1, rounds + 1):
+        base = {**out[-1], "phase": "finetune", "round": r, "rounds_done": r - 1, "phase_started": 2.0}
+        out += [
+            {**base, "updated": 2.0 + 3 * r},
+            {**base, "evaluated": f"finetune round {r}", "u_acc": 0.0, "r_acc": 0.95, "updated": 3.0 + 3 * r},
+            {**base, "evaluated": f"finetune round {r}", "rounds_done": r, "updated": 3.5 + 3 * r},
+        ]
+    out.append({**out[-1], "phase": "done"})
+    return out
+
+
+def test_progress_is_one_readable_line_per_round():
+    """run_job reports a change of phase or evaluation only; `print` shows a line, not a dict; the CLI writes one
+    plain line per report, or one line that rewrites itself on a terminal."""
+    import io
+
+    from nvflare_unlearn.cli.commands import ProgressDisplay
+    from nvflare_unlearn.fl.run import JobProgress, _Reporter
+
+    seen: list = []
+    report = _Reporter(seen.append)
+    for update in _updates(rounds=3):
+        report(update)
+    # a line per phase (start, finetune, done) and per evaluation (original, each round): 7, not the 12 updates
+    assert [(p["phase"], p.get("evaluated")) for p in seen] == [("start", None), ("start", "original")] + [
+        ("finetune", e) for e in ("original", "finetune round 1", "finetune round 2", "finetune round 3")
+    ] + [("done", "finetune round 3")]
+    assert str(seen[4]).startswith("phase finetune, round 2/3, finetune round 2: U 0.0% R 95.0%, elapsed 9 s")
+    assert "{" not in str(JobProgress(seen[4]))
+
+    plain = io.StringIO()
+    display = ProgressDisplay("unlearning", started=0.0, stream=plain, live=False)
+    for p in seen:
+        display(p)
+    display.close()
+    assert plain.getvalue().count("\n") == len(seen) == 7 and "\r" not in plain.getvalue()
+    live = io.StringIO()
+    display = ProgressDisplay("unlearning", started=0.0, stream=live, live=True)
+    for p in seen:
+        display(p)
+    display.close()
+    assert live.getvalue().count("\r\x1b[K") == 7 and live.getvalue().count("\n") == 1

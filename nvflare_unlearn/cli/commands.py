@@ -8,12 +8,16 @@ import argparse
 import json
 import logging
 import os
+import shutil
+import sys
 import time
-from typing import Any
+from typing import Any, Optional, TextIO
 
 from nvflare_unlearn import _io
+from nvflare_unlearn.cli.messages import cli_words
 from nvflare_unlearn.cli.parser import TRAINING_GROUPS, UNLEARNING_GROUPS, option_values
 from nvflare_unlearn.cli.report import collect_unlearning_outputs, pct, print_report
+from nvflare_unlearn.fl.run import progress_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -92,21 +96,31 @@ def make_env(args: argparse.Namespace, num_clients: int, workspace: str) -> Any:
     )
 
 
-def progress_line(p: dict, started: float) -> str:
-    """One line a person can follow: phase, round, U/R of the latest evaluation, elapsed, estimate to the phase end."""
-    parts = [f"phase {p.get('phase', '?')}"]
-    if p.get("phase") == "activation" and p.get("forget_class") is not None:
-        parts.append(f"class {p['forget_class']}")
-    if p.get("num_rounds") and p.get("phase") not in ("start", "activation", "done"):
-        parts.append(f"round {p.get('round', 0)}/{p['num_rounds']}")
-    if p.get("evaluated"):
-        parts.append(f"{p['evaluated']}: U {pct(p.get('u_acc')).strip()} R {pct(p.get('r_acc')).strip()}")
-    parts.append(f"elapsed {time.time() - started:.0f} s")
-    done, total = p.get("rounds_done") or 0, p.get("num_rounds") or 0
-    if done and total > done and p.get("phase_started") and p.get("updated"):
-        per_round = (p["updated"] - p["phase_started"]) / done
-        parts.append(f"about {per_round * (total - done):.0f} s left in this phase")
-    return ", ".join(parts)
+class ProgressDisplay:
+    """The job's progress on the console: one line that rewrites itself where a terminal is attached, else one
+    plain line per phase, activation pass and evaluated round (``run_job`` reports only those changes)."""
+
+    def __init__(self, label: str, started: float, stream: Optional[TextIO] = None, live: Optional[bool] = None):
+        self.label, self.started = label, started
+        self.stream = stream or sys.stdout
+        self.live = bool(getattr(self.stream, "isatty", lambda: False)()) if live is None else live
+        self._open = False  # a live line is on screen without its newline
+
+    def __call__(self, p: dict) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {self.label}: {progress_line(p, self.started)}"
+        if self.live:  # cut to the terminal's width: a wrapped line could not be rewritten in place
+            self.stream.write("\r\x1b[K" + line[: max(20, shutil.get_terminal_size().columns - 1)])
+            self._open = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End a live line, so the next output starts on a line of its own."""
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
 
 
 def run_recipe(recipe: Any, args: argparse.Namespace, workspace: str, label: str):
@@ -118,21 +132,21 @@ def run_recipe(recipe: Any, args: argparse.Namespace, workspace: str, label: str
     where = {"poc": "POC", "prod": "production"}.get(getattr(args, "env", "sim"), "simulated")
     say(f"{label}: running job '{recipe.name}' on {recipe.num_clients} {where} site(s)")
     started = time.time()
-    shown: set = set()
-
-    def on_progress(p: dict) -> None:
-        key = (p.get("phase"), p.get("forget_class"), p.get("round"), p.get("rounds_done"), p.get("evaluated"))
-        if key not in shown:
-            shown.add(key)
-            say(f"{label}: {progress_line(p, started)}")
-
+    display = ProgressDisplay(label, started)
     with _QuietNVFlare(args.verbose):
         try:
             result = run_job(
-                recipe, env, os.path.join(workspace, "result"), timeout=args.timeout or 0, on_progress=on_progress
+                recipe,
+                env,
+                os.path.join(workspace, "result"),
+                timeout=args.timeout or 0,
+                on_progress=display,
+                verbose=args.verbose,
             )
         except RuntimeError as e:
             raise RuntimeError(f"{label} failed: {e}") from None
+        finally:
+            display.close()
     say(f"{label}: done in {time.time() - started:.0f} s ({result.rounds} round(s))")
     _report_missing_sites(result, label)
     return result
@@ -148,7 +162,17 @@ def _report_missing_sites(result: Any, label: str) -> None:
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict:
-    return dict(model=args.model, num_classes=args.num_classes, in_channels=args.in_channels)
+    """The recipe's model arguments, and ``--train-script`` / ``--train-args`` when the sites run the user's script
+    (the recipe carries the script in the job; relative paths stay relative, as in NVFlare's own job scripts)."""
+    kwargs: dict = dict(model=args.model, num_classes=args.num_classes, in_channels=args.in_channels)
+    script = getattr(args, "train_script", None)
+    if script:
+        kwargs.update(
+            train_script=existing_file(script, "--train-script", keep_relative=True), train_args=args.train_args
+        )
+    elif getattr(args, "train_args", ""):
+        raise CLIError("--train-args is for --train-script: give the script too")
+    return kwargs
 
 
 def _run_training_job(args: argparse.Namespace, recipe: Any, label: str) -> dict:
@@ -279,7 +303,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ckpt, model_name=args.model, num_classes=args.num_classes, allow_import=args.allow_import
     )
     num_classes = int(meta.get("num_classes") or args.num_classes)
-    data = load_dataset(args.dataset, root=args.data_root, split="test")
+    data = load_dataset(args.dataset, root=args.data_root, split="test", normalize=args.normalize)
     correct, total = class_correct_total(model, DataLoader(data, batch_size=256), num_classes)
     forget = args.forget_classes or []
     acc = u_r_accuracy(correct, total, forget)
@@ -337,7 +361,7 @@ def cmd_verify_record(args: argparse.Namespace) -> int:
         metrics_path=existing_file(args.metrics, "--metrics") if args.metrics else None,
         allow_import=args.allow_import,
     )
-    print(result)
+    print(cli_words(str(result)))
     return EXIT_OK if result.ok else EXIT_FAILED
 
 

@@ -155,7 +155,44 @@ def add_job_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--username", default="admin@nvidia.com", help="--env prod: the admin user of the startup kit")
     g.add_argument("--timeout", type=float, default=0, help="abort a POC / production job after this many seconds")
     g.add_argument("--threads", type=int, default=None, help="simulator threads (default: one per site)")
-    g.add_argument("--verbose", action="store_true", help="show NVFlare's own log")
+    add_verbose(g)
+    add_path(g)
+    s = p.add_argument_group("your own training script")
+    s.add_argument(
+        "--train-script",
+        default=None,
+        metavar="PATH",
+        help="your NVFlare Client API script, run on every site instead of the plugin's executor; it must answer "
+        "the plugin's tasks (docs/integration.md). Carried in the job",
+    )
+    s.add_argument(
+        "--train-args",
+        default="",
+        metavar="ARGS",
+        help='the arguments of --train-script as one string, e.g. --train-args "--epochs 2 --lr 0.01" (a single '
+        "word starting with a dash: --train-args=--fast)",
+    )
+
+
+def add_verbose(p: Any) -> None:
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show NVFlare's own log on the console (otherwise it goes to the job's log files only)",
+    )
+
+
+def add_path(p: Any) -> None:
+    """``--path``: where the user's model module is found (the working directory always is)."""
+    p.add_argument(
+        "--path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder to import your model module from (--model mymod:build_net); the working directory is "
+        "searched without it (repeatable)",
+    )
 
 
 def add_forget_arg(p: argparse.ArgumentParser, required: bool) -> None:
@@ -216,7 +253,7 @@ def build_parser(commands: dict[str, Any]) -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=None)
-    d.add_argument("--verbose", action="store_true")
+    add_verbose(d)
     d.set_defaults(func=commands["demo"])
 
     for name, helptext, groups in (
@@ -251,9 +288,11 @@ def build_parser(commands: dict[str, Any]) -> argparse.ArgumentParser:
     add_forget_arg(e, required=False)
     e.add_argument("--dataset", default="digits")
     e.add_argument("--data-root", default=None)
+    e.add_argument("--normalize", default="dataset", help=SiteDataOptions.help("normalize"))
     e.add_argument("--model", default=None, help="registry name (only for a plain state_dict checkpoint)")
     e.add_argument("--num-classes", type=int, default=None, help="only for a plain state_dict checkpoint")
     add_allow_import(e)
+    add_path(e)
     e.set_defaults(func=commands["evaluate"])
 
     x = sub.add_parser("export", help="write an NVFlare job folder for `nvflare job submit`")
@@ -281,6 +320,7 @@ def build_parser(commands: dict[str, Any]) -> argparse.ArgumentParser:
     m.add_argument("--model", default=None, help="registry name or import path (only for a plain state_dict)")
     m.add_argument("--num-classes", type=int, default=None, help="only for a plain state_dict checkpoint")
     add_allow_import(m)
+    add_path(m)
     m.set_defaults(func=commands["export-model"])
 
     v = sub.add_parser("verify-record", help="check an unlearning_record.json's signature and its files")
@@ -296,6 +336,7 @@ def build_parser(commands: dict[str, Any]) -> argparse.ArgumentParser:
         "--metrics", default=None, help="the job's metrics file (default: job_metrics.json beside the record)"
     )
     add_allow_import(v)
+    add_path(v)
     v.set_defaults(func=commands["verify-record"])
 
     ms = sub.add_parser("methods", help="the registered unlearning methods, what each needs, and the default")

@@ -5,6 +5,10 @@
 ``show_stats`` elsewhere), downloads a POC / production result into ``dest`` BEFORE a POC system is stopped (a
 ``PocEnv`` cleans its workspace, and the admin's download folder with it, when it stops), and reports a job as
 failed when NVFlare finished it as anything but ``FINISHED:COMPLETED`` or its record says it failed.
+
+Progress reaches ``on_progress`` as a ``JobProgress``: a dict whose ``str()`` is one readable line
+(``progress_line``), so ``on_progress=print`` prints one line per phase, activation pass and evaluated round.
+NVFlare's own console log goes to the job's log files unless ``verbose=True``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import json
 import os
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from nvflare_unlearn.fl.defs import PROGRESS_FILE, PROGRESS_STATS_GROUP
 from nvflare_unlearn.fl.results import NO_ERROR, JobResult, dropped_sites, log_hint, read_job_result
@@ -22,6 +26,49 @@ from nvflare_unlearn.fl.results import NO_ERROR, JobResult, dropped_sites, log_h
 COMPLETED = "FINISHED:COMPLETED"
 
 Progress = Callable[[dict], None]
+
+#: the simulator's console level when ``run_job`` quiets it (the log files keep everything)
+QUIET_CONSOLE_LEVEL = "ERROR"
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * float(value):.1f}%"
+
+
+def progress_line(p: Mapping[str, Any], started: Optional[float] = None) -> str:
+    """One line a person can follow: phase, round, U/R of the latest evaluation, elapsed, estimate to the phase end.
+
+    Elapsed is counted from ``started`` (a ``time.time()``) when given, else from the job's own start as the
+    controller recorded it (so the line depends on the update alone)."""
+    parts = [f"phase {p.get('phase', '?')}"]
+    if p.get("phase") == "activation" and p.get("forget_class") is not None:
+        parts.append(f"class {p['forget_class']}")
+    if p.get("num_rounds") and p.get("phase") not in ("start", "activation", "done"):
+        parts.append(f"round {p.get('round', 0)}/{p['num_rounds']}")
+    if p.get("evaluated"):
+        parts.append(f"{p['evaluated']}: U {_pct(p.get('u_acc'))} R {_pct(p.get('r_acc'))}")
+    if started is not None:
+        parts.append(f"elapsed {time.time() - started:.0f} s")
+    elif p.get("started") is not None and p.get("updated") is not None:
+        parts.append(f"elapsed {p['updated'] - p['started']:.0f} s")
+    done, total = p.get("rounds_done") or 0, p.get("num_rounds") or 0
+    if done and total > done and p.get("phase_started") and p.get("updated"):
+        per_round = (p["updated"] - p["phase_started"]) / done
+        parts.append(f"about {per_round * (total - done):.0f} s left in this phase")
+    return ", ".join(parts)
+
+
+class JobProgress(dict):
+    """One progress update of a running job: the controller's fields (phase, forget_class, round, num_rounds,
+    rounds_done, evaluated, u_acc, r_acc, started, phase_started, updated), printed as ``progress_line``."""
+
+    def __str__(self) -> str:
+        return progress_line(self)
+
+    def milestone(self) -> tuple:
+        """What changes once per phase, activation pass or evaluation: ``run_job`` reports only these changes (a
+        round's start and its bookkeeping update add nothing a person reads)."""
+        return tuple(self.get(k) for k in ("phase", "forget_class", "pass_index", "evaluated"))
 
 
 def run_job(
@@ -33,6 +80,7 @@ def run_job(
     on_progress: Optional[Progress] = None,
     poll_s: float = 5.0,
     stop_poc: bool = True,
+    verbose: bool = False,
 ) -> JobResult:
     """Run ``recipe`` in ``env`` (SimEnv, PocEnv or ProdEnv) to its end and return its checked result.
 
@@ -43,27 +91,47 @@ def run_job(
     error names it). ``timeout`` > 0 aborts a job still running after that many seconds. Raises RuntimeError when
     NVFlare did not finish the job as ``FINISHED:COMPLETED`` or the job's record says it failed (the message gives
     the recorded error or the first error of the server log).
+
+    ``on_progress`` gets a ``JobProgress`` at each new phase, activation pass and evaluation (``print`` gives
+    readable lines). In the simulator, NVFlare's console log is kept to errors (everything still goes to the
+    sites' and the server's ``log.txt``) unless ``verbose`` or the ``SimEnv`` has a ``log_config`` of its own.
     """
     from nvflare.recipe.sim_env import SimEnv
 
     if isinstance(env, SimEnv):
-        return _run_in_simulator(recipe, env, on_progress)
+        return _run_in_simulator(recipe, env, on_progress, verbose)
     return _run_in_system(recipe, env, dest, timeout, on_progress, poll_s, stop_poc)
 
 
-def _run_in_simulator(recipe: Any, env: Any, on_progress: Optional[Progress]) -> JobResult:
+def _quiet_log_config(env: Any) -> Optional[str]:
+    """A log config that keeps the simulator's console to errors, or None where none can be written (NVFlare
+    passes it on a command line: no spaces in the path)."""
+    from nvflare_unlearn.fl.job_utils import quiet_log_config
+
+    try:
+        return quiet_log_config(env.workspace_root, QUIET_CONSOLE_LEVEL)
+    except (OSError, ValueError):
+        return None
+
+
+def _run_in_simulator(recipe: Any, env: Any, on_progress: Optional[Progress], verbose: bool = False) -> JobResult:
     progress = os.path.join(env.workspace_root, recipe.name, "server", "simulate_job", PROGRESS_FILE)
     stop = threading.Event()
     watcher = threading.Thread(target=_watch_file, args=(progress, stop, on_progress), daemon=True)
     if on_progress is not None:
         watcher.start()
     error = None
+    own_log_config = env.log_config
+    if own_log_config is None and not verbose:
+        env.log_config = _quiet_log_config(env)
     try:
-        run = recipe.run(env)
-        result_dir = run.get_result()
+        run = recipe.run(env)  # the simulator runs the job to its end here
+        # the result folder without ``run.get_result()``: in the simulator it only adds a console note
+        result_dir = env.get_job_result(run.get_job_id())
     except RuntimeError as e:  # the simulator exited non-zero: the record or the log says why
         error, result_dir = e, os.path.join(env.workspace_root, recipe.name)
     finally:
+        env.log_config = own_log_config
         stop.set()
         if watcher.is_alive():
             watcher.join(timeout=5)
@@ -74,16 +142,31 @@ def _run_in_simulator(recipe: Any, env: Any, on_progress: Optional[Progress]) ->
 
 
 def _watch_file(path: str, stop: threading.Event, on_progress: Progress) -> None:
-    last = None
-    while not stop.wait(1.0):
+    report = _Reporter(on_progress)
+    while True:
+        stopping = stop.wait(1.0)
         try:
             with open(path) as f:
-                current = json.load(f)
+                report(json.load(f))
         except (OSError, ValueError):
-            continue
-        if current != last:
-            last = current
-            on_progress(current)
+            pass
+        if stopping:  # one last read: the job's final state ("done") is shown too
+            return
+
+
+class _Reporter:
+    """Passes an update on when its milestone changed (``JobProgress.milestone``)."""
+
+    def __init__(self, on_progress: Progress):
+        self.on_progress, self.last = on_progress, None
+
+    def __call__(self, current: Any) -> None:
+        if not isinstance(current, dict):
+            return
+        update = JobProgress(current)
+        if update.milestone() != self.last:
+            self.last = update.milestone()
+            self.on_progress(update)
 
 
 def _admin_session(env: Any, login_timeout: float = 60.0) -> Any:
@@ -125,7 +208,8 @@ def _run_in_system(recipe, env, dest, timeout, on_progress, poll_s, stop_poc) ->
         raise
     job_id = run.get_job_id()
     started = time.time()
-    status, aborted, result_dir, last = None, False, None, None
+    status, aborted, result_dir = None, False, None
+    report = _Reporter(on_progress) if on_progress is not None else None
     try:
         sess = _admin_session(env)
         try:
@@ -133,11 +217,10 @@ def _run_in_system(recipe, env, dest, timeout, on_progress, poll_s, stop_poc) ->
                 status = str(sess.get_job_meta(job_id).get("status", ""))
                 if status.startswith("FINISHED"):
                     break
-                if on_progress is not None:
+                if report is not None:
                     current = _server_progress(sess, job_id)
-                    if current and current != last:
-                        last = current
-                        on_progress(current)
+                    if current:
+                        report(current)
                 if timeout and not aborted and time.time() - started > timeout:
                     sess.abort_job(job_id)
                     aborted = True
