@@ -266,7 +266,7 @@ def test_the_controller_records_which_sites_ran_the_requested_loss():
                                            "site-3": "malformed report", "site-4": "malformed report"}}  # fmt: skip
     assert sorted(ctrl._last_aggregation["weights"]) == sorted(reports)  # reports do not decide the average
     ctrl._check_objective([entry, {"objective_applied": {"site-1": "neggrad+kd", "site-2": "kd"}}])
-    check = ctrl._record["objective"]
+    check = ctrl._record.objective
     assert check["requested"] == "neggrad+kd" and check["not_as_requested"] == ["site-2", "site-3", "site-4"]
     assert check["sites"]["site-2"] == ["not reported", "kd"] and check["sites"]["site-1"] == ["neggrad+kd"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Generic, Optional, Sequence, TypeVar, overload
 
 import numpy as np
 from nvflare.apis.analytix import AnalyticsDataType
@@ -40,8 +40,6 @@ from nvflare_unlearn.fl.defs import (
     META_PLAN,
     META_PRUNE_MODE,
     META_RESUME,
-    METRIC_CORRECT,
-    METRIC_TOTAL,
     METRICS_FILE,
     PROGRESS_FILE,
     PROGRESS_STATS_GROUP,
@@ -50,8 +48,12 @@ from nvflare_unlearn.fl.defs import (
     TASK_VALIDATE,
     TASK_VERIFY,
 )
+from nvflare_unlearn.fl.federated_eval import FederatedEvaluation, jsonable, site_name
+from nvflare_unlearn.fl.job_record import TrainingRecord, UnlearningRecord
 from nvflare_unlearn.fl.model_state import count_params, load_numpy_state, plan_from_meta, rebuild_model
-from nvflare_unlearn.options import PRUNE_MODES, FederationOptions, SecurityOptions, fold_legacy
+from nvflare_unlearn.options import PRUNE_MODES, FederationOptions, OptionGroup, SecurityOptions, fold_legacy
+
+G = TypeVar("G", bound=OptionGroup)
 
 _PHASE_OF_TASK = {
     TASK_ACTIVATIONS: "activation",
@@ -72,21 +74,19 @@ def site_weight(result: FLModel) -> float:
     return weight if np.isfinite(weight) and weight >= 0 else 1.0
 
 
-def site_name(result: FLModel) -> str:
-    return str((result.meta or {}).get("client_name", AppConstants.CLIENT_UNKNOWN))
+class GroupView(Generic[G]):
+    """A controller's option group, typed, read from the one place it is stored: the dict attribute named after the
+    group, which NVFlare's job export reads back as the constructor argument of the same name."""
 
+    def __init__(self, kind: type[G]):
+        self.kind = kind
 
-def jsonable(obj: Any) -> Any:
-    """Numpy scalars/arrays -> plain Python, so metrics always serialise."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
+    @overload
+    def __get__(self, obj: None, owner: type) -> GroupView[G]: ...
+    @overload
+    def __get__(self, obj: object, owner: type) -> G: ...
+    def __get__(self, obj: Optional[object], owner: type) -> G | GroupView[G]:
+        return self if obj is None else self.kind.from_dict(getattr(obj, self.kind.GROUP))
 
 
 def _bounded(timeout: int, max_wait: Optional[int]) -> int:
@@ -96,12 +96,11 @@ def _bounded(timeout: int, max_wait: Optional[int]) -> int:
     return min(timeout, max_wait) if timeout else max_wait
 
 
-def _fmt(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
-class FedAvgEvalController(BaseFedAvg):
+class FedAvgEvalController(FederatedEvaluation, BaseFedAvg):
     """FedAvg with federated per-class evaluation after every round; the base of the unlearning workflow."""
+
+    _fed = GroupView(FederationOptions)
+    _security = GroupView(SecurityOptions)
 
     def __init__(
         self,
@@ -148,12 +147,10 @@ class FedAvgEvalController(BaseFedAvg):
         self.test_dataset = test_dataset
         self.test_data_root = test_data_root
         self.job_kind = job_kind
-        self._security = SecurityOptions.from_dict(security)
-        self.security = self._security.to_dict()
+        self.security = SecurityOptions.from_dict(security).to_dict()
 
-        self._fed = fed
         self._stop = parse_compare_criteria(fed.stop_cond) if fed.stop_cond else None
-        self._record: dict[str, Any] = {}
+        self._record: TrainingRecord | UnlearningRecord = TrainingRecord()
         self._test_loader = None
         self._no_result: list[str] = []  # sites of the last task that returned nothing usable
         self._tasks_sent = 0
@@ -278,90 +275,12 @@ class FedAvgEvalController(BaseFedAvg):
         dxo = create_analytic_dxo(tag=tag, value=float(value), data_type=AnalyticsDataType.SCALAR, global_step=step)
         send_analytic_dxo(self, dxo, self.fl_ctx)
 
-    def _server_test_loader(self):
-        if self.test_dataset is None:
-            return None
-        if self._test_loader is None:
-            from torch.utils.data import DataLoader
-
-            from nvflare_unlearn.data import load_dataset
-
-            data = load_dataset(self.test_dataset, root=self.test_data_root, split="test")
-            self._test_loader = DataLoader(data, batch_size=256, shuffle=False)
-        return self._test_loader
-
     def to_torch(self, model: FLModel):
         """The global model as a torch module (architecture from the name + the plan in its meta)."""
         net = rebuild_model(
             self.model_name, self.num_classes, plan_from_meta(model.meta), self.prune_mode, self.in_channels
         )
         return load_numpy_state(net, model.params)
-
-    # ------------------------------------------------------------------ evaluation
-    def evaluate(self, model: FLModel, stage: str, step: int) -> dict:
-        """Federated evaluation: every site's per-class correct/total, capped and screened for outliers
-        (``protect.robust.robust_evaluation``), pooled into U/R and class-wise accuracy; per-site results kept."""
-        from nvflare_unlearn.protect.robust import robust_evaluation, size_caps
-
-        results = self.send_to_sites(TASK_VALIDATE, model)
-        site_correct: dict[str, np.ndarray] = {}
-        site_total: dict[str, np.ndarray] = {}
-        malformed: dict[str, str] = {}
-        for r in results:
-            metrics = r.metrics or {}
-            try:
-                c = np.asarray(metrics.get(METRIC_CORRECT, []), dtype=np.float64)
-                t = np.asarray(metrics.get(METRIC_TOTAL, []), dtype=np.float64)
-            except (TypeError, ValueError):
-                c = t = np.zeros(0)
-            ok = c.shape == (self.num_classes,) and t.shape == (self.num_classes,)
-            ok = ok and bool(np.all(np.isfinite(t)) and np.all(c >= 0) and np.all(c <= t) and np.all(c == np.rint(c)))
-            ok = ok and bool(np.all(t == np.rint(t)))
-            if not ok or site_name(r) in site_total:
-                malformed[site_name(r)] = "malformed or repeated evaluation counts"
-                self.warning(f"{stage}: ignoring malformed evaluation counts from {site_name(r)}")
-                continue
-            site_correct[site_name(r)], site_total[site_name(r)] = c, t
-        if len(site_total) < self.quorum("validate"):
-            raise RuntimeError(
-                f"{stage}: only {len(site_total)} valid evaluation result(s), the validate phase needs "
-                f"min_clients={self.quorum('validate')}"
-            )
-        sec = self._security
-        caps = size_caps({s: float(t.sum()) for s, t in site_total.items()}, sec.site_test_sizes, sec.size_cap_factor)
-        agg = robust_evaluation(
-            site_correct, site_total, self.forget_classes, caps, sec.eval_outlier_tol, sec.size_cap_factor
-        )
-        for site, why in agg["flagged"].items():
-            self.warning(f"{stage}: left {site} out of the federated evaluation: {why}")
-        correct, total = agg["correct"], agg["total"]
-        entry = {k: agg[k] for k in ("u_acc", "r_acc", "acc", "class_acc")}
-        entry.update(
-            correct=[int(v) if float(v).is_integer() else round(float(v), 3) for v in correct],
-            total=[int(v) if float(v).is_integer() else round(float(v), 3) for v in total],
-            sites=agg["sites"],
-            per_site=agg["per_site"],
-            flagged=agg["flagged"],
-            median=agg["median"],
-        )
-        if malformed:
-            entry["malformed"] = malformed
-        loader = self._server_test_loader()
-        if loader is not None:
-            from nvflare_unlearn.runtime import class_correct_total, u_r_accuracy
-
-            c, t = class_correct_total(self.to_torch(model), loader, self.num_classes)
-            entry["server"] = dict(u_r_accuracy(c, t, self.forget_classes))
-            entry["server"].update(acc=float(c.sum() / max(t.sum(), 1)), correct=c.tolist(), total=t.tolist())
-        self.info(
-            f"[{stage}] federated accuracy: U={_fmt(entry.get('u_acc'))} R={_fmt(entry.get('r_acc'))} "
-            f"all={_fmt(entry['acc'])} ({int(total.sum())} samples, {len(agg['sites'])} site(s))"
-        )
-        self.set_progress(evaluated=stage, u_acc=entry.get("u_acc"), r_acc=entry.get("r_acc"), acc=entry["acc"])
-        group = "original" if stage == "original" else "accuracy"  # step 0 of "accuracy" = the pruned model
-        for key in ("u_acc", "r_acc", "acc"):
-            self.track(f"{group}/{key}", entry.get(key), step)
-        return jsonable(entry)
 
     def should_stop_rounds(self, last_eval: Optional[dict]) -> bool:
         """NVFlare's ``stop_cond`` semantics ("<metric> <op> <value>") on the latest federated evaluation."""
@@ -476,8 +395,8 @@ class FedAvgEvalController(BaseFedAvg):
                 **self.round_record(self._last_averaged),
             )
             history.append(entry)
-            self._record["per_round"] = list(history)  # a job that fails later still records its rounds
-            self._record["rounds"] = len(history)
+            self._record.per_round = list(history)  # a job that fails later still records its rounds
+            self._record.rounds = len(history)
             state = self.resume_state(len(history), history)
             if state is not None:  # saved with the weights: a stopped job can be resubmitted to go on from here
                 model.meta[META_RESUME] = state
@@ -493,7 +412,7 @@ class FedAvgEvalController(BaseFedAvg):
     # ------------------------------------------------------------------ outputs
     def write_metrics(self, status: str, error: Optional[str] = None) -> str:
         """``unlearning_metrics.json`` in the server's run directory (atomically: a reader never sees half)."""
-        record = dict(self._record)
+        record = self._record.to_dict()
         record.update(status=status, job_kind=self.job_kind, finished_at=time.time())
         if error:
             record["error"] = error
@@ -518,7 +437,7 @@ class FedAvgEvalController(BaseFedAvg):
             raise RuntimeError("the persistor returned no model")
         model = self.global_model(model.params, (model.meta or {}).get(META_PLAN))
         net = self.to_torch(model)
-        self._record.update(
+        record = self._record = TrainingRecord(
             model_name=self.model_name,
             num_classes=self.num_classes,
             forget_classes=self.forget_classes,
@@ -528,11 +447,10 @@ class FedAvgEvalController(BaseFedAvg):
             params_full=count_params(build_model(self.model_name, self.num_classes, self.in_channels)),
         )
         self.set_progress(phase="start", num_rounds=self.num_rounds)
-        self._record["initial"] = self.evaluate(model, "initial", 0)
+        record.initial = self.evaluate(model, "initial", 0)
         model, history = self.run_rounds(model, stage="train", first_step=1)
-        self._record["per_round"] = history
-        self._record["rounds"] = len(history)
-        self._record["final"] = history[-1] if history else self._record["initial"]
+        record.per_round, record.rounds = history, len(history)
+        record.final = history[-1] if history else record.initial
         self.save_model(model)
         self.set_progress(phase="done")
         self.write_metrics("completed")

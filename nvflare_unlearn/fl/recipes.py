@@ -45,6 +45,7 @@ from nvflare_unlearn.fl.defs import (
 )
 from nvflare_unlearn.fl.executor import UnlearningExecutor
 from nvflare_unlearn.fl.fedavg_eval_controller import FedAvgEvalController
+from nvflare_unlearn.fl.job_record import resume_problem
 from nvflare_unlearn.fl.job_utils import authorize_site_config, model_files_to_ship, package_bundle, script_runner
 from nvflare_unlearn.fl.persistor import UnlearningModelPersistor, load_initial_model, resume_state
 from nvflare_unlearn.fl.unlearning_controller import UnlearningController
@@ -59,11 +60,10 @@ from nvflare_unlearn.options import (
     SecurityOptions,
     SiteDataOptions,
     TrainingOptions,
-    measured_defaults,
     rename_deprecated,
     split_options,
 )
-from nvflare_unlearn.options import GROUPS as ALL_GROUPS
+from nvflare_unlearn.unlearning import JOB_GROUPS, measured_defaults
 
 __all__ = ["PretrainRecipe", "RetrainRecipe", "UnlearningRecipe"]
 
@@ -85,28 +85,38 @@ class _JobRecipe(Recipe):
     JOB_KIND: ClassVar[str] = "train"
     OUTPUT_FILE: ClassVar[str] = GLOBAL_MODEL_FILE
 
+    RESUMABLE: ClassVar[bool] = False  # whether ``resume_from`` may continue an earlier run of the job
+
     def __init__(
         self,
         *,
-        name: str,
-        model: Union[str, Any],
-        num_classes: int,
-        forget_classes: Optional[Union[int, Sequence[int]]],
-        initial_ckpt: Optional[str],
-        check_ckpt: bool,
-        in_channels: Optional[int],
-        input_shape: Optional[Sequence[int]],
-        test_dataset: Optional[str],
-        test_data_root: Optional[str],
-        tensorboard: bool,
-        bundle_code: bool,
-        train_script: Optional[str],
-        train_args: str,
-        groups: dict[str, Any],
-        options: dict[str, Any],
+        name: Optional[str] = None,
+        model: Union[str, Any] = "small_cnn",
+        num_classes: int = 10,
+        forget_classes: Optional[Union[int, Sequence[int]]] = None,
+        initial_ckpt: Optional[str] = None,
+        check_ckpt: bool = True,
         resume_from: Optional[str] = None,
+        in_channels: Optional[int] = None,
+        input_shape: Optional[Sequence[int]] = None,
+        test_dataset: Optional[str] = None,
+        test_data_root: Optional[str] = None,
+        tensorboard: bool = True,
+        bundle_code: bool = False,
+        train_script: Optional[str] = None,
+        train_args: str = "",
+        **options: Any,
     ):
+        """The arguments every recipe takes (``UnlearningRecipe`` documents them): ``name`` (default: the job kind),
+        ``model`` / ``num_classes`` / ``in_channels`` / ``input_shape`` (the architecture), ``forget_classes``,
+        ``initial_ckpt`` / ``check_ckpt`` (the starting checkpoint), ``resume_from`` (jobs that resume),
+        ``test_dataset`` / ``test_data_root`` (a server-side test set), ``tensorboard``, ``bundle_code``,
+        ``train_script`` / ``train_args``; and options, flat or as the groups of ``GROUPS`` (``site_data={...}``)."""
         where = type(self).__name__
+        if resume_from is not None and not self.RESUMABLE:
+            raise TypeError(f"{where}() got an unexpected keyword argument 'resume_from' (only unlearning resumes)")
+        name = self.JOB_KIND if name is None else name
+        groups = {g.GROUP: options.pop(g.GROUP, None) for g in self.GROUPS}
         self.num_classes = check_num_classes(num_classes)
         self.forget_classes = normalize_forget_classes(forget_classes, self.num_classes, required=False)
         given = _given_names(options, groups)
@@ -183,7 +193,12 @@ class _JobRecipe(Recipe):
         )
 
     def _create_controller(self, persistor_id: str) -> FedAvgEvalController:
-        return FedAvgEvalController(
+        return FedAvgEvalController(**self._controller_args(persistor_id), job_kind=self.JOB_KIND)
+
+    def _controller_args(self, persistor_id: str) -> dict[str, Any]:
+        """What every server workflow here is built with: the model, the U set, the server-side test set, the
+        persistor, and the federation and security option groups (as dicts: the exported job's JSON)."""
+        return dict(
             model_name=self.model_name,
             num_classes=self.num_classes,
             forget_classes=self.forget_classes,
@@ -192,7 +207,6 @@ class _JobRecipe(Recipe):
             test_dataset=self.test_dataset,
             test_data_root=self.test_data_root,
             persistor_id=persistor_id,
-            job_kind=self.JOB_KIND,
             security=self._group("security", SecurityOptions).to_dict(),
         )
 
@@ -340,52 +354,12 @@ class PretrainRecipe(_JobRecipe):
     Options (flat or as groups, see ``nvflare_unlearn.options``): ``site_data`` (dataset, data_root, partition,
     num_clients, ...), ``training`` (local_epochs, lr, batch_size, seed, ...), ``federation`` (num_rounds,
     min_clients, task_timeout, stop_cond, ...), ``security`` (declared site sizes, robust update aggregation,
-    the record's signing key). Defaults here: ``lr=0.05``, ``num_rounds=5``.
+    the record's signing key). Defaults here: ``lr=0.05``, ``num_rounds=5``. The other arguments (``name``, ``model``,
+    ``num_classes``, ``initial_ckpt``, ``forget_classes``, ...) are every recipe's (``_JobRecipe``).
     """
 
     DEFAULTS: ClassVar[dict[str, Any]] = {"lr": 0.05, "num_rounds": 5}
     JOB_KIND: ClassVar[str] = "pretrain"
-
-    def __init__(
-        self,
-        *,
-        name: str = "pretrain",
-        model: Union[str, Any] = "small_cnn",
-        num_classes: int = 10,
-        initial_ckpt: Optional[str] = None,
-        forget_classes: Optional[Sequence[int]] = None,
-        in_channels: Optional[int] = None,
-        input_shape: Optional[Sequence[int]] = None,
-        test_dataset: Optional[str] = None,
-        test_data_root: Optional[str] = None,
-        tensorboard: bool = True,
-        bundle_code: bool = False,
-        train_script: Optional[str] = None,
-        train_args: str = "",
-        site_data: Optional[dict] = None,
-        training: Optional[dict] = None,
-        federation: Optional[dict] = None,
-        security: Optional[dict] = None,
-        **options: Any,
-    ):
-        super().__init__(
-            name=name,
-            model=model,
-            num_classes=num_classes,
-            forget_classes=forget_classes,
-            initial_ckpt=initial_ckpt,
-            check_ckpt=True,
-            in_channels=in_channels,
-            input_shape=input_shape,
-            test_dataset=test_dataset,
-            test_data_root=test_data_root,
-            tensorboard=tensorboard,
-            bundle_code=bundle_code,
-            train_script=train_script,
-            train_args=train_args,
-            groups=dict(site_data=site_data, training=training, federation=federation, security=security),
-            options=options,
-        )
 
 
 class RetrainRecipe(PretrainRecipe):
@@ -394,11 +368,11 @@ class RetrainRecipe(PretrainRecipe):
 
     JOB_KIND: ClassVar[str] = "retrain"
 
-    def __init__(self, *, name: str = "retrain", forget_classes: Sequence[int], num_classes: int = 10, **kwargs):
+    def __init__(self, *, forget_classes: Sequence[int], num_classes: int = 10, **kwargs: Any):
         normalize_forget_classes(forget_classes, num_classes)
         if kwargs.get("initial_ckpt") is not None:
             raise ValueError("retraining starts from scratch: do not pass initial_ckpt")
-        super().__init__(name=name, num_classes=num_classes, forget_classes=forget_classes, **kwargs)
+        super().__init__(num_classes=num_classes, forget_classes=forget_classes, **kwargs)
 
 
 class UnlearningRecipe(_JobRecipe):
@@ -418,7 +392,7 @@ class UnlearningRecipe(_JobRecipe):
         unlearning / scoring / plan / privacy / site_data / training / federation / security: the option groups
             (``nvflare_unlearn.options``), as dicts or group objects; any field may also be given flat
             (``method="neggrad"``, ``recovery="kd"``, ``prune_ratio=0.2``). Defaults here: ``num_rounds=3``,
-            ``lr=0.01``, and the measured best method (``options.measured_defaults``): NegGrad+ with distillation,
+            ``lr=0.01``, and the measured best method (``unlearning.defaults``, read from the committed evidence)
             unless a method or a pruning option is given; ``method="prune"`` is the paper's method.
         test_dataset / test_data_root: optional server-side test set evaluated centrally at every stage.
         tensorboard: add NVFlare's TensorBoard receiver (U/R accuracy by round under the run's tb_events/).
@@ -431,73 +405,22 @@ class UnlearningRecipe(_JobRecipe):
             then unused, the script loads its own data.
     """
 
-    GROUPS: ClassVar[tuple[type[OptionGroup], ...]] = ALL_GROUPS  # every option group (options.GROUPS)
+    GROUPS: ClassVar[tuple[type[OptionGroup], ...]] = JOB_GROUPS  # every option group of an unlearning job
     JOB_KIND: ClassVar[str] = "unlearn"
     OUTPUT_FILE: ClassVar[str] = FINAL_MODEL_FILE
+    RESUMABLE: ClassVar[bool] = True
 
     def __init__(
-        self,
-        *,
-        name: str = "unlearn",
-        model: Union[str, Any] = "small_cnn",
-        num_classes: int = 10,
-        initial_ckpt: str,
-        forget_classes: Union[int, Sequence[int]],
-        in_channels: Optional[int] = None,
-        input_shape: Optional[Sequence[int]] = None,
-        test_dataset: Optional[str] = None,
-        test_data_root: Optional[str] = None,
-        tensorboard: bool = True,
-        bundle_code: bool = False,
-        train_script: Optional[str] = None,
-        train_args: str = "",
-        check_ckpt: bool = True,
-        unlearning: Optional[dict] = None,
-        resume_from: Optional[str] = None,
-        scoring: Optional[dict] = None,
-        plan: Optional[dict] = None,
-        privacy: Optional[dict] = None,
-        site_data: Optional[dict] = None,
-        training: Optional[dict] = None,
-        federation: Optional[dict] = None,
-        security: Optional[dict] = None,
-        **options: Any,
+        self, *, initial_ckpt: str, forget_classes: Union[int, Sequence[int]], num_classes: int = 10, **options: Any
     ):
         if not initial_ckpt or not isinstance(initial_ckpt, str):
             raise ValueError("initial_ckpt must name the trained model's checkpoint file")
         normalize_forget_classes(forget_classes, num_classes)
-        super().__init__(
-            name=name,
-            model=model,
-            num_classes=num_classes,
-            forget_classes=forget_classes,
-            initial_ckpt=initial_ckpt,
-            check_ckpt=check_ckpt,
-            resume_from=resume_from,
-            in_channels=in_channels,
-            input_shape=input_shape,
-            test_dataset=test_dataset,
-            test_data_root=test_data_root,
-            tensorboard=tensorboard,
-            bundle_code=bundle_code,
-            train_script=train_script,
-            train_args=train_args,
-            groups=dict(
-                unlearning=unlearning,
-                scoring=scoring,
-                plan=plan,
-                privacy=privacy,
-                site_data=site_data,
-                training=training,
-                federation=federation,
-                security=security,
-            ),
-            options=options,
-        )
+        super().__init__(initial_ckpt=initial_ckpt, forget_classes=forget_classes, num_classes=num_classes, **options)
         self.prune_ratio = self.options["plan"].prune_ratio
         mode = self.options["plan"].prune_mode
         method = self.options["unlearning"].method
-        if method != "prune" and self.num_rounds == 0:
+        if not self.options["unlearning"].spec.prunes and self.num_rounds == 0:
             chosen = f" ({self.method_default.reason})" if "method" in self.defaults_applied else ""
             raise ValueError(
                 f"method={method!r}{chosen} unlearns by training at the sites: num_rounds=0 would leave the model "
@@ -508,18 +431,13 @@ class UnlearningRecipe(_JobRecipe):
             if local is not None:
                 load_initial_model(local, self.model_name, self.num_classes, self.in_channels, mode)
         local_resume = self._local_ckpt(self._resume_arg)
-        if local_resume is not None:
+        if local_resume is not None:  # the controller checks it again against the files on the server
             state = resume_state(local_resume)
-            if list(state.get("forget_classes") or []) != list(self.forget_classes):
-                raise ValueError(
-                    f"resume_from {resume_from!r} continues a job forgetting {state.get('forget_classes')}, not "
-                    f"{self.forget_classes}"
-                )
-            if int(state["round"]) >= self.num_rounds:
-                raise ValueError(
-                    f"resume_from {resume_from!r} already holds {state['round']} fine-tuning round(s); "
-                    f"num_rounds={self.num_rounds} leaves nothing to do"
-                )
+            problem = resume_problem(
+                state, self.forget_classes, self.num_rounds, source=f"resume_from {self.resume_from!r}"
+            )
+            if problem:
+                raise ValueError(problem)
 
     def _defaults(self, given: set[str]) -> dict[str, Any]:
         #: the method this job chose for a request that named none, and why (``reason`` is "" when it named one)
@@ -527,22 +445,10 @@ class UnlearningRecipe(_JobRecipe):
         return {**super()._defaults(given), **self.method_default.values}
 
     def _create_controller(self, persistor_id: str) -> UnlearningController:
-        o = self.options
         return UnlearningController(
-            model_name=self.model_name,
-            num_classes=self.num_classes,
-            forget_classes=self.forget_classes,
-            unlearning=o["unlearning"].to_dict(),
-            scoring=o["scoring"].to_dict(),
-            plan=o["plan"].to_dict(),
-            privacy=o["privacy"].to_dict(),
-            federation=o["federation"].to_dict(),
-            in_channels=self.in_channels,
-            test_dataset=self.test_dataset,
-            test_data_root=self.test_data_root,
-            persistor_id=persistor_id,
+            **self._controller_args(persistor_id),
+            **{g: self.options[g].to_dict() for g in ("unlearning", "scoring", "plan", "privacy")},
             aggregator_id="activation_aggregator",
-            security=o["security"].to_dict(),
         )
 
     def _add_server_components(self, job: FedJob) -> None:
