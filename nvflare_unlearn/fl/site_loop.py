@@ -253,6 +253,8 @@ class SiteLoop:
                 f"this round asks for the method {self.objective.options.method!r}: compute the loss with "
                 "site.loss(predictions, labels), not your own"
             )
+        if not self._samples:  # nothing retained to train on: weight 0, left out of the average (as the executor)
+            return weights_result(self.model, 0)
         return weights_result(self.model, self._samples, self.objective)
 
     def _require_train(self, what: str) -> None:
