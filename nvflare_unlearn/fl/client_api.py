@@ -67,7 +67,7 @@ from nvflare_unlearn.fl.defs import (
     TASK_VALIDATE,
     TASK_VERIFY,
 )
-from nvflare_unlearn.fl.model_state import load_numpy_state, plan_from_meta, rebuild_model, split_teacher, teacher_from
+from nvflare_unlearn.fl.model_state import global_model, task_teacher
 from nvflare_unlearn.fl.site_answers import (
     activation_answer,
     effective_privacy,
@@ -108,10 +108,7 @@ def model_from_flmodel(
     """The global model of this round: registry architecture + the plan from the meta, weights loaded."""
     if not isinstance(fl_model, FLModel):
         raise ValueError(f"expected the FLModel from flare.receive(), got {type(fl_model).__name__}")
-    meta = fl_model.meta or {}
-    model = rebuild_model(model_name, num_classes, plan_from_meta(meta), prune_mode_of(fl_model), in_channels)
-    own, _teacher = split_teacher(fl_model.params or {})
-    return load_numpy_state(model, own)
+    return global_model(fl_model.params, fl_model.meta, model_name, num_classes, in_channels)
 
 
 def forget_classes_of(fl_model: FLModel) -> list[int]:
@@ -193,8 +190,7 @@ def training_objective(
     from nvflare_unlearn.unlearning import site_objective
 
     def teacher():
-        _own, weights = split_teacher(fl_model.params or {})
-        return teacher_from(fl_model.meta or {}, weights, model_name, num_classes, in_channels)
+        return task_teacher(fl_model.params, fl_model.meta, model_name, num_classes, in_channels)
 
     meta = fl_model.meta or {}
     return site_objective(meta.get(META_METHOD), forget_classes_of(fl_model), num_classes, teacher, forget_loader, seed)

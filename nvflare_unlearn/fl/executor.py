@@ -42,7 +42,7 @@ from nvflare_unlearn.fl.defs import (
     TASK_VALIDATE,
     TASK_VERIFY,
 )
-from nvflare_unlearn.fl.model_state import load_numpy_state, plan_from_meta, rebuild_model, split_teacher, teacher_from
+from nvflare_unlearn.fl.model_state import global_model, task_teacher
 from nvflare_unlearn.fl.site_answers import (
     activation_answer,
     protected_report,
@@ -127,7 +127,6 @@ class UnlearningExecutor(Executor):
         self._scoring = ScoringOptions.from_dict(self.scoring)
         self._privacy = PrivacyOptions.from_dict(self.privacy)
         self._site_name = None
-        self._teacher_params: dict = {}
         self._train_data = None
         self._val_data = None
         self._device = None
@@ -170,15 +169,7 @@ class UnlearningExecutor(Executor):
         try:
             fl_model = FLModelUtils.from_shareable(shareable)
             meta = fl_model.meta or {}
-            params, self._teacher_params = split_teacher(fl_model.params or {})
-            model = rebuild_model(
-                self.model_name,
-                self.num_classes,
-                plan=plan_from_meta(meta),
-                mode=meta.get(META_PRUNE_MODE, "remove"),
-                in_channels=self.in_channels,
-            )
-            load_numpy_state(model, params)
+            model = global_model(fl_model.params, meta, self.model_name, self.num_classes, self.in_channels)
             model.to(self._device)
             if abort_signal.triggered:
                 return make_reply(ReturnCode.TASK_ABORTED)
@@ -259,7 +250,7 @@ class UnlearningExecutor(Executor):
             from nvflare_unlearn.method.prune import enforce_masks
 
             after_step = enforce_masks  # pruned channels must stay at zero through training
-        objective = self._objective(meta, forget, fl_model.current_round)
+        objective = self._objective(fl_model, forget)
         losses: list[float] = []
         steps = train_epochs(
             model,
@@ -292,18 +283,20 @@ class UnlearningExecutor(Executor):
         applied = objective.report() if objective is not None else {"loss": "ce", "steps": steps, "forget_steps": 0}
         return DXO(DataKind.WEIGHTS, *weights_answer(model, n, applied))
 
-    def _objective(self, meta: dict, forget: list[int], round_num: Optional[int]):
+    def _objective(self, fl_model, forget: list[int]):
         """This round's objective (``unlearning.site_objective``: the one site path), None without forget classes."""
         from nvflare_unlearn.data import filter_classes
         from nvflare_unlearn.unlearning import site_objective
 
+        params, meta = fl_model.params, fl_model.meta or {}
+
         def teacher():
-            net = teacher_from(meta, self._teacher_params, self.model_name, self.num_classes, self.in_channels)
+            net = task_teacher(params, meta, self.model_name, self.num_classes, self.in_channels)
             return net.to(self._device)
 
         def forget_loader():
             held = filter_classes(self._data("train"), keep=forget)
-            return self._loader(held, shuffle=True, round_num=round_num) if len(held) else None
+            return self._loader(held, shuffle=True, round_num=fl_model.current_round) if len(held) else None
 
         seed = zlib.crc32(f"{self._training.seed}:{self._site_name}".encode())
         return site_objective(meta.get(META_METHOD), forget, self.num_classes, teacher, forget_loader, seed)

@@ -139,3 +139,32 @@ def teacher_from(meta: Mapping[str, object], teacher_params: Mapping[str, object
         model_name, num_classes, plan, mode if mode in ("remove", "mask") else "remove", in_channels
     )
     return load_numpy_state(teacher, teacher_params)
+
+
+def global_model(
+    params: Mapping[str, object] | None,
+    meta: Mapping[str, object] | None,
+    model_name: str,
+    num_classes: int,
+    in_channels: Optional[int] = None,
+) -> nn.Module:
+    """This round's global model from a task's params and meta: the plan replayed (in its prune mode), the model's
+    own weights loaded (not the teacher's). The executor and the Client API helpers both rebuild it here."""
+    meta = meta or {}
+    own, _teacher = split_teacher(params or {})
+    model = rebuild_model(
+        model_name, num_classes, plan_from_meta(meta), meta.get(META_PRUNE_MODE, "remove"), in_channels
+    )
+    return load_numpy_state(model, own)
+
+
+def task_teacher(
+    params: Mapping[str, object] | None,
+    meta: Mapping[str, object] | None,
+    model_name: str,
+    num_classes: int,
+    in_channels: Optional[int] = None,
+) -> nn.Module:
+    """The original model a task carries for a distilling method (``teacher_from`` on its teacher weights)."""
+    _own, weights = split_teacher(params or {})
+    return teacher_from(meta or {}, weights, model_name, num_classes, in_channels)
