@@ -223,6 +223,21 @@ def option_values(args: argparse.Namespace, groups: tuple[type[OptionGroup], ...
     return {k: v for k, v in vars(args).items() if k in names}
 
 
+#: what each ``export-model --format`` writes and needs
+EXPORT_FORMAT_HELP = (
+    "pt2: torch.export program, loads with torch.export.load(PATH).module(); onnx: needs onnx + onnxscript"
+)
+
+
+def add_checkpoint_model(p: argparse.ArgumentParser) -> None:
+    """What a command that loads a checkpoint needs to rebuild its model: the architecture (only for a plain
+    state_dict; a plugin checkpoint names its own) and where a model given by import path may come from."""
+    p.add_argument("--model", default=None, help="registry name or import path (only for a plain state_dict)")
+    p.add_argument("--num-classes", type=int, default=None, help="only for a plain state_dict checkpoint")
+    add_allow_import(p)
+    add_path(p)
+
+
 def build_parser(commands: dict[str, Any]) -> argparse.ArgumentParser:
     """The ``nvflare-unlearn`` parser; ``commands`` maps a command name to its function."""
     from nvflare_unlearn.fl.recipes import PretrainRecipe
@@ -289,10 +304,7 @@ def build_parser(commands: dict[str, Any]) -> argparse.ArgumentParser:
     e.add_argument("--dataset", default="digits")
     e.add_argument("--data-root", default=None)
     e.add_argument("--normalize", default="dataset", help=SiteDataOptions.help("normalize"))
-    e.add_argument("--model", default=None, help="registry name (only for a plain state_dict checkpoint)")
-    e.add_argument("--num-classes", type=int, default=None, help="only for a plain state_dict checkpoint")
-    add_allow_import(e)
-    add_path(e)
+    add_checkpoint_model(e)
     e.set_defaults(func=commands["evaluate"])
 
     x = sub.add_parser("export", help="write an NVFlare job folder for `nvflare job submit`")
@@ -311,16 +323,8 @@ def build_parser(commands: dict[str, Any]) -> argparse.ArgumentParser:
     )
     m.add_argument("--ckpt", required=True, help="the checkpoint to export (e.g. OUT/unlearned_model.pt)")
     m.add_argument("--out", required=True, help="new file: model.pt2 (--format pt2) or model.onnx (--format onnx)")
-    m.add_argument(
-        "--format",
-        choices=EXPORT_FORMATS,
-        default="pt2",
-        help="pt2: torch.export program, loads with torch.export.load(PATH).module(); onnx: needs onnx + onnxscript",
-    )
-    m.add_argument("--model", default=None, help="registry name or import path (only for a plain state_dict)")
-    m.add_argument("--num-classes", type=int, default=None, help="only for a plain state_dict checkpoint")
-    add_allow_import(m)
-    add_path(m)
+    m.add_argument("--format", choices=EXPORT_FORMATS, default="pt2", help=EXPORT_FORMAT_HELP)
+    add_checkpoint_model(m)
     m.set_defaults(func=commands["export-model"])
 
     v = sub.add_parser("verify-record", help="check an unlearning_record.json's signature and its files")

@@ -60,17 +60,19 @@ def _pretrain() -> Any:
     return PretrainRecipe(name="pretrain_digits", num_rounds=5, lr=0.05, **_DIGITS)
 
 
+#: an unlearning template's checkpoint is a path on the server, which need not exist where the job is exported
+_ON_THE_SERVER = dict(initial_ckpt=TEMPLATE_CKPT, check_ckpt=False)
+#: the digits templates' request: forget 3, the paper's pruning at 30 %, 3 fine-tuning rounds
+_DIGITS_REQUEST = dict(**_ON_THE_SERVER, forget_classes=[3], prune_ratio=0.3, num_rounds=3)
+
+
 def _unlearn(mode: str) -> Callable[[], Any]:
     def build() -> Any:
         from nvflare_unlearn.fl import UnlearningRecipe
 
         return UnlearningRecipe(
             name=f"unlearn_digits{'_mask' if mode == 'mask' else ''}",
-            initial_ckpt=TEMPLATE_CKPT,
-            check_ckpt=False,
-            forget_classes=[3],
-            prune_ratio=0.3,
-            num_rounds=3,
+            **_DIGITS_REQUEST,
             lr=0.01,
             prune_mode=mode,
             **_DIGITS,
@@ -93,8 +95,7 @@ def _unlearn_cifar10() -> Any:
         name="unlearn_cifar10",
         model="resnet20",
         num_classes=10,
-        initial_ckpt=TEMPLATE_CKPT,
-        check_ckpt=False,
+        **_ON_THE_SERVER,
         forget_classes=[9],
         num_rounds=10,
         dataset="cifar10",
@@ -127,11 +128,7 @@ def _unlearn_own_model() -> Any:
         name="unlearn_own_model",
         model="my_net:build_net",  # your factory, by import path: the job carries my_net.py to every machine
         num_classes=10,
-        initial_ckpt=TEMPLATE_CKPT,
-        check_ckpt=False,
-        forget_classes=[3],
-        prune_ratio=0.3,
-        num_rounds=3,
+        **_DIGITS_REQUEST,
         num_clients=2,
         train_script="train_client.py",
         train_args="--n_sites 2 --epochs 1 --lr 0.01",

@@ -67,7 +67,7 @@ from nvflare_unlearn.fl.defs import (
     TASK_VALIDATE,
     TASK_VERIFY,
 )
-from nvflare_unlearn.fl.model_state import global_model, task_teacher
+from nvflare_unlearn.fl.model_state import global_model
 from nvflare_unlearn.fl.site_answers import (
     activation_answer,
     effective_privacy,
@@ -190,7 +190,7 @@ def training_objective(
     from nvflare_unlearn.unlearning import site_objective
 
     def teacher():
-        return task_teacher(fl_model.params, fl_model.meta, model_name, num_classes, in_channels)
+        return global_model(fl_model.params, fl_model.meta, model_name, num_classes, in_channels, teacher=True)
 
     meta = fl_model.meta or {}
     return site_objective(meta.get(META_METHOD), forget_classes_of(fl_model), num_classes, teacher, forget_loader, seed)

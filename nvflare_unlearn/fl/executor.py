@@ -32,17 +32,8 @@ from nvflare.security.logging import secure_format_exception
 from torch.utils.data import DataLoader
 
 from nvflare_unlearn._validation import check_num_classes, normalize_forget_classes
-from nvflare_unlearn.fl.defs import (
-    META_FORGET,
-    META_METHOD,
-    META_PLAN,
-    META_PRUNE_MODE,
-    TASK_ACTIVATIONS,
-    TASK_TRAIN,
-    TASK_VALIDATE,
-    TASK_VERIFY,
-)
-from nvflare_unlearn.fl.model_state import global_model, task_teacher
+from nvflare_unlearn.fl import defs
+from nvflare_unlearn.fl.model_state import global_model
 from nvflare_unlearn.fl.site_answers import (
     activation_answer,
     protected_report,
@@ -75,10 +66,10 @@ class UnlearningExecutor(Executor):
         forget_classes: Optional[Sequence[int]] = None,
         in_channels: Optional[int] = None,
         torch_threads: int = 1,
-        activations_task: str = TASK_ACTIVATIONS,
-        train_task: str = TASK_TRAIN,
-        validate_task: str = TASK_VALIDATE,
-        verify_task: str = TASK_VERIFY,
+        activations_task: str = defs.TASK_ACTIVATIONS,
+        train_task: str = defs.TASK_TRAIN,
+        validate_task: str = defs.TASK_VALIDATE,
+        verify_task: str = defs.TASK_VERIFY,
         **legacy: Any,
     ):
         """Plain arguments only (the option groups as dicts), so FedJob can export the executor into a job config.
@@ -229,7 +220,7 @@ class UnlearningExecutor(Executor):
 
     def _forget_set(self, meta) -> list[int]:
         forget = set(self.forget_classes)
-        forget.update(int(c) for c in (meta.get(META_FORGET) or []))
+        forget.update(int(c) for c in (meta.get(defs.META_FORGET) or []))
         return sorted(forget)
 
     def _train(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
@@ -246,7 +237,7 @@ class UnlearningExecutor(Executor):
             self.log_info(fl_ctx, f"no retained training data (forget classes {forget}): zero-weight result")
             return DXO(DataKind.WEIGHTS, *weights_answer(model, 0))
         after_step = None
-        if meta.get(META_PLAN) and meta.get(META_PRUNE_MODE) == "mask":
+        if meta.get(defs.META_PLAN) and meta.get(defs.META_PRUNE_MODE) == "mask":
             from nvflare_unlearn.method.prune import enforce_masks
 
             after_step = enforce_masks  # pruned channels must stay at zero through training
@@ -291,7 +282,7 @@ class UnlearningExecutor(Executor):
         params, meta = fl_model.params, fl_model.meta or {}
 
         def teacher():
-            net = task_teacher(params, meta, self.model_name, self.num_classes, self.in_channels)
+            net = global_model(params, meta, self.model_name, self.num_classes, self.in_channels, teacher=True)
             return net.to(self._device)
 
         def forget_loader():
@@ -299,7 +290,7 @@ class UnlearningExecutor(Executor):
             return self._loader(held, shuffle=True, round_num=fl_model.current_round) if len(held) else None
 
         seed = zlib.crc32(f"{self._training.seed}:{self._site_name}".encode())
-        return site_objective(meta.get(META_METHOD), forget, self.num_classes, teacher, forget_loader, seed)
+        return site_objective(meta.get(defs.META_METHOD), forget, self.num_classes, teacher, forget_loader, seed)
 
     def _verify(self, model, fl_model, meta, fl_ctx, abort_signal) -> DXO:
         """The forgetting check (``runtime.verification``): round "stats" or "scores" on this site's data."""

@@ -147,24 +147,16 @@ def global_model(
     model_name: str,
     num_classes: int,
     in_channels: Optional[int] = None,
+    *,
+    teacher: bool = False,
 ) -> nn.Module:
     """This round's global model from a task's params and meta: the plan replayed (in its prune mode), the model's
-    own weights loaded (not the teacher's). The executor and the Client API helpers both rebuild it here."""
+    own weights loaded; with ``teacher=True`` the original model the task carries for a distilling method
+    (``teacher_from``). The executor, the Client API helpers and ``SiteLoop`` all rebuild it here."""
     meta = meta or {}
-    own, _teacher = split_teacher(params or {})
-    model = rebuild_model(
-        model_name, num_classes, plan_from_meta(meta), meta.get(META_PRUNE_MODE, "remove"), in_channels
-    )
+    own, teacher_params = split_teacher(params or {})
+    if teacher:
+        return teacher_from(meta, teacher_params, model_name, num_classes, in_channels)
+    mode = str(meta.get(META_PRUNE_MODE, "remove"))
+    model = rebuild_model(model_name, num_classes, plan_from_meta(meta), mode, in_channels)
     return load_numpy_state(model, own)
-
-
-def task_teacher(
-    params: Mapping[str, object] | None,
-    meta: Mapping[str, object] | None,
-    model_name: str,
-    num_classes: int,
-    in_channels: Optional[int] = None,
-) -> nn.Module:
-    """The original model a task carries for a distilling method (``teacher_from`` on its teacher weights)."""
-    _own, weights = split_teacher(params or {})
-    return teacher_from(meta or {}, weights, model_name, num_classes, in_channels)

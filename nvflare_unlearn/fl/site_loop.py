@@ -38,7 +38,7 @@ from nvflare_unlearn.fl.client_api import (
     weights_result,
 )
 from nvflare_unlearn.fl.defs import META_METHOD, TASK_ACTIVATIONS, TASK_VALIDATE, TASK_VERIFY
-from nvflare_unlearn.fl.model_state import task_teacher
+from nvflare_unlearn.fl.model_state import global_model
 from nvflare_unlearn.options import PrivacyOptions
 
 __all__ = ["PLUGIN_TASKS", "SiteLoop"]
@@ -151,7 +151,7 @@ class SiteLoop:
         meta = received.meta or {}
 
         def teacher() -> nn.Module:
-            return task_teacher(received.params, meta, self.model_name, self.num_classes).to(self.device)
+            return global_model(received.params, meta, self.model_name, self.num_classes, teacher=True).to(self.device)
 
         site = str(self.flare.get_site_name())
         seed = zlib.crc32(f"{self.seed}:{site}".encode())
