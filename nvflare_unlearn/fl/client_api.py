@@ -2,12 +2,13 @@
 ``UnlearningExecutor``. Pass ``train_script=`` to a recipe; the script then sees four tasks: ``class_activations``,
 ``train``, ``validate`` and ``verify`` (``fl.defs``).
 
-The few-line way: ``SiteLoop`` (``fl.site_loop``) owns the plugin's side of the loop. It answers
+The few-line way: ``SiteLoop`` (``from nvflare_unlearn.fl.site_loop import SiteLoop``; it builds on the helpers
+here) owns the plugin's side of the loop. It answers
 ``class_activations``, ``validate`` and ``verify`` itself, so the script's own branches see only ``train`` (an
 ``is_evaluate()`` branch cannot catch the plugin's ``validate``), and hands back the rebuilt model with a fresh
 optimizer from the script's factory::
 
-    site = ua.SiteLoop(build_net, 10, train_loader, test_loader, optimizer=lambda net: SGD(net.parameters(), lr=0.01))
+    site = SiteLoop(build_net, 10, train_loader, test_loader, optimizer=lambda net: SGD(net.parameters(), lr=0.01))
     while site.is_running():                      # instead of flare.is_running()
         input_model = flare.receive()             # a train task
         model, optimizer = site.model, site.optimizer
@@ -79,11 +80,9 @@ from nvflare_unlearn.fl.site_answers import (
 from nvflare_unlearn.options import PrivacyOptions
 
 if TYPE_CHECKING:
-    from nvflare_unlearn.fl.site_loop import SiteLoop  # exported lazily (__getattr__ below): it imports this module
     from nvflare_unlearn.unlearning import UnlearningObjective
 
 __all__ = [
-    "SiteLoop",
     "TASK_ACTIVATIONS",
     "TASK_TRAIN",
     "TASK_VALIDATE",
@@ -205,12 +204,3 @@ def verification_result(
         model, fl_model.meta, forget_classes_of(fl_model), num_classes, train_loader, test_loader
     )
     return FLModel(params_type=ParamsType.FULL, params=data, meta=meta)
-
-
-def __getattr__(name: str) -> type:
-    """``SiteLoop`` lives in ``fl.site_loop``, which builds on the helpers above: loaded on first use, no cycle."""
-    if name == "SiteLoop":
-        from nvflare_unlearn.fl.site_loop import SiteLoop
-
-        return SiteLoop
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
