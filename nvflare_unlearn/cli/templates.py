@@ -21,6 +21,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from nvflare_unlearn import _io
+
 #: The trained model the unlearning templates start from: a file NAME, which the server resolves in the job's own
 #: ``app/custom/`` folder (NVFlare 2.9's rule for a relative ``initial_ckpt``), so the folders name no path of any
 #: machine. Put the model there before ``nvflare job submit`` (``poc/run_poc.py`` does), or edit ``initial_ckpt``
@@ -229,10 +231,8 @@ def export_templates(dest: str) -> list[str]:
             if os.path.isdir(target):
                 shutil.rmtree(target)
             shutil.copytree(src, target)
-        with open(os.path.join(target, INFO_CONF), "w") as f:
-            f.write(_info_conf(template))
-        with open(os.path.join(target, INFO_MD), "w") as f:
-            f.write(_info_md(name, template))
+        _io.write_text(os.path.join(target, INFO_CONF), _info_conf(template))
+        _io.write_text(os.path.join(target, INFO_MD), _info_md(name, template))
         written.append(target)
     return written
 

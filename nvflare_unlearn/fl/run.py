@@ -66,9 +66,10 @@ class JobProgress(dict):
         return progress_line(self)
 
     def milestone(self) -> tuple:
-        """What changes once per phase, activation pass or evaluation: ``run_job`` reports only these changes (a
-        round's start and its bookkeeping update add nothing a person reads)."""
-        return tuple(self.get(k) for k in ("phase", "forget_class", "pass_index", "evaluated"))
+        """What changes once per phase, activation pass, round or evaluation: ``run_job`` reports only these changes
+        (a round's bookkeeping updates add nothing a person reads; the round itself is kept, so every round is seen
+        even when its evaluation and the next phase fall between two reads)."""
+        return tuple(self.get(k) for k in ("phase", "forget_class", "pass_index", "round", "evaluated"))
 
 
 def run_job(
