@@ -217,12 +217,11 @@ def test_path_flag_finds_a_model_module_elsewhere(user_folder, capsys):
 
 
 def test_errors_name_the_cli_flags_not_python_arguments(user_folder, capsys):
-    import sys
 
     folder, name = user_folder
-    sys.path.insert(0, str(folder))  # the user's own script made the checkpoint, importing its module
-    save_checkpoint(str(folder / "m.pt"), build_model(f"{name}:build_net", 10), None, f"{name}:build_net", 10)
-    sys.path.remove(str(folder))
+    with pytest.MonkeyPatch.context() as mp:  # the user's own script made the checkpoint, importing its module
+        mp.syspath_prepend(str(folder))
+        save_checkpoint(str(folder / "m.pt"), build_model(f"{name}:build_net", 10), None, f"{name}:build_net", 10)
     assert main(["evaluate", "--ckpt", "m.pt"]) == 2
     err = _err(capsys)
     assert f"--model {name}:build_net" in err and f"--allow-import {name}" in err

@@ -264,12 +264,10 @@ def test_site_loop_refuses_an_optimizer_instead_of_a_factory():
 def pretrain(folder: Path, path: Path, epochs: int = 12) -> Path:
     """The team's trained model, quickly: the example's network trained on all digits in this process (stands in
     for job.py's FedAvg run), saved as NVFlare's FL_global_model.pt is ({"model": state_dict})."""
-    sys.path.insert(0, str(folder))
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # the example's folder importable, as its scripts have it
+        mp.syspath_prepend(str(folder))
         client = runpy.run_path(str(folder / "client.py"), run_name="hello_pt_client")
         from model import DigitsNet
-    finally:
-        sys.path.remove(str(folder))
     train, _test = client["load_data"]()
     torch.manual_seed(0)
     net = DigitsNet()

@@ -325,11 +325,9 @@ def test_example_pretrains_and_unlearns_the_users_model_in_the_simulator(tmp_pat
         assert line in out.stdout
 
     # The saved model rebuilds from the user's factory + its plan alone, with coupled residual channels intact.
-    sys.path.insert(0, str(EXAMPLE))
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(EXAMPLE))
         model, plan, meta = load_checkpoint(s["model_path"], model_name="my_net:build_net")  # the model we expect
-    finally:
-        sys.path.remove(str(EXAMPLE))
     assert meta["model_name"] == "my_net:build_net" and plan.forget_classes == [3]
     assert type(model).__name__ == "DigitResNet"
     assert sum(p.numel() for p in model.parameters()) == s["params_after"]
