@@ -256,18 +256,15 @@ def _updates(rounds: int = 2) -> list[dict]:
     out.append({**out[-1], "evaluated": "original", "u_acc": 0.9, "r_acc": 0.9, "updated": 2.0})
     for r in range(1, rounds + 1):
         base = {**out[-1], "phase": "finetune", "round": r, "rounds_done": r - 1, "phase_started": 2.0}
-        out += [
-            {**base, "updated": 2.0 + 3 * r},
-            {**base, "evaluated": f"finetune round {r}", "u_acc": 0.0, "r_acc": 0.95, "updated": 3.0 + 3 * r},
-            {**base, "evaluated": f"finetune round {r}", "rounds_done": r, "updated": 3.5 + 3 * r},
-        ]
+        evaluated = {**base, "evaluated": f"finetune round {r}", "u_acc": 0.0, "r_acc": 0.95, "updated": 3.0 + 3 * r}
+        out += [{**base, "updated": 2.0 + 3 * r}, evaluated, {**evaluated, "rounds_done": r, "updated": 3.5 + 3 * r}]
     out.append({**out[-1], "phase": "done"})
     return out
 
 
 def test_progress_is_one_readable_line_per_round():
-    """run_job reports a change of phase or evaluation only; `print` shows a line, not a dict; the CLI writes one
-    plain line per report, or one line that rewrites itself on a terminal."""
+    """run_job reports a change of phase or round only, each line with the latest evaluation; `print` shows a line,
+    not a dict; the CLI writes one plain line per report, or one line that rewrites itself on a terminal."""
     import io
 
     from nvflare_unlearn.cli.commands import ProgressDisplay
@@ -277,11 +274,12 @@ def test_progress_is_one_readable_line_per_round():
     report = _Reporter(seen.append)
     for update in _updates(rounds=3):
         report(update)
-    # a line per phase (start, finetune, done) and per evaluation (original, each round): 7, not the 12 updates
-    assert [(p["phase"], p.get("evaluated")) for p in seen] == [("start", None), ("start", "original")] + [
-        ("finetune", e) for e in ("original", "finetune round 1", "finetune round 2", "finetune round 3")
-    ] + [("done", "finetune round 3")]
-    assert str(seen[4]).startswith("phase finetune, round 2/3, finetune round 2: U 0.0% R 95.0%, elapsed 9 s")
+    # a line per phase and per round (start, round 1, 2, 3, done): 5, not the 12 updates; each carries the last
+    # evaluation, so the original's shows on round 1's line and the last round's on the done line
+    assert [(p["phase"], p.get("round"), p.get("evaluated")) for p in seen] == [("start", None, None)] + [
+        ("finetune", r, e) for r, e in ((1, "original"), (2, "finetune round 1"), (3, "finetune round 2"))
+    ] + [("done", 3, "finetune round 3")]
+    assert str(seen[2]).startswith("phase finetune, round 2/3, finetune round 1: U 0.0% R 95.0%, elapsed 8 s")
     assert "{" not in str(JobProgress(seen[4]))
 
     plain = io.StringIO()
@@ -289,10 +287,10 @@ def test_progress_is_one_readable_line_per_round():
     for p in seen:
         display(p)
     display.close()
-    assert plain.getvalue().count("\n") == len(seen) == 7 and "\r" not in plain.getvalue()
+    assert plain.getvalue().count("\n") == len(seen) == 5 and "\r" not in plain.getvalue()
     live = io.StringIO()
     display = ProgressDisplay("unlearning", started=0.0, stream=live, live=True)
     for p in seen:
         display(p)
     display.close()
-    assert live.getvalue().count("\r\x1b[K") == 7 and live.getvalue().count("\n") == 1
+    assert live.getvalue().count("\r\x1b[K") == 5 and live.getvalue().count("\n") == 1

@@ -66,10 +66,11 @@ class JobProgress(dict):
         return progress_line(self)
 
     def milestone(self) -> tuple:
-        """What changes once per phase, activation pass, round or evaluation: ``run_job`` reports only these changes
-        (a round's bookkeeping updates add nothing a person reads; the round itself is kept, so every round is seen
-        even when its evaluation and the next phase fall between two reads)."""
-        return tuple(self.get(k) for k in ("phase", "forget_class", "pass_index", "round", "evaluated"))
+        """What changes once per phase, activation pass or round: ``run_job`` reports only these changes, one line
+        each (a line carries the latest evaluation, so the last round's shows on the next phase's line). A round's
+        state lasts the whole round, so a periodic read does not miss it, where an evaluation's can be overtaken by
+        the next phase between two reads."""
+        return tuple(self.get(k) for k in ("phase", "forget_class", "pass_index", "round"))
 
 
 def run_job(
