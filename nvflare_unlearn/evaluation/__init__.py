@@ -9,6 +9,7 @@ retrained models (the references, whose spread is the noise floor) and on the or
 the unlearned model, and read them side by side.
 """
 
+from nvflare_unlearn.evaluation.accuracy import accuracy_report, class_distribution_kl, compare_class_accuracy
 from nvflare_unlearn.evaluation.artifacts import load_arrays, per_example_arrays, save_arrays
 from nvflare_unlearn.evaluation.membership import (
     ATTACKS,
@@ -37,14 +38,7 @@ from nvflare_unlearn.evaluation.stats import (
     t_interval,
     tpr_at_fpr,
 )
-from nvflare_unlearn.runtime.accuracy import (
-    accuracy_report,
-    class_correct_total,
-    class_distribution_kl,
-    compare_class_accuracy,
-    evaluate_accuracy,
-    u_r_accuracy,
-)
+from nvflare_unlearn.runtime.accuracy import class_correct_total, evaluate_accuracy, u_r_accuracy
 from nvflare_unlearn.runtime.batches import EpochPermutation, TensorBatches, as_tensors, random_crop_flip
 from nvflare_unlearn.runtime.device import model_device, pick_device
 from nvflare_unlearn.runtime.training import PRECISIONS, train_epochs
