@@ -8,7 +8,7 @@ the record all carry the concrete method. Code that builds options outside a job
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from nvflare_unlearn._validation import check_choice
 from nvflare_unlearn.options import GROUPS, OptionGroup, _opt, _real
@@ -77,9 +77,6 @@ class MethodOptions(OptionGroup):
     def without_forget_data(self) -> MethodOptions:
         """What a site that holds no forget-class image runs: the retained term of the same recovery."""
         return MethodOptions.from_dict({**self.resolved().to_dict(), "method": "finetune"})
-
-    def describe(self) -> dict[str, Any]:
-        return self.resolved().to_dict()
 
 
 #: every option group of an unlearning job (the recipe's keywords, the CLI's flags)
